@@ -1,0 +1,1 @@
+//! taskflow-contracts: the task model and event schemas shared by the daemons.

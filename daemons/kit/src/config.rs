@@ -1,0 +1,394 @@
+//! Typed configuration: one TOML file, then `TASKFLOW_`-prefixed environment overrides.
+//!
+//! Why the extra work beyond the `config` crate: operators mistype keys, and a typo that is
+//! silently ignored leaves a default in force that nobody chose. So after deserializing we
+//! serialize the result back and compare key paths: a key in the file that the daemon
+//! does not know is an error that names it. Environment variables are shared with tooling
+//! (`TASKFLOW_CACHE`, …), so unknown ones are only warned about.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides; nesting uses a double underscore
+/// (`TASKFLOW_LOG__LEVEL`).
+pub const ENV_PREFIX: &str = "TASKFLOW";
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("configuration file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("configuration: {0}")]
+    Other(String),
+}
+
+impl ConfigError {
+    /// A value that parsed but makes no sense (a port of 0, an empty shard list, …).
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Keys every daemon has: logging and the shutdown budget.
+///
+/// Embed it with `#[serde(flatten)] pub common: CommonConfig` so the keys sit at the top
+/// level of the daemon's file.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct CommonConfig {
+    pub log: LogConfig,
+    /// Seconds a daemon may spend draining after SIGTERM before it exits anyway.
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+impl CommonConfig {
+    pub const DEFAULT_GRACE_SECS: u64 = 10;
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs.unwrap_or(Self::DEFAULT_GRACE_SECS))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.shutdown_grace_secs == Some(0) {
+            return Err(ConfigError::invalid("shutdown_grace_secs", "must be at least 1"));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(ConfigError::invalid("log.level", "must not be empty"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Where and how logs are written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter directive, e.g. `info` or `taskflow_shard_proxy=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when stdout is connected to the journal, else `text`.
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+/// What a daemon's configuration type provides to the kit.
+pub trait DaemonConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
+    /// Keys whose environment override is a comma-separated list
+    /// (`TASKFLOW_CORS_ORIGINS=https://a,https://b`).
+    const ENV_LIST_KEYS: &'static [&'static str] = &[];
+
+    fn common(&self) -> &CommonConfig;
+
+    /// Checks that go beyond types; return [`ConfigError::invalid`] naming the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// Loads `path` (if any) and the environment into `C`, then validates it.
+pub fn load<C: DaemonConfig>(path: Option<&Path>) -> Result<C, ConfigError> {
+    load_with_env(path, std::env::vars())
+}
+
+/// [`load`] with an explicit environment, so tests need not mutate the process's.
+pub fn load_with_env<C: DaemonConfig>(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<C, ConfigError> {
+    let file_source = match path {
+        Some(p) => Some(file_source(p)?),
+        None => None,
+    };
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k != "TASKFLOW_CONFIG")
+        .collect();
+    let env_source = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .source(Some(env.clone()));
+    let env_source = C::ENV_LIST_KEYS
+        .iter()
+        .fold(env_source, |src, key| src.with_list_parse_key(key));
+
+    let mut builder = config::Config::builder();
+    if let Some(f) = &file_source {
+        builder = builder.add_source(f.clone());
+    }
+    let merged = builder
+        .add_source(env_source)
+        .build()
+        .map_err(|e| ConfigError::Other(e.to_string()))?;
+
+    // Deserialize through serde_json so a type error carries the exact key path.
+    let raw: serde_json::Value = merged
+        .try_deserialize()
+        .map_err(|e| ConfigError::Other(e.to_string()))?;
+    let cfg: C = serde_path_to_error::deserialize(&raw).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        match key.as_str() {
+            "." | "?" | "" => key_from_message(&inner)
+                .map(|k| ConfigError::invalid(k, inner.clone()))
+                .unwrap_or(ConfigError::Other(inner)),
+            _ => ConfigError::invalid(key, inner),
+        }
+    })?;
+
+    let known = key_paths(
+        &serde_json::to_value(&cfg)
+            .map_err(|e| ConfigError::Other(format!("cannot re-serialize configuration: {e}")))?,
+    );
+    if let Some(f) = file_source {
+        let file_only: serde_json::Value = config::Config::builder()
+            .add_source(f)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Other(e.to_string()))?;
+        if let Some(unknown) = key_paths(&file_only).into_iter().find(|k| !known.contains(k)) {
+            return Err(ConfigError::invalid(unknown, "unknown key"));
+        }
+    }
+    let env_only: serde_json::Value = config::Config::builder()
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .source(Some(env)),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .unwrap_or(serde_json::Value::Null);
+    for key in key_paths(&env_only) {
+        if !known.contains(&key) {
+            tracing::warn!(%key, "environment override names an unknown configuration key; ignored");
+        }
+    }
+
+    cfg.common().validate()?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn file_source(path: &Path) -> Result<config::File<config::FileSourceString, config::FileFormat>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    // Parse once here so a syntax error is reported against the file, with its line.
+    text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(config::File::from_str(&text, config::FileFormat::Toml))
+}
+
+/// Dotted paths of every leaf and table (`log`, `log.level`, `shards`); elements of arrays
+/// of tables appear as `shards[].name`.
+fn key_paths(v: &serde_json::Value) -> BTreeSet<String> {
+    fn walk(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(t) => {
+                for (k, child) in t {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    if !child.is_null() {
+                        out.insert(p.clone());
+                    }
+                    walk(child, &p, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(item, &format!("{prefix}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(v, "", &mut out);
+    out
+}
+
+/// serde names fields in backticks: "missing field `listen`", "unknown field `x`".
+fn key_from_message(message: &str) -> Option<String> {
+    if message.starts_with("missing field") || message.starts_with("unknown field") {
+        message.split('`').nth(1).map(str::to_owned)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(default)]
+    struct Sample {
+        #[serde(flatten)]
+        common: CommonConfig,
+        listen: std::net::SocketAddr,
+        nested: Nested,
+        names: Vec<String>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, Default)]
+    #[serde(default)]
+    struct Nested {
+        port: u16,
+        secret_file: Option<String>,
+    }
+
+    impl Default for Sample {
+        fn default() -> Self {
+            Sample {
+                common: CommonConfig::default(),
+                listen: "127.0.0.1:1".parse().expect("literal"),
+                nested: Nested::default(),
+                names: vec![],
+            }
+        }
+    }
+
+    impl DaemonConfig for Sample {
+        const ENV_LIST_KEYS: &'static [&'static str] = &["names"];
+        fn common(&self) -> &CommonConfig {
+            &self.common
+        }
+        fn validate(&self) -> Result<(), ConfigError> {
+            if self.nested.port == 1 {
+                return Err(ConfigError::invalid("nested.port", "must not be 1"));
+            }
+            Ok(())
+        }
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let f = file("listen = \"127.0.0.1:3000\"\n[nested]\nport = 5\n[log]\nlevel = \"debug\"\n");
+        let cfg: Sample = load_with_env(
+            Some(f.path()),
+            env(&[("TASKFLOW_NESTED__PORT", "7"), ("TASKFLOW_NAMES", "a,b")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 3000);
+        assert_eq!(cfg.nested.port, 7);
+        assert_eq!(cfg.names, vec!["a", "b"]);
+        assert_eq!(cfg.common.log.level, "debug");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let f = file("[nested]\nport = \"not a number\"\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("port"), "{msg}");
+    }
+
+    #[test]
+    fn bad_address_names_the_key() {
+        let f = file("listen = \"nowhere\"\n");
+        let msg = load_with_env::<Sample>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("listen"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_file_key_is_refused() {
+        let f = file("lisen = \"127.0.0.1:3000\"\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert_eq!(err.to_string(), "configuration key `lisen`: unknown key");
+        let f = file("[nested]\nprot = 3\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert_eq!(err.to_string(), "configuration key `nested.prot`: unknown key");
+    }
+
+    #[test]
+    fn optional_key_given_in_file_is_known() {
+        let f = file("[nested]\nsecret_file = \"db\"\n");
+        let cfg: Sample = load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(cfg.nested.secret_file.as_deref(), Some("db"));
+    }
+
+    #[test]
+    fn unknown_env_key_is_only_warned() {
+        let cfg: Sample =
+            load_with_env(None, env(&[("TASKFLOW_CACHE", "/var/cache/x")])).unwrap();
+        assert_eq!(cfg.nested.port, 0);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let f = file("[nested]\nport = 1\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert_eq!(err.to_string(), "configuration key `nested.port`: must not be 1");
+        let f = file("[log]\nformat = \"xml\"\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("xml"), "{err}");
+        let f = file("shutdown_grace_secs = 0\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("shutdown_grace_secs"), "{err}");
+    }
+
+    #[test]
+    fn broken_toml_names_the_file() {
+        let f = file("listen = \n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::File { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err =
+            load_with_env::<Sample>(Some(Path::new("/nonexistent/x.toml")), env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::File { .. }), "{err}");
+    }
+}
