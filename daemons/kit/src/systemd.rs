@@ -43,7 +43,7 @@ impl Notifier {
     /// `sd_watchdog_enabled(3)` recommends; `None` when no watchdog is configured for us.
     pub fn watchdog_interval(&self) -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-        if let Some(pid) = std::env::var("WATCHDOG_PID").ok() {
+        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
             if pid.parse::<u32>().ok()? != std::process::id() {
                 return None;
             }
