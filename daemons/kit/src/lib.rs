@@ -11,8 +11,10 @@
 //! A daemon's `main` is one call to [`run`]; see its docs for the order of events.
 
 pub mod config;
+pub mod deps;
 pub mod http;
 pub mod lifecycle;
+pub mod postgres;
 pub mod secrets;
 pub mod systemd;
 pub mod telemetry;
