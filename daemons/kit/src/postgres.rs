@@ -22,8 +22,5 @@ pub fn client_config(
             .map_err(|e| ConfigError::invalid(password_key, e.to_string()))?;
         cfg.password(pw);
     }
-    if cfg.get_application_name().is_none() {
-        cfg.application_name(env!("CARGO_PKG_NAME"));
-    }
     Ok(cfg)
 }
