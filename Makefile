@@ -1,0 +1,59 @@
+# TaskFlow — the commands of the seed's Makefile, on Debian/Ubuntu without Docker.
+# `make dev` and `make test` are the two you need; see README.md.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+DEVSTACK := target/debug/taskflow-devstack
+export TASKFLOW_CACHE ?= /var/cache/taskflow
+
+.PHONY: help deps build dev up down restart status logs db-reset test test-rust lint fmt fmt-check nix-check bench clean
+
+help: ## Show the commands
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+deps: ## Install what is missing (apt when root, else print the command; npm; the broker)
+	@scripts/install-deps.sh
+
+build: deps ## Build every crate and binary
+	$(CARGO) build --workspace --all-targets
+
+dev: build ## Start the whole stack in the foreground; Ctrl-C stops everything
+	$(DEVSTACK) dev
+
+up: build ## Start the stack in the background, return when every daemon is READY
+	$(DEVSTACK) up
+
+down: ## Stop the background stack; no process is left behind
+	@if [ -x $(DEVSTACK) ]; then $(DEVSTACK) down; else echo "no stack (not built)"; fi
+
+restart: build ## down, then up
+	$(DEVSTACK) restart
+
+status: ## Show every service, its port and state
+	@$(DEVSTACK) status
+
+logs: ## Follow all logs, prefixed by service
+	@$(DEVSTACK) logs
+
+db-reset: ## Delete all databases (stack must be down)
+	$(DEVSTACK) db-reset
+
+test: deps ## Lint, then every test against real PostgreSQL/Redis/broker/SMTP, then parse every .nix file
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) build --workspace --bins
+	$(CARGO) nextest run --workspace --no-fail-fast
+	scripts/check-nix.sh
+
+lint: ## clippy with warnings as errors, and the Nix parse check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/check-nix.sh
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+nix-check: ## Parse every .nix file (nix-instantiate --parse)
+	scripts/check-nix.sh
+
+clean: ## Remove build output (not the stack's state)
+	$(CARGO) clean

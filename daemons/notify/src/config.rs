@@ -1,0 +1,114 @@
+//! taskflow-notify's configuration (keys documented in docs/configuration.md).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use taskflow_kit::config::{CommonConfig, ConfigError, DaemonConfig};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    #[serde(flatten)]
+    pub common: CommonConfig,
+    pub metrics_listen: SocketAddr,
+    pub database_url: String,
+    pub database_password_file: Option<String>,
+    pub kafka_brokers: String,
+    pub kafka_group_id: String,
+    pub task_events_topic: String,
+    pub notify_events_topic: String,
+    pub redis_url: String,
+    pub smtp: SmtpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub from: String,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            common: CommonConfig::default(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9931)),
+            database_url: "postgres://taskflow@127.0.0.1:6432/auth".into(),
+            database_password_file: None,
+            kafka_brokers: "127.0.0.1:9092".into(),
+            kafka_group_id: "taskflow-notify".into(),
+            task_events_topic: "task_events".into(),
+            notify_events_topic: "notify_events".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            smtp: SmtpConfig::default(),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            host: "127.0.0.1".into(),
+            port: 1025,
+            from: "TaskFlow <noreply@taskflow.local>".into(),
+            tls: SmtpTls::None,
+            username: None,
+            password_file: None,
+        }
+    }
+}
+
+impl DaemonConfig for NotifyConfig {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::invalid("database_url", e.to_string()))?;
+        redis::parse_redis_url(&self.redis_url)
+            .ok_or_else(|| ConfigError::invalid("redis_url", "not a redis:// URL"))?;
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka_brokers", "must not be empty"));
+        }
+        for (key, topic) in [
+            ("task_events_topic", &self.task_events_topic),
+            ("notify_events_topic", &self.notify_events_topic),
+            ("kafka_group_id", &self.kafka_group_id),
+        ] {
+            if topic.trim().is_empty() {
+                return Err(ConfigError::invalid(key, "must not be empty"));
+            }
+        }
+        if self.smtp.host.trim().is_empty() {
+            return Err(ConfigError::invalid("smtp.host", "must not be empty"));
+        }
+        if self.smtp.port == 0 {
+            return Err(ConfigError::invalid("smtp.port", "must be 1-65535"));
+        }
+        self.smtp
+            .from
+            .parse::<lettre::message::Mailbox>()
+            .map_err(|e| ConfigError::invalid("smtp.from", e.to_string()))?;
+        if self.smtp.password_file.is_some() && self.smtp.username.is_none() {
+            return Err(ConfigError::invalid(
+                "smtp.username",
+                "required when smtp.password_file is set",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,140 @@
+//! Commands that act on a background stack through its state directory:
+//! `up`, `down`, `status`, `db-reset`.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::layout::{answers, Layout, SERVICES};
+use crate::supervisor;
+
+fn running_pid(layout: &Layout) -> Option<i32> {
+    // The lock, not the pid file, says whether a stack runs: a crashed supervisor leaves
+    // its pid file behind but its lock dies with it.
+    if supervisor::lock(layout).is_ok() {
+        return None;
+    }
+    std::fs::read_to_string(layout.pid_file())
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+pub async fn up(layout: &Layout) -> anyhow::Result<()> {
+    layout.ensure_dirs()?;
+    if let Some(pid) = running_pid(layout) {
+        println!("stack already running (pid {pid}); `make status` shows it");
+        return Ok(());
+    }
+    let log_path = layout.log("devstack");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg("dev-background")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .process_group(0)
+        .spawn()
+        .context("starting the background stack")?;
+    println!(
+        "starting the stack in the background (log: {})",
+        log_path.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if layout.ready_file().exists() {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            bail!("the stack exited during start-up ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the stack did not become ready in 10 minutes; see {}",
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("stack is up (pid {})", child.id());
+    status(layout).await
+}
+
+pub async fn down(layout: &Layout) -> anyhow::Result<()> {
+    let Some(pid) = running_pid(layout) else {
+        println!("no stack running");
+        return Ok(());
+    };
+    let pid = Pid::from_raw(pid);
+    kill(pid, Signal::SIGTERM).context("signalling the stack")?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while running_pid(layout).is_some() {
+        if Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+            bail!("the stack did not stop within 90 s; killed pid {pid}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("stack stopped");
+    Ok(())
+}
+
+pub async fn status(layout: &Layout) -> anyhow::Result<()> {
+    match running_pid(layout) {
+        Some(pid) => println!(
+            "stack: running (pid {pid}), state in {}",
+            layout.root.display()
+        ),
+        None => println!("stack: not running, state in {}", layout.root.display()),
+    }
+    println!(
+        "{:<16} {:>6}  {:<5} {}",
+        "SERVICE", "PORT", "STATE", "DETAIL"
+    );
+    for svc in SERVICES {
+        let port = layout.port(svc.name);
+        let up = if answers(port).await { "up" } else { "down" };
+        let status_name = match svc.name {
+            "shard-proxy" | "auth" | "gateway" => Some(svc.name),
+            "notify-metrics" => Some("notify"),
+            _ => None,
+        };
+        let detail = status_name
+            .and_then(|n| std::fs::read_to_string(layout.status_dir().join(n)).ok())
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| svc.what.to_owned());
+        println!("{:<16} {:>6}  {:<5} {}", svc.name, port, up, detail);
+    }
+    Ok(())
+}
+
+pub fn db_reset(layout: &Layout) -> anyhow::Result<()> {
+    if let Some(pid) = running_pid(layout) {
+        bail!("the stack is running (pid {pid}); `make down` first");
+    }
+    for dir in [
+        layout.root.join("pg"),
+        layout.redis_dir(),
+        layout.root.join("proxy"),
+        layout.mail_dir(),
+    ] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            println!("removed {}", dir.display());
+        }
+    }
+    println!("databases reset; the next `make up` re-creates and migrates them");
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! The stack supervisor: starts infrastructure, migrations and daemons in dependency order,
+//! waits for each to be ready, and on Ctrl-C/SIGTERM stops them all in reverse order.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use taskflow_test_support::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::daemons::{binary, DaemonProcess};
+use crate::layout::Layout;
+use crate::logs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `make dev`: stream logs to the terminal.
+    Foreground,
+    /// `make up`: logs only to files; `control::up` waits for the ready marker.
+    Background,
+}
+
+/// The shards of the local stack: name, PostgreSQL service name.
+const SHARDS: [(&str, &str); 3] = [
+    ("shard-1", "pg-shard-1"),
+    ("shard-2", "pg-shard-2"),
+    ("shard-3", "pg-shard-3"),
+];
+
+/// Everything the stack runs; dropping it stops all of it (daemons first).
+struct Stack {
+    daemons: Vec<DaemonProcess>,
+    _smtp: Option<SmtpSink>,
+    _kafka: Option<KafkaBroker>,
+    _redis: Option<RedisServer>,
+    _pg: Vec<PgCluster>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        while let Some(mut d) = self.daemons.pop() {
+            say(&format!("stopping {}", d.name));
+            d.stop();
+        }
+        say("stopping infrastructure");
+    }
+}
+
+fn say(msg: &str) {
+    println!("devstack | {msg}");
+}
+
+/// Takes the stack lock or explains who holds it.
+pub fn lock(layout: &Layout) -> anyhow::Result<Flock<std::fs::File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(layout.lock_file())
+        .with_context(|| format!("opening {}", layout.lock_file().display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, _)) => {
+            let pid = std::fs::read_to_string(layout.pid_file()).unwrap_or_default();
+            bail!(
+                "another stack is running on {} (pid {}); `make down` first",
+                layout.root.display(),
+                pid.trim()
+            )
+        }
+    }
+}
+
+pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
+    layout
+        .ensure_dirs()
+        .with_context(|| format!("creating {}", layout.root.display()))?;
+    let _lock = lock(layout)?;
+    std::fs::write(layout.pid_file(), format!("{}\n", std::process::id()))?;
+    let _ = std::fs::remove_file(layout.ready_file());
+
+    let log_task = (mode == Mode::Foreground).then(|| {
+        let layout = layout.clone();
+        tokio::spawn(async move { logs::stream(&layout, true, true).await })
+    });
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let outcome = tokio::select! {
+        r = start(layout) => r,
+        _ = term.recv() => Err(anyhow::anyhow!("interrupted during start-up")),
+        _ = int.recv() => Err(anyhow::anyhow!("interrupted during start-up")),
+    };
+    let mut stack = match outcome {
+        Ok(stack) => stack,
+        Err(e) => {
+            cleanup(layout);
+            return Err(e);
+        }
+    };
+    std::fs::write(layout.ready_file(), "ready\n")?;
+    print_tour(layout);
+
+    // Run until asked to stop, or until a daemon dies on its own.
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let reason = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM".to_owned(),
+            _ = int.recv() => break "Ctrl-C".to_owned(),
+            _ = watch.tick() => {
+                if let Some(d) = stack.daemons.iter_mut().find_map(|d| d.exited().map(|s| (d.name, s))) {
+                    break format!("{} exited ({})", d.0, d.1);
+                }
+            }
+        }
+    };
+    say(&format!("{reason}: stopping the stack"));
+    drop(stack);
+    cleanup(layout);
+    if let Some(t) = log_task {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        t.abort();
+    }
+    say("stopped; no process left behind");
+    Ok(())
+}
+
+fn cleanup(layout: &Layout) {
+    let _ = std::fs::remove_file(layout.ready_file());
+    let _ = std::fs::remove_file(layout.pid_file());
+    let _ = std::fs::remove_dir_all(layout.status_dir());
+}
+
+async fn start(layout: &Layout) -> anyhow::Result<Stack> {
+    let mut stack = Stack {
+        daemons: Vec::new(),
+        _smtp: None,
+        _kafka: None,
+        _redis: None,
+        _pg: Vec::new(),
+    };
+
+    say("starting PostgreSQL clusters");
+    let mut pg_starts = Vec::new();
+    for (service, db) in [("pg-auth", "auth")]
+        .into_iter()
+        .chain(SHARDS.iter().map(|(_, svc)| (*svc, "tasks")))
+    {
+        pg_starts.push(
+            PgCluster::builder()
+                .port(layout.port(service))
+                .data_dir(layout.pg_dir(service))
+                .log_file(layout.log(service))
+                .database(db)
+                .startup_timeout(Duration::from_secs(60))
+                .start(),
+        );
+    }
+    for (i, started) in futures_util::future::join_all(pg_starts)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        stack
+            ._pg
+            .push(started.with_context(|| format!("starting PostgreSQL cluster {i}"))?);
+    }
+
+    say("starting Redis, the Kafka-API broker and the SMTP sink");
+    stack._redis = Some(
+        RedisServer::builder()
+            .port(layout.port("redis"))
+            .data_dir(layout.redis_dir())
+            .appendonly(true)
+            .log_file(layout.log("redis"))
+            .start()
+            .await
+            .context("starting redis-server")?,
+    );
+    let mut kafka = KafkaBroker::builder()
+        .port(layout.port("kafka"))
+        .log_file(layout.log("kafka"))
+        .start()
+        .await
+        .context("starting the broker (tansu)")?;
+    for topic in ["task_events", "notify_events"] {
+        kafka
+            .create_topic(topic, 3)
+            .await
+            .with_context(|| format!("creating topic {topic}"))?;
+    }
+    stack._kafka = Some(kafka);
+    stack._smtp = Some(
+        SmtpSink::builder()
+            .smtp_port(layout.port("smtp"))
+            .web_port(layout.port("smtp-ui"))
+            .mail_dir(layout.mail_dir())
+            .log_file(layout.log("smtp"))
+            .start()
+            .await
+            .context("starting the SMTP sink (maildev)")?,
+    );
+
+    let configs = write_configs(layout)?;
+
+    say("applying migrations to the auth DB and every shard");
+    let status = tokio::process::Command::new(binary("taskflow-shard-proxy")?)
+        .arg("--config")
+        .arg(&configs.proxy)
+        .arg("migrate")
+        .status()
+        .await
+        .context("running taskflow-shard-proxy migrate")?;
+    if !status.success() {
+        bail!("migrations failed ({status})");
+    }
+
+    let ready_timeout = Duration::from_secs(90);
+    for (name, bin, config) in [
+        ("shard-proxy", "taskflow-shard-proxy", &configs.proxy),
+        ("auth", "taskflow-auth", &configs.auth),
+        ("gateway", "taskflow-gateway", &configs.gateway),
+        ("notify", "taskflow-notify", &configs.notify),
+    ] {
+        say(&format!("starting {bin}; waiting for READY=1"));
+        let d = DaemonProcess::start(layout, name, bin, config, ready_timeout).await?;
+        say(&format!("{bin} is ready (pid {})", d.pid()));
+        stack.daemons.push(d);
+    }
+    Ok(stack)
+}
+
+struct Configs {
+    proxy: PathBuf,
+    auth: PathBuf,
+    gateway: PathBuf,
+    notify: PathBuf,
+}
+
+/// Dev-only secrets (role `taskflow`, password `taskflow`, as SPEC §8 documents) and a
+/// JWT key pair generated once per state directory.
+fn write_secrets(layout: &Layout) -> anyhow::Result<()> {
+    let dir = layout.secrets();
+    for name in ["proxy-password", "backend-password", "database-password"] {
+        let p = dir.join(name);
+        if !p.exists() {
+            std::fs::write(&p, "taskflow\n")?;
+        }
+    }
+    let private = dir.join("jwt-private.pem");
+    let public = dir.join("jwt-public.pem");
+    if !private.exists() || !public.exists() {
+        run_openssl(&["genpkey", "-algorithm", "ed25519", "-out"], &private)?;
+        let status = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .context("running openssl")?;
+        if !status.success() {
+            bail!("openssl pkey -pubout failed ({status})");
+        }
+    }
+    Ok(())
+}
+
+fn run_openssl(args: &[&str], out: &Path) -> anyhow::Result<()> {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .arg(out)
+        .status()
+        .context("running openssl (apt-get install openssl)")?;
+    if !status.success() {
+        bail!("openssl {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn write_configs(layout: &Layout) -> anyhow::Result<Configs> {
+    write_secrets(layout)?;
+    let s = |name: &str| layout.secrets().join(name).display().to_string();
+    let dir = layout.config_dir();
+    let p = |name: &str| layout.port(name);
+
+    let mut shards = String::new();
+    for (name, service) in SHARDS {
+        shards.push_str(&format!(
+            "\n[[shards]]\nname = \"{name}\"\nurl = \"postgres://taskflow@127.0.0.1:{}/tasks\"\n",
+            p(service)
+        ));
+    }
+    let proxy = format!(
+        r#"# Generated by taskflow-devstack; edit the generator, not this file.
+listen = "127.0.0.1:{proxy}"
+metrics_listen = "127.0.0.1:{metrics}"
+state_dir = "{state}"
+users = [{{ name = "taskflow", password_file = "{proxy_pw}" }}]
+
+[backend]
+user = "taskflow"
+password_file = "{backend_pw}"
+
+[auth_database]
+url = "postgres://taskflow@127.0.0.1:{auth_db}/auth"
+{shards}"#,
+        proxy = p("shard-proxy"),
+        metrics = p("proxy-metrics"),
+        state = layout.root.join("proxy").display(),
+        proxy_pw = s("proxy-password"),
+        backend_pw = s("backend-password"),
+        auth_db = p("pg-auth"),
+    );
+    let auth = format!(
+        r#"# Generated by taskflow-devstack.
+listen = "127.0.0.1:{auth}"
+database_url = "postgres://taskflow@127.0.0.1:{proxy}/auth"
+database_password_file = "{db_pw}"
+jwt_private_key_file = "{jwt}"
+bcrypt_cost = 10
+"#,
+        auth = p("auth"),
+        proxy = p("shard-proxy"),
+        db_pw = s("database-password"),
+        jwt = s("jwt-private.pem"),
+    );
+    let gateway = format!(
+        r#"# Generated by taskflow-devstack.
+listen = "127.0.0.1:{gw}"
+auth_url = "http://127.0.0.1:{auth}"
+jwt_public_key_file = "{jwt}"
+database_url = "postgres://taskflow@127.0.0.1:{proxy}/tasks"
+database_password_file = "{db_pw}"
+redis_url = "redis://127.0.0.1:{redis}"
+kafka_brokers = "127.0.0.1:{kafka}"
+"#,
+        gw = p("gateway"),
+        auth = p("auth"),
+        jwt = s("jwt-public.pem"),
+        proxy = p("shard-proxy"),
+        db_pw = s("database-password"),
+        redis = p("redis"),
+        kafka = p("kafka"),
+    );
+    let notify = format!(
+        r#"# Generated by taskflow-devstack.
+metrics_listen = "127.0.0.1:{metrics}"
+database_url = "postgres://taskflow@127.0.0.1:{proxy}/auth"
+database_password_file = "{db_pw}"
+kafka_brokers = "127.0.0.1:{kafka}"
+redis_url = "redis://127.0.0.1:{redis}"
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp}
+"#,
+        metrics = p("notify-metrics"),
+        proxy = p("shard-proxy"),
+        db_pw = s("database-password"),
+        kafka = p("kafka"),
+        redis = p("redis"),
+        smtp = p("smtp"),
+    );
+    let configs = Configs {
+        proxy: dir.join("shard-proxy.toml"),
+        auth: dir.join("auth.toml"),
+        gateway: dir.join("gateway.toml"),
+        notify: dir.join("notify.toml"),
+    };
+    std::fs::write(&configs.proxy, proxy)?;
+    std::fs::write(&configs.auth, auth)?;
+    std::fs::write(&configs.gateway, gateway)?;
+    std::fs::write(&configs.notify, notify)?;
+    Ok(configs)
+}
+
+fn print_tour(layout: &Layout) {
+    let p = |name: &str| layout.port(name);
+    println!(
+        r#"
+TaskFlow is up. (Dev-only credentials: role taskflow / password taskflow.)
+
+  REST API        http://127.0.0.1:{gw}/            Swagger  http://127.0.0.1:{gw}/swagger/index.html
+  Auth daemon     http://127.0.0.1:{auth}/
+  Shard proxy     psql "postgres://taskflow:taskflow@127.0.0.1:{proxy}/tasks"   (also /auth, /admin)
+  Proxy metrics   http://127.0.0.1:{pm}/metrics
+  Mail (web UI)   http://127.0.0.1:{ui}/
+
+A short tour:
+  curl -s -XPOST localhost:{gw}/auth/register -H 'content-type: application/json' \
+       -d '{{"email":"user@example.com","name":"John Doe","password":"securepassword"}}'
+  TOKEN=$(curl -s -XPOST localhost:{gw}/auth/login -H 'content-type: application/json' \
+       -d '{{"email":"user@example.com","password":"securepassword"}}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
+  curl -s localhost:{gw}/tasks -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+       -d '{{"title":"Complete project","performer_id":1}}'
+  PGPASSWORD=taskflow psql -h 127.0.0.1 -p {proxy} -U taskflow -d admin -c 'SHOW SHARDS'
+
+State: {state}   Logs: make logs   Stop: Ctrl-C (dev) or make down (up)
+"#,
+        gw = p("gateway"),
+        auth = p("auth"),
+        proxy = p("shard-proxy"),
+        pm = p("proxy-metrics"),
+        ui = p("smtp-ui"),
+        state = layout.root.display(),
+    );
+}
