@@ -1,0 +1,149 @@
+//! Small helpers: free ports, polling waits, locating binaries.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::error::{Error, IoContext, Result};
+
+/// The loopback address every component binds to.
+pub const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// Interval between polls in [`wait_until`] and the readiness checks.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+fn handed_out() -> &'static Mutex<HashSet<u16>> {
+    static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    PORTS.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+/// A free TCP port on 127.0.0.1.
+///
+/// Binds port 0, reads the port the kernel chose and closes the socket. Ports already
+/// handed out by this process are never returned again, so two components started by the
+/// same test binary cannot race for one port.
+pub fn free_port() -> Result<u16> {
+    for _ in 0..1000 {
+        let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+            .ctx(|| "binding 127.0.0.1:0 to find a free port".to_owned())?;
+        let port = listener
+            .local_addr()
+            .ctx(|| "reading the local address of a probe socket".to_owned())?
+            .port();
+        drop(listener);
+        let mut set = handed_out()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if set.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(Error::io(
+        "finding a free port",
+        std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "no unused port after 1000 tries",
+        ),
+    ))
+}
+
+/// Marks `port` as used so [`free_port`] never returns it (for fixed dev-stack ports).
+pub fn reserve_port(port: u16) {
+    handed_out()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(port);
+}
+
+/// Polls `condition` every 50 ms until it returns `true`, or fails after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_until_some(timeout, || {
+        let fut = condition();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `probe` every 50 ms until it returns `Some(value)`, or fails after `timeout`.
+pub async fn wait_until_some<T, F, Fut>(timeout: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: "condition".to_owned(),
+                after: timeout,
+                last_error: None,
+            });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Path of a workspace binary such as `taskflow-gateway`.
+///
+/// Looks in `$TASKFLOW_BIN_DIR` when set, else next to the running test executable
+/// (`target/<profile>/`, the parent of `target/<profile>/deps/`).
+pub fn binary_path(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("TASKFLOW_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe =
+                std::env::current_exe().ctx(|| "locating the current executable".to_owned())?;
+            let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.pop();
+            }
+            dir
+        }
+    };
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::BinaryNotFound(format!(
+            "binary `{name}` not found at {} (run `cargo build --workspace`, or set TASKFLOW_BIN_DIR)",
+            path.display()
+        )))
+    }
+}
+
+/// Finds an executable named `name` on `$PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+pub(crate) fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Whether a TCP connection to 127.0.0.1:`port` succeeds right now.
+pub(crate) async fn tcp_connectable(port: u16) -> bool {
+    tokio::net::TcpStream::connect((LOCALHOST, port))
+        .await
+        .is_ok()
+}
+
+/// `${TASKFLOW_CACHE:-/var/cache/taskflow}`.
+pub(crate) fn cache_dir() -> PathBuf {
+    std::env::var_os("TASKFLOW_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/taskflow"))
+}
