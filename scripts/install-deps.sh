@@ -16,7 +16,7 @@ set -euo pipefail
 CACHE="${TASKFLOW_CACHE:-/var/cache/taskflow}"
 APT_PACKAGES=(postgresql-15 postgresql-client-15 redis-server pgbouncer nix-bin
               build-essential cmake pkg-config libssl-dev zlib1g-dev libsasl2-dev
-              curl wrk openssl python3-venv)
+              curl wrk openssl python3-venv libcurl4-openssl-dev)
 MAILDEV_VERSION="${MAILDEV_VERSION:-3.0.0}"
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
