@@ -309,3 +309,24 @@ mod tests {
         assert_eq!(task().recipients(), vec![1, 2, 3]);
     }
 }
+
+/// The claims of a TaskFlow access token (a JWT signed with EdDSA by the auth daemon and
+/// verified by the gateway with the public key only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id, as a decimal string (JWT `sub` is a string by RFC 7519).
+    pub sub: String,
+    pub email: String,
+    pub name: String,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: i64,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: i64,
+}
+
+impl Claims {
+    /// The user id in `sub`, if it is a positive integer.
+    pub fn user_id(&self) -> Option<i64> {
+        self.sub.parse::<i64>().ok().filter(|id| *id > 0)
+    }
+}

@@ -1,0 +1,104 @@
+//! The auth daemon's configuration (docs/configuration.md, "taskflow-auth").
+//!
+//! Everything that can be checked before the daemon starts is checked in
+//! [`DaemonConfig::validate`], so a bad value — including an unreadable or malformed
+//! signing key — fails `--check-config` and start-up with exit 78 naming the key, rather
+//! than surfacing later as a failed login.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use taskflow_kit::config::{CommonConfig, ConfigError, DaemonConfig};
+
+use crate::keys::SigningKeys;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    #[serde(flatten)]
+    pub common: CommonConfig,
+    /// HTTP listener.
+    pub listen: SocketAddr,
+    /// The `auth` database, normally through the shard proxy's passthrough.
+    pub database_url: String,
+    /// File holding the database password (secret-file rules); unset = none/URL's.
+    pub database_password_file: Option<String>,
+    /// Connections kept to the database.
+    pub database_pool_size: usize,
+    /// Ed25519 private key, PKCS#8 PEM (secret-file rules).
+    pub jwt_private_key_file: String,
+    /// Lifetime of issued tokens.
+    pub token_ttl_secs: u64,
+    /// bcrypt work factor, 4–31.
+    pub bcrypt_cost: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            common: CommonConfig::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            database_url: "postgres://taskflow@127.0.0.1:6432/auth".into(),
+            database_password_file: None,
+            database_pool_size: 8,
+            jwt_private_key_file: "jwt-private.pem".into(),
+            token_ttl_secs: 86_400,
+            bcrypt_cost: 12,
+        }
+    }
+}
+
+impl DaemonConfig for AuthConfig {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(ConfigError::invalid(
+                "bcrypt_cost",
+                "must be between 4 and 31",
+            ));
+        }
+        if self.token_ttl_secs == 0 {
+            return Err(ConfigError::invalid("token_ttl_secs", "must be at least 1"));
+        }
+        if self.token_ttl_secs > 366 * 86_400 {
+            return Err(ConfigError::invalid(
+                "token_ttl_secs",
+                "must be at most a year",
+            ));
+        }
+        if self.database_pool_size == 0 {
+            return Err(ConfigError::invalid(
+                "database_pool_size",
+                "must be at least 1",
+            ));
+        }
+        self.database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::invalid("database_url", e.to_string()))?;
+        if let Some(f) = &self.database_password_file {
+            taskflow_kit::secrets::read_secret(f)
+                .map_err(|e| ConfigError::invalid("database_password_file", e.to_string()))?;
+        }
+        SigningKeys::load(&self.jwt_private_key_file)
+            .map_err(|e| ConfigError::invalid("jwt_private_key_file", e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl AuthConfig {
+    /// The database connection settings, with the password from its secret file.
+    pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
+        let mut cfg: tokio_postgres::Config = self.database_url.parse()?;
+        if let Some(f) = &self.database_password_file {
+            cfg.password(taskflow_kit::secrets::read_secret(f)?);
+        }
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(std::time::Duration::from_secs(5));
+        }
+        cfg.application_name("taskflow-auth");
+        Ok(cfg)
+    }
+}

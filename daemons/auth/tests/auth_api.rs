@@ -1,0 +1,397 @@
+//! The auth daemon against a real PostgreSQL cluster: readiness protocol, configuration
+//! errors, and every route's contract (issue 4).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use taskflow_test_support::{free_port, AuthDb, NotifySocket};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Env {
+    _db: AuthDb,
+    dir: tempfile::TempDir,
+    base: String,
+    port: u16,
+    proc: Option<Proc>,
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_taskflow-auth")
+}
+
+fn write_config(dir: &Path, port: u16, db_url: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("auth.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase_url = \"{db_url}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n{extra}",
+            dir.join("jwt-private.pem").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn start(notify: Option<&NotifySocket>, extra: &str) -> Env {
+    let db = AuthDb::start().await.unwrap();
+    let mut client = db.client().await.unwrap();
+    taskflow_migrations::apply_auth(&mut client).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let st = Command::new(bin())
+        .arg("--generate-keys")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let port = free_port().unwrap();
+    let cfg = write_config(dir.path(), port, &db.url(), extra);
+    let mut cmd = Command::new(bin());
+    cmd.arg("--config").arg(&cfg).stdin(Stdio::null());
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n.path());
+    }
+    let child = cmd.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let env = Env {
+        _db: db,
+        dir,
+        base,
+        port,
+        proc: Some(Proc(child)),
+    };
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        if let Ok(r) = http.get(format!("{}/readyz", env.base)).send().await {
+            if r.status() == 200 {
+                return env;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("auth daemon did not become ready on port {}", env.port);
+}
+
+async fn call(
+    method: reqwest::Method,
+    url: String,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut rb = reqwest::Client::new().request(method, url);
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn readiness_and_graceful_stop() {
+    let notify = NotifySocket::bind().unwrap();
+    let mut env = start(Some(&notify), "").await;
+    notify
+        .wait_for_assignment("READY=1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (s, body) = call(
+        reqwest::Method::GET,
+        format!("{}/readyz", env.base),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(body["checks"]["postgres"], "ok");
+    let (s, _) = call(
+        reqwest::Method::GET,
+        format!("{}/metrics", env.base),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    let mut proc = env.proc.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(proc.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    notify
+        .wait_for_assignment("STOPPING=1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || proc.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn bad_config_exits_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Command::new(bin())
+        .arg("--generate-keys")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for (extra, key) in [
+        ("bcrypt_cost = 3\n", "bcrypt_cost"),
+        ("token_ttl_secs = \"x\"\n", "token_ttl_secs"),
+        ("database_url = \"::nope\"\n", "database_url"),
+    ] {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "jwt_private_key_file = \"{}\"\n{extra}",
+                dir.path().join("jwt-private.pem").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(bin())
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{extra}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{extra}: {err}");
+    }
+    // A key file that is not an Ed25519 private key.
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "jwt_private_key_file = \"{}\"\n",
+            dir.path().join("jwt-public.pem").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_private_key_file"));
+}
+
+#[tokio::test]
+async fn register_login_and_users() {
+    use reqwest::Method as M;
+    let env = start(None, "").await;
+    let b = &env.base;
+
+    // Register (seed README body), duplicate in another case, validation, bad JSON.
+    let (s, body) = call(
+        M::POST,
+        format!("{b}/auth/register"),
+        None,
+        Some(json!({
+            "email": "user@example.com", "name": "John Doe", "password": "securepassword"
+        })),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(
+        body,
+        json!({"id": 1, "email": "user@example.com", "name": "John Doe"})
+    );
+    let (s, body) = call(
+        M::POST,
+        format!("{b}/auth/register"),
+        None,
+        Some(json!({
+            "email": "USER@example.com", "name": "Other", "password": "securepassword"
+        })),
+    )
+    .await;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(body["status"], 409);
+    let (s, body) = call(
+        M::POST,
+        format!("{b}/auth/register"),
+        None,
+        Some(json!({
+            "email": "nope", "name": "", "password": "short"
+        })),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, vec!["email", "name", "password"]);
+    let (s, body) = call(
+        M::POST,
+        format!("{b}/auth/register"),
+        None,
+        Some(json!({
+            "email": "a@b.io", "name": 5, "password": "securepassword"
+        })),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(body["errors"][0]["field"], "name");
+    let r = reqwest::Client::new()
+        .post(format!("{b}/auth/register"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let r = reqwest::Client::new()
+        .post(format!("{b}/auth/register"))
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // Login: id is a string; wrong password and unknown email are indistinguishable.
+    let (s, login) = call(
+        M::POST,
+        format!("{b}/auth/login"),
+        None,
+        Some(json!({
+            "email": "user@example.com", "password": "securepassword"
+        })),
+    )
+    .await;
+    assert_eq!(s, 200, "{login}");
+    assert_eq!(login["id"], "1");
+    assert_eq!(login["email"], "user@example.com");
+    assert_eq!(login["name"], "John Doe");
+    let token = login["token"].as_str().unwrap().to_owned();
+    let (s1, wrong_pw) = call(
+        M::POST,
+        format!("{b}/auth/login"),
+        None,
+        Some(json!({
+            "email": "user@example.com", "password": "wrongpassword"
+        })),
+    )
+    .await;
+    let (s2, unknown) = call(
+        M::POST,
+        format!("{b}/auth/login"),
+        None,
+        Some(json!({
+            "email": "nobody@example.com", "password": "securepassword"
+        })),
+    )
+    .await;
+    assert_eq!((s1, s2), (401, 401));
+    assert_eq!(wrong_pw, unknown);
+
+    // Authenticated routes.
+    let (s, me) = call(M::GET, format!("{b}/auth/me"), Some(&token), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(me["id"], 1);
+    assert!(me.get("password_hash").is_none());
+    for i in 2..=5 {
+        let (s, _) = call(M::POST, format!("{b}/auth/register"), None, Some(json!({
+            "email": format!("u{i}@example.com"), "name": format!("U{i}"), "password": "securepassword"
+        }))).await;
+        assert_eq!(s, 201);
+    }
+    let (s, page) = call(
+        M::GET,
+        format!("{b}/auth/users?limit=2"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next_cursor"], "2");
+    let (_, page) = call(
+        M::GET,
+        format!("{b}/auth/users?limit=2&cursor=4"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(page["data"][0]["id"], 5);
+    assert!(page["next_cursor"].is_null());
+    let (_, page) = call(
+        M::GET,
+        format!("{b}/auth/users?ids=2,5,99"),
+        Some(&token),
+        None,
+    )
+    .await;
+    let ids: Vec<i64> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![2, 5]);
+    let (s, u) = call(M::GET, format!("{b}/auth/users/3"), Some(&token), None).await;
+    assert_eq!((s, u["email"].clone()), (200, json!("u3@example.com")));
+    let (s, _) = call(M::GET, format!("{b}/auth/users/999"), Some(&token), None).await;
+    assert_eq!(s, 404);
+    let (s, _) = call(M::GET, format!("{b}/auth/users/abc"), Some(&token), None).await;
+    assert_eq!(s, 400);
+
+    // Token failures.
+    let (s, _) = call(M::GET, format!("{b}/auth/me"), None, None).await;
+    assert_eq!(s, 401);
+    let (s, _) = call(M::GET, format!("{b}/auth/me"), Some("garbage"), None).await;
+    assert_eq!(s, 401);
+    let mut parts: Vec<&str> = token.split('.').collect();
+    let none_header = base64_url(br#"{"alg":"none","typ":"JWT"}"#);
+    parts[0] = &none_header;
+    let forged = format!("{}.{}.", parts[0], parts[1]);
+    let (s, _) = call(M::GET, format!("{b}/auth/me"), Some(&forged), None).await;
+    assert_eq!(s, 401);
+
+    // Wrong method, unknown route, JWKS.
+    let (s, _) = call(M::GET, format!("{b}/auth/login"), None, None).await;
+    assert_eq!(s, 405);
+    let (s, _) = call(M::GET, format!("{b}/auth/nothing"), None, None).await;
+    assert_eq!(s, 404);
+    let (s, jwks) = call(M::GET, format!("{b}/.well-known/jwks.json"), None, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+    let _ = env.dir.path();
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
