@@ -59,7 +59,10 @@ impl CommonConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.shutdown_grace_secs == Some(0) {
-            return Err(ConfigError::invalid("shutdown_grace_secs", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "shutdown_grace_secs",
+                "must be at least 1",
+            ));
         }
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::invalid("log.level", "must not be empty"));
@@ -130,15 +133,19 @@ pub fn load_with_env<C: DaemonConfig>(
         .into_iter()
         .filter(|(k, _)| k != "TASKFLOW_CONFIG")
         .collect();
-    let env_source = config::Environment::with_prefix(ENV_PREFIX)
+    let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("_")
         .separator("__")
         .try_parsing(true)
-        .list_separator(",")
         .source(Some(env.clone()));
-    let env_source = C::ENV_LIST_KEYS
-        .iter()
-        .fold(env_source, |src, key| src.with_list_parse_key(key));
+    // Without parse keys, a list separator would turn *every* value into a list.
+    if !C::ENV_LIST_KEYS.is_empty() {
+        env_source = C::ENV_LIST_KEYS
+            .iter()
+            .fold(env_source.list_separator(","), |src, key| {
+                src.with_list_parse_key(key)
+            });
+    }
 
     let mut builder = config::Config::builder();
     if let Some(f) = &file_source {
@@ -157,9 +164,16 @@ pub fn load_with_env<C: DaemonConfig>(
         let key = e.path().to_string();
         let inner = e.into_inner().to_string();
         match key.as_str() {
-            "." | "?" | "" => key_from_message(&inner)
-                .map(|k| ConfigError::invalid(k, inner.clone()))
-                .unwrap_or(ConfigError::Other(inner)),
+            // serde loses the path inside `#[serde(flatten)]`: the flattened part is the
+            // kit's CommonConfig, so deserialize it alone to find the key.
+            "." | "?" | "" => match serde_path_to_error::deserialize::<_, CommonConfig>(&raw) {
+                Err(common) if !matches!(common.path().to_string().as_str(), "." | "?") => {
+                    ConfigError::invalid(common.path().to_string(), common.into_inner().to_string())
+                }
+                _ => key_from_message(&inner)
+                    .map(|k| ConfigError::invalid(k, inner.clone()))
+                    .unwrap_or(ConfigError::Other(inner)),
+            },
             _ => ConfigError::invalid(key, inner),
         }
     })?;
@@ -174,7 +188,10 @@ pub fn load_with_env<C: DaemonConfig>(
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Other(e.to_string()))?;
-        if let Some(unknown) = key_paths(&file_only).into_iter().find(|k| !known.contains(k)) {
+        if let Some(unknown) = key_paths(&file_only)
+            .into_iter()
+            .find(|k| !known.contains(k))
+        {
             return Err(ConfigError::invalid(unknown, "unknown key"));
         }
     }
@@ -199,7 +216,9 @@ pub fn load_with_env<C: DaemonConfig>(
     Ok(cfg)
 }
 
-fn file_source(path: &Path) -> Result<config::File<config::FileSourceString, config::FileFormat>, ConfigError> {
+fn file_source(
+    path: &Path,
+) -> Result<config::File<config::FileSourceString, config::FileFormat>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
         path: path.to_owned(),
         message: e.to_string(),
@@ -348,7 +367,10 @@ mod tests {
         assert_eq!(err.to_string(), "configuration key `lisen`: unknown key");
         let f = file("[nested]\nprot = 3\n");
         let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
-        assert_eq!(err.to_string(), "configuration key `nested.prot`: unknown key");
+        assert_eq!(
+            err.to_string(),
+            "configuration key `nested.prot`: unknown key"
+        );
     }
 
     #[test]
@@ -358,10 +380,34 @@ mod tests {
         assert_eq!(cfg.nested.secret_file.as_deref(), Some("db"));
     }
 
+    #[derive(Debug, Deserialize, Serialize, Default)]
+    #[serde(default)]
+    struct NoLists {
+        #[serde(flatten)]
+        common: CommonConfig,
+        name: String,
+    }
+
+    impl DaemonConfig for NoLists {
+        fn common(&self) -> &CommonConfig {
+            &self.common
+        }
+    }
+
+    #[test]
+    fn env_scalars_without_list_keys() {
+        let cfg: NoLists = load_with_env(
+            None,
+            env(&[("TASKFLOW_LOG__FORMAT", "json"), ("TASKFLOW_NAME", "a,b")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.common.log.format, LogFormat::Json);
+        assert_eq!(cfg.name, "a,b");
+    }
+
     #[test]
     fn unknown_env_key_is_only_warned() {
-        let cfg: Sample =
-            load_with_env(None, env(&[("TASKFLOW_CACHE", "/var/cache/x")])).unwrap();
+        let cfg: Sample = load_with_env(None, env(&[("TASKFLOW_CACHE", "/var/cache/x")])).unwrap();
         assert_eq!(cfg.nested.port, 0);
     }
 
@@ -369,13 +415,29 @@ mod tests {
     fn validation_names_the_key() {
         let f = file("[nested]\nport = 1\n");
         let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
-        assert_eq!(err.to_string(), "configuration key `nested.port`: must not be 1");
+        assert_eq!(
+            err.to_string(),
+            "configuration key `nested.port`: must not be 1"
+        );
         let f = file("[log]\nformat = \"xml\"\n");
         let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
         assert!(err.to_string().contains("xml"), "{err}");
         let f = file("shutdown_grace_secs = 0\n");
         let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
         assert!(err.to_string().contains("shutdown_grace_secs"), "{err}");
+        let f = file("shutdown_grace_secs = \"soon\"\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("configuration key `shutdown_grace_secs`"),
+            "{err}"
+        );
+        let f = file("[log]\nlevel = 5\n");
+        let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("configuration key `log.level`"),
+            "{err}"
+        );
     }
 
     #[test]

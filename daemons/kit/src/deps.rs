@@ -33,8 +33,10 @@ impl Checks {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        self.items
-            .push((name.to_owned(), Arc::new(move || Box::pin(check()) as CheckFuture)));
+        self.items.push((
+            name.to_owned(),
+            Arc::new(move || Box::pin(check()) as CheckFuture),
+        ));
         self
     }
 

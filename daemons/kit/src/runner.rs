@@ -22,6 +22,9 @@ use crate::telemetry;
 /// `EX_CONFIG` from sysexits(3): the configuration is wrong; restarting will not help.
 pub const EXIT_CONFIG: u8 = 78;
 
+/// How long a daemon may take to apply a reloaded configuration.
+const RELOAD_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Arguments every daemon accepts; `#[command(flatten)]` them into a daemon's own parser.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DaemonArgs {
@@ -192,7 +195,15 @@ async fn reload<C: DaemonConfig>(
             if tx.send(Reload { config: cfg, done }).await.is_err() {
                 Ok(())
             } else {
-                rx.await.unwrap_or(Ok(()))
+                // A daemon that keeps the receiver but never looks at it must not wedge
+                // the service manager in "reloading" forever.
+                match tokio::time::timeout(RELOAD_ACK_TIMEOUT, rx).await {
+                    Ok(r) => r.unwrap_or(Ok(())),
+                    Err(_) => Err(format!(
+                        "the daemon did not apply the new configuration within {} s",
+                        RELOAD_ACK_TIMEOUT.as_secs()
+                    )),
+                }
             }
         }
     };

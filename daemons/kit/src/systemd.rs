@@ -28,7 +28,10 @@ impl Notifier {
     }
 
     pub fn reloading(&self) {
-        self.send(&[NotifyState::Reloading, NotifyState::Status("reloading configuration")]);
+        self.send(&[
+            NotifyState::Reloading,
+            NotifyState::Status("reloading configuration"),
+        ]);
     }
 
     pub fn stopping(&self) {

@@ -5,6 +5,7 @@
 //! describes. A daemon started by hand from a systemd-run shell inherits the variable but not
 //! the stream, and so keeps logging to its terminal.
 
+use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -45,9 +46,9 @@ pub fn init(service: &str, log: &LogConfig) {
                     .with_current_span(false),
             )
             .try_init(),
-        LogFormat::Text | LogFormat::Auto => {
-            registry.with(tracing_subscriber::fmt::layer()).try_init()
-        }
+        LogFormat::Text | LogFormat::Auto => registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .try_init(),
     };
     // A second init (tests running several daemons in one process) keeps the first.
     let _ = result;

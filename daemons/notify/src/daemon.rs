@@ -18,8 +18,15 @@ use taskflow_kit::Daemon;
 use crate::config::{NotifyConfig, SmtpTls};
 
 pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
-    let cfg = daemon.config.clone();
-    let lifecycle = daemon.lifecycle.clone();
+    let Daemon {
+        config: cfg,
+        lifecycle,
+        reloads,
+        ..
+    } = daemon;
+    // Nothing to re-apply yet: dropping the receiver lets the kit acknowledge SIGHUP
+    // itself once the new file validates.
+    drop(reloads);
     let readiness = Readiness::new();
     let registry = Arc::new(prometheus_client::registry::Registry::with_prefix(
         "taskflow_notify",

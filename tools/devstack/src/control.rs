@@ -99,10 +99,7 @@ pub async fn status(layout: &Layout) -> anyhow::Result<()> {
         ),
         None => println!("stack: not running, state in {}", layout.root.display()),
     }
-    println!(
-        "{:<16} {:>6}  {:<5} {}",
-        "SERVICE", "PORT", "STATE", "DETAIL"
-    );
+    println!("{:<16} {:>6}  {:<5} DETAIL", "SERVICE", "PORT", "STATE");
     for svc in SERVICES {
         let port = layout.port(svc.name);
         let up = if answers(port).await { "up" } else { "down" };
