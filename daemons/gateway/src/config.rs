@@ -1,0 +1,249 @@
+//! The gateway's configuration (docs/configuration.md, "taskflow-gateway").
+//!
+//! Every value that can be checked before start-up is checked in
+//! [`DaemonConfig::validate`] — URLs parse, the JWT public key is a readable Ed25519 PEM,
+//! CORS origins are origins — so a mistake fails with exit 78 naming its key instead of
+//! surfacing as failed requests later.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use taskflow_kit::config::{CommonConfig, ConfigError, DaemonConfig};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct GatewayConfig {
+    #[serde(flatten)]
+    pub common: CommonConfig,
+    pub listen: SocketAddr,
+    /// Base URL of the auth daemon; `/auth/*` is proxied there.
+    pub auth_url: String,
+    /// Ed25519 public key (SPKI PEM), secret-file rules.
+    pub jwt_public_key_file: String,
+    /// The sharded `tasks` database, through the shard proxy.
+    pub database_url: String,
+    pub database_password_file: Option<String>,
+    pub database_pool_size: usize,
+    pub redis_url: String,
+    /// Comma-separated `host:port` list.
+    pub kafka_brokers: String,
+    pub task_events_topic: String,
+    pub notify_events_topic: String,
+    /// Partitions for topics the gateway creates when they are missing.
+    pub kafka_topic_partitions: i32,
+    /// Allowed CORS origins (`https://app.example`), or `*`.
+    pub cors_origins: Vec<String>,
+    pub rate_limit: RateLimitConfig,
+    /// Seconds a task stays in the Redis cache.
+    pub cache_ttl_secs: u64,
+    /// Seconds an `Idempotency-Key` response is remembered.
+    pub idempotency_ttl_secs: u64,
+    /// Use the first `X-Forwarded-For` address as the client IP (only behind a trusted
+    /// reverse proxy).
+    pub trust_forwarded_for: bool,
+    /// Shard names of the proxy (`shard-1`, …): the outbox relay polls each with a
+    /// `/* shard=<name> */` hint. Empty: poll the database as one (direct connection).
+    pub outbox_shards: Vec<String>,
+    /// Milliseconds between outbox polls when no write kicked the relay.
+    pub outbox_poll_ms: u64,
+    pub outbox_batch_size: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// Sustained requests per second per client IP and per user.
+    pub per_second: u32,
+    /// Requests allowed in a burst.
+    pub burst: u32,
+    /// Login attempts per minute per email address (also the burst).
+    pub login_per_minute: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            enabled: true,
+            per_second: 10,
+            burst: 20,
+            login_per_minute: 10,
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            common: CommonConfig::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            auth_url: "http://127.0.0.1:8081".into(),
+            jwt_public_key_file: "jwt-public.pem".into(),
+            database_url: "postgres://taskflow@127.0.0.1:6432/tasks".into(),
+            database_password_file: None,
+            database_pool_size: 16,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            kafka_brokers: "127.0.0.1:9092".into(),
+            task_events_topic: taskflow_contracts::TASK_EVENTS_TOPIC.into(),
+            notify_events_topic: taskflow_contracts::NOTIFY_EVENTS_TOPIC.into(),
+            kafka_topic_partitions: 3,
+            cors_origins: vec![],
+            rate_limit: RateLimitConfig::default(),
+            cache_ttl_secs: 300,
+            idempotency_ttl_secs: 86_400,
+            trust_forwarded_for: false,
+            outbox_shards: vec![],
+            outbox_poll_ms: 500,
+            outbox_batch_size: 200,
+        }
+    }
+}
+
+fn valid_origin(o: &str) -> bool {
+    if o == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains('/')
+        && !rest.contains(char::is_whitespace)
+}
+
+impl DaemonConfig for GatewayConfig {
+    const ENV_LIST_KEYS: &'static [&'static str] = &["cors_origins", "outbox_shards"];
+
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = reqwest::Url::parse(&self.auth_url)
+            .map_err(|e| ConfigError::invalid("auth_url", e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::invalid("auth_url", "must be an http(s) URL"));
+        }
+        crate::jwt::Verifier::load(&self.jwt_public_key_file)
+            .map_err(|e| ConfigError::invalid("jwt_public_key_file", e))?;
+        self.database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::invalid("database_url", e.to_string()))?;
+        if let Some(f) = &self.database_password_file {
+            taskflow_kit::secrets::read_secret(f)
+                .map_err(|e| ConfigError::invalid("database_password_file", e.to_string()))?;
+        }
+        if self.database_pool_size == 0 {
+            return Err(ConfigError::invalid(
+                "database_pool_size",
+                "must be at least 1",
+            ));
+        }
+        redis::Client::open(self.redis_url.as_str())
+            .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?;
+        if self.kafka_brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka_brokers",
+                "must name at least one broker",
+            ));
+        }
+        for (key, topic) in [
+            ("task_events_topic", &self.task_events_topic),
+            ("notify_events_topic", &self.notify_events_topic),
+        ] {
+            if topic.is_empty() || topic.len() > 249 {
+                return Err(ConfigError::invalid(key, "must be 1 to 249 characters"));
+            }
+        }
+        if self.kafka_topic_partitions < 1 {
+            return Err(ConfigError::invalid(
+                "kafka_topic_partitions",
+                "must be at least 1",
+            ));
+        }
+        if let Some(bad) = self.cors_origins.iter().find(|o| !valid_origin(o)) {
+            return Err(ConfigError::invalid(
+                "cors_origins",
+                format!("`{bad}` is not an origin like https://app.example or *"),
+            ));
+        }
+        if self.rate_limit.per_second == 0 {
+            return Err(ConfigError::invalid(
+                "rate_limit.per_second",
+                "must be at least 1",
+            ));
+        }
+        if self.rate_limit.burst == 0 {
+            return Err(ConfigError::invalid(
+                "rate_limit.burst",
+                "must be at least 1",
+            ));
+        }
+        if self.rate_limit.login_per_minute == 0 {
+            return Err(ConfigError::invalid(
+                "rate_limit.login_per_minute",
+                "must be at least 1",
+            ));
+        }
+        if self.cache_ttl_secs == 0 {
+            return Err(ConfigError::invalid("cache_ttl_secs", "must be at least 1"));
+        }
+        if self.idempotency_ttl_secs == 0 {
+            return Err(ConfigError::invalid(
+                "idempotency_ttl_secs",
+                "must be at least 1",
+            ));
+        }
+        if let Some(bad) = self.outbox_shards.iter().find(|s| {
+            s.is_empty()
+                || !s
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        }) {
+            return Err(ConfigError::invalid(
+                "outbox_shards",
+                format!("`{bad}` is not a shard name (letters, digits, - and _)"),
+            ));
+        }
+        if self.outbox_poll_ms == 0 {
+            return Err(ConfigError::invalid("outbox_poll_ms", "must be at least 1"));
+        }
+        if !(1..=10_000).contains(&self.outbox_batch_size) {
+            return Err(ConfigError::invalid(
+                "outbox_batch_size",
+                "must be 1 to 10000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl GatewayConfig {
+    pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
+        let mut cfg: tokio_postgres::Config = self.database_url.parse()?;
+        if let Some(f) = &self.database_password_file {
+            cfg.password(taskflow_kit::secrets::read_secret(f)?);
+        }
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(std::time::Duration::from_secs(5));
+        }
+        cfg.application_name("taskflow-gateway");
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        assert!(valid_origin("*"));
+        assert!(valid_origin("https://app.example"));
+        assert!(valid_origin("http://localhost:5173"));
+        assert!(!valid_origin("app.example"));
+        assert!(!valid_origin("https://app.example/path"));
+        assert!(!valid_origin("ftp://x"));
+    }
+}

@@ -1,0 +1,232 @@
+//! Everything the gateway keeps in Redis (SPEC §5): global task ids, the task cache, the
+//! id → performer map, rate-limit buckets and idempotency records.
+//!
+//! Redis is shared by every gateway instance, which is what makes ids unique and rate
+//! limits global. It is also allowed to lose its data: the id counter is re-seeded from
+//! the shards' maximum id (plus a margin covering ids handed out but not yet committed),
+//! the performer map falls back to a scatter read, and the cache simply misses.
+//!
+//! Keys: `task:id_counter`, `task:{id}` (cache, TTL), `task:shard:{id}` (performer id),
+//! `rl:{scope}:{who}` (GCRA state), `idem:{user}:{key}`.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands as _;
+
+pub const ID_COUNTER: &str = "task:id_counter";
+/// Added to the shards' max id when re-seeding a lost counter: ids handed out before the
+/// loss but committed after the re-seed must not be handed out again.
+pub const RESEED_MARGIN: i64 = 1000;
+
+#[derive(Clone)]
+pub struct Kv {
+    conn: ConnectionManager,
+    next_id: redis::Script,
+    limiter: redis::Script,
+}
+
+/// `INCR` only when the counter exists; `false` (nil) tells the caller to re-seed.
+const NEXT_ID_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('INCR', KEYS[1])
+";
+
+/// GCRA over every key in KEYS (all must allow, then all are charged).
+/// ARGV: per key, interval_ms and burst. Returns {allowed, remaining, reset_ms,
+/// retry_after_ms} of the most restrictive key.
+const LIMIT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS
+local allowed = 1
+local remaining = 1e18
+local reset = 0
+local retry = 0
+local tats = {}
+for i = 1, n do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local burst = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    allowed = 0
+    retry = math.max(retry, allow_at - now)
+    remaining = 0
+    reset = math.max(reset, tat - now)
+  else
+    tats[i] = new_tat
+    local rem = math.floor((now - allow_at) / interval)
+    if rem < remaining then remaining = rem end
+    reset = math.max(reset, new_tat - now)
+  end
+end
+if allowed == 1 then
+  for i = 1, n do
+    redis.call('SET', KEYS[i], tats[i], 'PX', math.max(1, math.ceil(tats[i] - now)))
+  end
+end
+return {allowed, remaining, reset, retry}
+";
+
+/// Outcome of a rate-limit check.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    pub allowed: bool,
+    pub remaining: u64,
+    /// Milliseconds until the bucket is full again.
+    pub reset_ms: u64,
+    /// Milliseconds until a request would be allowed (when denied).
+    pub retry_after_ms: u64,
+}
+
+/// One bucket: key, sustained rate and burst.
+pub struct Bucket {
+    pub key: String,
+    pub interval_ms: u64,
+    pub burst: u32,
+}
+
+impl Kv {
+    pub async fn connect(url: &str) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, cfg).await?;
+        Ok(Kv {
+            conn,
+            next_id: redis::Script::new(NEXT_ID_LUA),
+            limiter: redis::Script::new(LIMIT_LUA),
+        })
+    }
+
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map(|_| ())
+    }
+
+    /// The next id, or `None` when the counter is missing and must be re-seeded.
+    pub async fn next_id(&self) -> redis::RedisResult<Option<i64>> {
+        let mut c = self.conn.clone();
+        self.next_id.key(ID_COUNTER).invoke_async(&mut c).await
+    }
+
+    /// Sets the counter to `floor` unless another instance already did.
+    pub async fn seed_ids(&self, floor: i64) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(ID_COUNTER)
+            .arg(floor)
+            .arg("NX")
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Cached `(version, json)` of a task.
+    pub async fn cached(&self, id: i64) -> redis::RedisResult<Option<(i64, String)>> {
+        let mut c = self.conn.clone();
+        let v: Option<String> = c.get(format!("task:{id}")).await?;
+        Ok(v.and_then(|s| {
+            let (ver, json) = s.split_once('\n')?;
+            Some((ver.parse().ok()?, json.to_owned()))
+        }))
+    }
+
+    pub async fn cache(
+        &self,
+        id: i64,
+        version: i64,
+        json: &str,
+        ttl_secs: u64,
+    ) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.set_ex(format!("task:{id}"), format!("{version}\n{json}"), ttl_secs)
+            .await
+    }
+
+    /// Drops the cache entry and records (or, with `None`, forgets) the performer.
+    pub async fn after_write(&self, id: i64, performer: Option<i64>) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.del(format!("task:{id}")).ignore();
+        match performer {
+            Some(p) => pipe.set(format!("task:shard:{id}"), p).ignore(),
+            None => pipe.del(format!("task:shard:{id}")).ignore(),
+        };
+        pipe.query_async::<()>(&mut c).await
+    }
+
+    pub async fn performer_of(&self, id: i64) -> redis::RedisResult<Option<i64>> {
+        let mut c = self.conn.clone();
+        c.get(format!("task:shard:{id}")).await
+    }
+
+    pub async fn remember_performer(&self, id: i64, performer: i64) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.set(format!("task:shard:{id}"), performer).await
+    }
+
+    /// Checks and charges every bucket atomically.
+    pub async fn limit(&self, buckets: &[Bucket]) -> redis::RedisResult<Limit> {
+        let mut c = self.conn.clone();
+        let mut inv = self.limiter.prepare_invoke();
+        for b in buckets {
+            inv.key(&b.key).arg(b.interval_ms).arg(b.burst);
+        }
+        let (allowed, remaining, reset, retry): (i64, i64, i64, i64) =
+            inv.invoke_async(&mut c).await?;
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(Limit {
+            allowed: allowed == 1,
+            remaining: u(remaining),
+            reset_ms: u(reset),
+            retry_after_ms: u(retry),
+        })
+    }
+
+    /// Claims an idempotency key: `Ok(None)` when claimed now, `Ok(Some(record))` when a
+    /// record (`"pending"` or a stored response) exists.
+    pub async fn idem_claim(
+        &self,
+        key: &str,
+        pending_ttl_secs: u64,
+    ) -> redis::RedisResult<Option<String>> {
+        let mut c = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg("pending")
+            .arg("NX")
+            .arg("EX")
+            .arg(pending_ttl_secs)
+            .query_async(&mut c)
+            .await?;
+        if set.is_some() {
+            return Ok(None);
+        }
+        let existing: Option<String> = c.get(key).await?;
+        Ok(Some(existing.unwrap_or_else(|| "pending".into())))
+    }
+
+    pub async fn idem_store(
+        &self,
+        key: &str,
+        record: &str,
+        ttl_secs: u64,
+    ) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.set_ex(key, record, ttl_secs).await
+    }
+
+    pub async fn idem_release(&self, key: &str) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.del(key).await
+    }
+}
