@@ -1,0 +1,303 @@
+//! One raw protocol-v3 connection from the proxy to a PostgreSQL server.
+//!
+//! Why raw: the proxy forwards most traffic byte for byte, so it needs the socket and its
+//! framing, not a client library's typed API. Startup and SCRAM-SHA-256 (via
+//! `postgres-protocol`'s `authentication::sasl`) happen here; afterwards the connection
+//! remembers what session state it carries (prepared statement names, applied settings) so
+//! the pool can hand it to any client and make it look like that client's own session.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::BackendTarget;
+use crate::wire::{self, ErrorInfo, RawMsg};
+
+/// Why talking to a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("connect timed out")]
+    Timeout,
+    #[error("server closed the connection")]
+    Closed,
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("server error: {0}")]
+    Server(ErrorInfo),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Rows and tags returned by [`BackendConn::simple_query`].
+#[derive(Debug, Default)]
+pub struct SimpleResult {
+    pub rows: Vec<Vec<Option<String>>>,
+    pub tags: Vec<String>,
+}
+
+/// A connected, authenticated backend.
+pub struct BackendConn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    pub wbuf: BytesMut,
+    /// Backend process id and cancel key (for forwarding CancelRequest).
+    pub pid: i32,
+    pub secret: i32,
+    /// `host:port`, for cancel requests.
+    pub host: String,
+    pub port: u16,
+    /// ParameterStatus values reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Proxy-global prepared statement names present on this connection.
+    pub prepared: HashSet<String>,
+    /// Session settings applied by the proxy (name → value as given by a client).
+    pub settings: BTreeMap<String, String>,
+    /// Last ReadyForQuery status.
+    pub status: u8,
+    pub created: Instant,
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BackendConn({}:{} pid {})",
+            self.host, self.port, self.pid
+        )
+    }
+}
+
+impl BackendConn {
+    /// Connects, authenticates (SCRAM-SHA-256, MD5 refused, cleartext only if asked) and waits
+    /// for the first ReadyForQuery.
+    pub async fn connect(
+        target: &BackendTarget,
+        user: &str,
+        password: Option<&str>,
+        timeout: Duration,
+    ) -> Result<BackendConn, BackendError> {
+        tokio::time::timeout(timeout, Self::connect_inner(target, user, password))
+            .await
+            .map_err(|_| BackendError::Timeout)?
+    }
+
+    async fn connect_inner(
+        target: &BackendTarget,
+        user: &str,
+        password: Option<&str>,
+    ) -> Result<BackendConn, BackendError> {
+        let stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        stream.set_nodelay(true)?;
+        let mut conn = BackendConn {
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            wbuf: BytesMut::with_capacity(1024),
+            pid: 0,
+            secret: 0,
+            host: target.host.clone(),
+            port: target.port,
+            params: Vec::new(),
+            prepared: HashSet::new(),
+            settings: BTreeMap::new(),
+            status: b'I',
+            created: Instant::now(),
+        };
+        let user = target.user.as_deref().unwrap_or(user);
+        frontend::startup_message(
+            [
+                ("user", user),
+                ("database", target.database.as_str()),
+                ("application_name", "taskflow-shard-proxy"),
+            ],
+            &mut conn.wbuf,
+        )?;
+        conn.flush().await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = conn.read_msg().await?;
+            match msg.parse()? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    let pw = password.ok_or_else(|| {
+                        BackendError::Auth("server asked for a password; none configured".into())
+                    })?;
+                    frontend::password_message(pw.as_bytes(), &mut conn.wbuf)?;
+                    conn.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = password.ok_or_else(|| {
+                        BackendError::Auth("server asked for a password; none configured".into())
+                    })?;
+                    let hashed = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hashed.as_bytes(), &mut conn.wbuf)?;
+                    conn.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let pw = password.ok_or_else(|| {
+                        BackendError::Auth("server asked for a password; none configured".into())
+                    })?;
+                    let mut mechs = body.mechanisms();
+                    let mut ok = false;
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs)? {
+                        if m == "SCRAM-SHA-256" {
+                            ok = true;
+                        }
+                    }
+                    if !ok {
+                        return Err(BackendError::Auth("server offers no SCRAM-SHA-256".into()));
+                    }
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut conn.wbuf)?;
+                    conn.flush().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| BackendError::Protocol("unexpected SASL continue".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| BackendError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut conn.wbuf)?;
+                    conn.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| BackendError::Protocol("unexpected SASL final".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| BackendError::Auth(e.to_string()))?;
+                }
+                Message::ParameterStatus(body) => {
+                    conn.params
+                        .push((body.name()?.to_owned(), body.value()?.to_owned()));
+                }
+                Message::BackendKeyData(body) => {
+                    conn.pid = body.process_id();
+                    conn.secret = body.secret_key();
+                }
+                Message::ReadyForQuery(body) => {
+                    conn.status = body.status();
+                    return Ok(conn);
+                }
+                Message::ErrorResponse(_) => {
+                    let info = wire::error_info(msg.body());
+                    return Err(if info.code.starts_with("28") {
+                        BackendError::Auth(info.message)
+                    } else {
+                        BackendError::Server(info)
+                    });
+                }
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(BackendError::Protocol(format!(
+                        "unexpected message {:?} during startup",
+                        char::from(msg.tag)
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Reads one message.
+    pub async fn read_msg(&mut self) -> Result<RawMsg, BackendError> {
+        loop {
+            if let Some(m) = wire::split_backend(&mut self.rbuf)? {
+                return Ok(m);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(8192);
+            }
+            let n = self.stream.read_buf(&mut self.rbuf).await?;
+            if n == 0 {
+                return Err(BackendError::Closed);
+            }
+        }
+    }
+
+    /// Writes everything queued in `wbuf`.
+    pub async fn flush(&mut self) -> Result<(), BackendError> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// True if the server has closed the socket or sent something unsolicited (e.g. a FATAL
+    /// "terminating connection" error) while the connection sat idle: it must not be reused.
+    pub fn is_stale(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Runs a simple query for the proxy's own purposes, collecting text rows and tags.
+    /// A server error is returned as [`BackendError::Server`] after the connection is back
+    /// at ReadyForQuery (so it stays usable).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<SimpleResult, BackendError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        self.collect_until_ready().await
+    }
+
+    /// Reads responses until ReadyForQuery, collecting rows, tags and the first error.
+    pub async fn collect_until_ready(&mut self) -> Result<SimpleResult, BackendError> {
+        let mut out = SimpleResult::default();
+        let mut err = None;
+        loop {
+            let m = self.read_msg().await?;
+            match m.tag {
+                b'D' => {
+                    if let Some(vals) = wire::data_row_values(&m.data) {
+                        out.rows.push(
+                            vals.into_iter()
+                                .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                                .collect(),
+                        );
+                    }
+                }
+                b'C' => out.tags.push(wire::command_tag(&m.data)),
+                b'E' => {
+                    err.get_or_insert_with(|| wire::error_info(m.body()));
+                }
+                b'Z' => {
+                    self.status = m.body().first().copied().unwrap_or(b'I');
+                    return match err {
+                        Some(e) => Err(BackendError::Server(e)),
+                        None => Ok(out),
+                    };
+                }
+                b'G' => {
+                    // COPY FROM STDIN in an internal query: refuse it.
+                    frontend::copy_fail("not supported here", &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends Terminate and closes (best effort).
+    pub async fn terminate(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.flush()).await;
+    }
+}

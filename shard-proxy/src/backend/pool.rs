@@ -1,0 +1,269 @@
+//! Per-shard pools of backend connections, used in *transaction* pooling mode.
+//!
+//! Why: thousands of clients must share a few server connections per shard. A client holds
+//! a connection only for one statement (autocommit) or one transaction; then it goes back
+//! to the pool. Connections are created lazily, bounded by a semaphore (`pool.size`),
+//! checked for staleness when taken (so a restarted shard is reconnected transparently), and
+//! discarded rather than reused whenever their state is uncertain.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::conn::{BackendConn, BackendError};
+use crate::config::BackendTarget;
+
+/// Most prepared statements a pooled connection may carry before it is retired.
+const MAX_PREPARED_PER_CONN: usize = 2000;
+
+/// Why a connection could not be had from a pool.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("shard {shard} is unavailable: {source}")]
+    Unavailable {
+        shard: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("timed out waiting for a free connection to shard {0}")]
+    Exhausted(String),
+    #[error("pool for shard {0} is closed")]
+    Closed(String),
+}
+
+/// Counters shown by `SHOW POOLS` and exported as metrics.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub in_use: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub connects: AtomicU64,
+    pub connect_errors: AtomicU64,
+    pub checkouts: AtomicU64,
+    pub discarded: AtomicU64,
+}
+
+/// A pool of connections to one backend (a shard or the auth database).
+pub struct Pool {
+    pub name: String,
+    pub url: String,
+    pub target: BackendTarget,
+    user: String,
+    password: Option<String>,
+    idle: Mutex<Vec<BackendConn>>,
+    sem: Arc<Semaphore>,
+    pub size: usize,
+    connect_timeout: Duration,
+    pub stats: PoolStats,
+    pub healthy: AtomicBool,
+    /// ParameterStatus values from the most recent connection (server_version, ...).
+    server_params: Mutex<Vec<(String, String)>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({})", self.name)
+    }
+}
+
+impl Pool {
+    pub fn new(
+        name: String,
+        url: String,
+        target: BackendTarget,
+        user: String,
+        password: Option<String>,
+        size: usize,
+        connect_timeout: Duration,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            name,
+            url,
+            target,
+            user,
+            password,
+            idle: Mutex::new(Vec::new()),
+            sem: Arc::new(Semaphore::new(size)),
+            size,
+            connect_timeout,
+            stats: PoolStats::default(),
+            healthy: AtomicBool::new(true),
+            server_params: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether this pool serves the same backend with the same credentials as `other` would.
+    pub fn same_backend(&self, url: &str, user: &str, password: Option<&str>, size: usize) -> bool {
+        self.url == url
+            && self.user == user
+            && self.password.as_deref() == password
+            && self.size == size
+    }
+
+    /// Takes a connection: an idle one if a healthy one exists, else a new one.
+    pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit =
+            tokio::time::timeout(Duration::from_secs(60), self.sem.clone().acquire_owned()).await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Err(_) => return Err(PoolError::Exhausted(self.name.clone())),
+            Ok(Err(_)) => return Err(PoolError::Closed(self.name.clone())),
+            Ok(Ok(p)) => p,
+        };
+        loop {
+            let candidate = match self.idle.lock() {
+                Ok(mut idle) => idle.pop(),
+                Err(_) => None,
+            };
+            let Some(mut conn) = candidate else { break };
+            if conn.is_stale() {
+                self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+            self.stats.in_use.fetch_add(1, Ordering::Relaxed);
+            return Ok(Pooled {
+                conn: Some(conn),
+                pool: self.clone(),
+                _permit: permit,
+            });
+        }
+        let conn = self.connect().await?;
+        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        self.stats.in_use.fetch_add(1, Ordering::Relaxed);
+        Ok(Pooled {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Opens a new connection outside the pool's accounting (for recovery and probes).
+    pub async fn connect(&self) -> Result<BackendConn, PoolError> {
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        match BackendConn::connect(
+            &self.target,
+            &self.user,
+            self.password.as_deref(),
+            self.connect_timeout,
+        )
+        .await
+        {
+            Ok(c) => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(shard = %self.name, "backend is reachable again");
+                }
+                if let Ok(mut p) = self.server_params.lock() {
+                    p.clone_from(&c.params);
+                }
+                Ok(c)
+            }
+            Err(e) => {
+                self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(shard = %self.name, error = %e, "backend is unavailable");
+                }
+                Err(PoolError::Unavailable {
+                    shard: self.name.clone(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// Server parameters seen on the latest connection (empty before the first one).
+    pub fn server_params(&self) -> Vec<(String, String)> {
+        self.server_params
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// Drops every idle connection (used on PAUSE/reload and shutdown).
+    pub fn drain_idle(&self) -> Vec<BackendConn> {
+        self.idle
+            .lock()
+            .map(|mut i| std::mem::take(&mut *i))
+            .unwrap_or_default()
+    }
+}
+
+/// A connection checked out of a pool. [`Pooled::release`] returns it; dropping it
+/// instead closes the connection (its state is unknown), which also rolls back any open
+/// transaction on the server.
+pub struct Pooled {
+    conn: Option<BackendConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Pooled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pooled({:?})", self.conn)
+    }
+}
+
+impl Pooled {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// The connection. Present until released or discarded.
+    pub fn conn(&mut self) -> &mut BackendConn {
+        // `conn` is only taken by `release`/`discard`, which consume `self`.
+        match self.conn.as_mut() {
+            Some(c) => c,
+            None => unreachable_conn(),
+        }
+    }
+
+    pub fn conn_ref(&self) -> Option<&BackendConn> {
+        self.conn.as_ref()
+    }
+
+    /// Returns the connection to the pool if it is idle and clean; otherwise closes it.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+            if conn.status == b'I'
+                && conn.wbuf.is_empty()
+                && conn.prepared.len() <= MAX_PREPARED_PER_CONN
+            {
+                if let Ok(mut idle) = self.pool.idle.lock() {
+                    idle.push(conn);
+                    return;
+                }
+            }
+            self.pool.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Closes the connection without returning it.
+    pub fn discard(mut self) {
+        if self.conn.take().is_some() {
+            self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+            self.pool.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+            self.pool.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cold]
+fn unreachable_conn() -> ! {
+    // Only reachable through a logic error inside this module.
+    panic!("pooled connection used after release")
+}

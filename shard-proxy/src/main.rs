@@ -1,0 +1,184 @@
+//! The `taskflow-shard-proxy` binary: configuration, lifecycle and listeners.
+//!
+//! `taskflow-shard-proxy [--config FILE]` serves; `taskflow-shard-proxy migrate` applies
+//! `migrations/` to the auth database and every shard. The daemon kit provides config
+//! loading (exit 78 naming the key), logging, systemd notifications and signals.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use taskflow_kit::http::Readiness;
+use taskflow_kit::{Daemon, DaemonArgs};
+use taskflow_shard_proxy::config::{parse_backend_url, ProxyConfig};
+use tokio_util::sync::CancellationToken;
+
+const NAME: &str = "taskflow-shard-proxy";
+
+#[derive(Debug, Parser)]
+#[command(name = NAME, version, about = "PostgreSQL-wire shard proxy for TaskFlow")]
+struct Cli {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Apply the schema migrations to the auth database and to every shard, then exit.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Migrate) => taskflow_kit::run(NAME, cli.daemon, migrate),
+        None => taskflow_kit::run(NAME, cli.daemon, serve),
+    }
+}
+
+async fn serve(mut daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
+    let config = (*daemon.config).clone();
+    let metrics_listen = config.metrics_listen;
+    let shutdown = daemon.lifecycle.shutdown.clone();
+    let inner_shutdown = CancellationToken::new();
+    let (running, registry) = taskflow_shard_proxy::server::start(
+        config,
+        daemon.config_path.clone(),
+        inner_shutdown.clone(),
+    )
+    .await
+    .context("starting the shard proxy")?;
+    let readiness = Readiness::new();
+    readiness.set("listener", Ok(()));
+    let ops = taskflow_kit::http::serve_ops(
+        metrics_listen,
+        readiness.clone(),
+        Arc::new(registry),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics_listen {metrics_listen}"))?;
+    let proxy = running.proxy.clone();
+    let status = probe(&proxy, &readiness).await;
+    daemon.lifecycle.ready(&format!(
+        "listening on {}; metrics on {ops}; {status}",
+        running.addr
+    ));
+
+    let mut probe_tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = probe_tick.tick() => {
+                let status = probe_cached(&proxy, &readiness);
+                daemon.lifecycle.status(&status);
+            }
+            reload = daemon.reloads.recv() => {
+                let Some(reload) = reload else { continue };
+                match proxy.apply(reload.config.clone()) {
+                    Ok(summary) => {
+                        tracing::info!(%summary, "configuration reloaded");
+                        reload.done(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; keeping the previous configuration");
+                        reload.done(Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("draining clients");
+    inner_shutdown.cancel();
+    running.stop(daemon.lifecycle.grace).await;
+    Ok(())
+}
+
+/// Connects once to every backend and records readiness; returns a status line.
+async fn probe(proxy: &taskflow_shard_proxy::proxy::Proxy, readiness: &Readiness) -> String {
+    let topo = proxy.topology();
+    for p in topo.all_pools() {
+        match p.connect().await {
+            Ok(c) => c.terminate().await,
+            Err(e) => {
+                tracing::warn!(shard = %p.name, error = %e, "backend not reachable at startup")
+            }
+        }
+    }
+    probe_cached(proxy, readiness)
+}
+
+fn probe_cached(proxy: &taskflow_shard_proxy::proxy::Proxy, readiness: &Readiness) -> String {
+    let topo = proxy.topology();
+    let mut down = Vec::new();
+    for p in topo.all_pools() {
+        let up = p.healthy.load(Ordering::Relaxed);
+        readiness.set(
+            &p.name,
+            if up {
+                Ok(())
+            } else {
+                Err("unreachable".into())
+            },
+        );
+        if !up {
+            down.push(p.name.clone());
+        }
+    }
+    if down.is_empty() {
+        format!("{} shard(s) up", topo.shards.len())
+    } else {
+        format!("unavailable: {}", down.join(", "))
+    }
+}
+
+async fn migrate(daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
+    let config = &daemon.config;
+    let password = match &config.backend.password_file {
+        Some(f) => Some(taskflow_kit::secrets::read_secret(f).context("backend.password_file")?),
+        None => None,
+    };
+    let connect = |url: String, key: String| {
+        let target = parse_backend_url(&url).map_err(|m| anyhow::anyhow!("{key}: {m}"));
+        let user = config.backend.user.clone();
+        let password = password.clone();
+        async move {
+            let target = target?;
+            let mut pg = tokio_postgres::Config::new();
+            pg.host(&target.host)
+                .port(target.port)
+                .dbname(&target.database)
+                .user(target.user.as_deref().unwrap_or(&user));
+            if let Some(pw) = &password {
+                pg.password(pw);
+            }
+            let (client, conn) = pg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "migration connection ended");
+                }
+            });
+            anyhow::Ok(client)
+        }
+    };
+    let mut auth = connect(config.auth_database.url.clone(), "auth_database.url".into()).await?;
+    let report = taskflow_migrations::apply_auth(&mut auth)
+        .await
+        .context("migrating the auth database")?;
+    println!("auth: {report:?}");
+    for (i, shard) in config.shards.iter().enumerate() {
+        let mut c = connect(shard.url.clone(), format!("shards[{i}].url")).await?;
+        let report = taskflow_migrations::apply_shard(&mut c)
+            .await
+            .with_context(|| format!("migrating shard {}", shard.name))?;
+        println!("{}: {report:?}", shard.name);
+    }
+    Ok(())
+}

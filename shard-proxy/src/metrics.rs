@@ -1,0 +1,139 @@
+//! Prometheus metrics of the proxy (served on `metrics_listen`, default 9930).
+//!
+//! Why: operators need per-shard query rates, latencies, errors and pool pressure to see a
+//! slow or failing shard before users do. Counters are updated on the hot path (cheap
+//! atomics); pool gauges are refreshed by a periodic task from the pools' own counters.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub shard: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// All metrics; cheap to clone handles are inside.
+pub struct Metrics {
+    pub queries: Family<ShardLabel, Counter>,
+    pub latency: Family<ShardLabel, Histogram, fn() -> Histogram>,
+    pub errors: Family<ErrorLabel, Counter>,
+    pub routes: Family<RouteLabel, Counter>,
+    pub pool_in_use: Family<ShardLabel, Gauge>,
+    pub pool_idle: Family<ShardLabel, Gauge>,
+    pub pool_waiting: Family<ShardLabel, Gauge>,
+    pub shard_up: Family<ShardLabel, Gauge>,
+    pub clients: Gauge,
+    pub two_phase_commits: Counter,
+    pub two_phase_aborts: Counter,
+    pub in_doubt_resolved: Counter,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in a new registry.
+    pub fn new() -> (Metrics, Registry) {
+        let m = Metrics {
+            queries: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            errors: Family::default(),
+            routes: Family::default(),
+            pool_in_use: Family::default(),
+            pool_idle: Family::default(),
+            pool_waiting: Family::default(),
+            shard_up: Family::default(),
+            clients: Gauge::default(),
+            two_phase_commits: Counter::default(),
+            two_phase_aborts: Counter::default(),
+            in_doubt_resolved: Counter::default(),
+        };
+        let mut r = Registry::with_prefix("taskflow_shard_proxy");
+        r.register(
+            "queries",
+            "Statements sent to each shard",
+            m.queries.clone(),
+        );
+        r.register(
+            "query_duration_seconds",
+            "Time from sending a statement to a shard until its last response",
+            m.latency.clone(),
+        );
+        r.register("errors", "Errors by shard and kind", m.errors.clone());
+        r.register("routes", "Statements by routing decision", m.routes.clone());
+        r.register(
+            "pool_in_use",
+            "Server connections checked out",
+            m.pool_in_use.clone(),
+        );
+        r.register("pool_idle", "Idle server connections", m.pool_idle.clone());
+        r.register(
+            "pool_waiting",
+            "Clients waiting for a server connection",
+            m.pool_waiting.clone(),
+        );
+        r.register(
+            "shard_up",
+            "1 when the last connect to the shard succeeded",
+            m.shard_up.clone(),
+        );
+        r.register("clients", "Connected clients", m.clients.clone());
+        r.register(
+            "two_phase_commits",
+            "Cross-shard transactions committed with 2PC",
+            m.two_phase_commits.clone(),
+        );
+        r.register(
+            "two_phase_aborts",
+            "Cross-shard transactions rolled back during 2PC",
+            m.two_phase_aborts.clone(),
+        );
+        r.register(
+            "in_doubt_resolved",
+            "Prepared transactions resolved by recovery",
+            m.in_doubt_resolved.clone(),
+        );
+        (m, r)
+    }
+
+    pub fn query(&self, shard: &str, seconds: f64) {
+        let l = ShardLabel {
+            shard: shard.to_owned(),
+        };
+        self.queries.get_or_create(&l).inc();
+        self.latency.get_or_create(&l).observe(seconds);
+    }
+
+    pub fn error(&self, shard: &str, kind: &str) {
+        self.errors
+            .get_or_create(&ErrorLabel {
+                shard: shard.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn route(&self, route: &str) {
+        self.routes
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+}

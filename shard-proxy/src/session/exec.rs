@@ -1,0 +1,520 @@
+//! Running statements on backends and turning their answers into the client's answer.
+//!
+//! Why separate: relaying (one backend, bytes forwarded as they arrive, COPY sub-protocol
+//! included) and gathering (several backends, rows merged by [`crate::merge::Merger`],
+//! row counts summed) are the two ways every statement ends, in both protocols.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::message::frontend;
+
+use super::{ExecError, Session, Txn, Work};
+use crate::backend::BackendError;
+use crate::frontend::codec::FrontendMessage;
+use crate::frontend::io::ClientError;
+use crate::merge::{Column, MergeSpec, Merger};
+use crate::router::{Analysis, Params, Target};
+use crate::session::sqltext::SetCommand;
+use crate::wire::{self, sqlstate, RawMsg};
+
+/// What one backend returned for a statement run as part of a scatter/broadcast.
+#[derive(Debug, Default)]
+pub struct ShardResult {
+    pub row_description: Option<Bytes>,
+    pub rows: Vec<Bytes>,
+    pub tags: Vec<String>,
+    pub error: Option<Bytes>,
+    pub notices: Vec<Bytes>,
+}
+
+/// Why relaying stopped early.
+pub enum RelayError {
+    Backend(BackendError),
+    Client(ClientError),
+}
+
+impl From<ClientError> for RelayError {
+    fn from(e: ClientError) -> Self {
+        RelayError::Client(e)
+    }
+}
+
+impl From<BackendError> for RelayError {
+    fn from(e: BackendError) -> Self {
+        RelayError::Backend(e)
+    }
+}
+
+impl From<std::io::Error> for RelayError {
+    fn from(e: std::io::Error) -> Self {
+        RelayError::Client(ClientError::Io(e))
+    }
+}
+
+impl Session {
+    fn relay_error(&mut self, work: Work, e: RelayError) -> ExecError {
+        match e {
+            RelayError::Client(c) => {
+                // The client is gone mid-statement: the backend's state is unknown.
+                self.discard(work);
+                ExecError::Client(c)
+            }
+            RelayError::Backend(b) => {
+                let shard = self.shard_name(work.shard);
+                self.proxy.metrics.error(&shard, "backend");
+                self.discard(work);
+                ExecError::Unavailable {
+                    shard,
+                    message: b.to_string(),
+                }
+            }
+        }
+    }
+
+    /// Consumes the answers to internal queries pipelined by [`Session::acquire`].
+    pub async fn drain_skips(work: &mut Work) -> Result<(), BackendError> {
+        while work.skip > 0 {
+            work.skip -= 1;
+            match work.conn.conn().collect_until_ready().await {
+                Ok(_) => {}
+                Err(BackendError::Server(info)) => {
+                    tracing::warn!(error = %info, "session state replay failed on a backend");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one simple query on one backend and relays everything up to ReadyForQuery.
+    /// Returns whether it succeeded (no ErrorResponse).
+    pub async fn run_single(
+        &mut self,
+        shard: usize,
+        raw: Option<Bytes>,
+        sql: &str,
+        wrote: bool,
+        set: Option<SetCommand>,
+    ) -> Result<bool, ExecError> {
+        self.check_not_failed()?;
+        let mut work = self.acquire(shard).await?;
+        {
+            let c = work.conn.conn();
+            match raw {
+                Some(r) => c.wbuf.extend_from_slice(&r),
+                None => frontend::query(sql, &mut c.wbuf)
+                    .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?,
+            }
+        }
+        let started = Instant::now();
+        let result = async {
+            work.conn.conn().flush().await?;
+            Self::drain_skips(&mut work).await?;
+            self.relay_to_ready(&mut work, false).await
+        }
+        .await;
+        let ok = match result {
+            Ok(ok) => ok,
+            Err(e) => return Err(self.relay_error(work, e)),
+        };
+        let name = work.conn.pool().name.clone();
+        self.proxy
+            .metrics
+            .query(&name, started.elapsed().as_secs_f64());
+        if ok && set.is_some() {
+            self.remember_set(set);
+            work.conn.conn().settings.clone_from(&self.settings);
+        }
+        if !ok {
+            self.proxy.metrics.error(&name, "sql");
+        }
+        self.put_back(work, wrote);
+        Ok(ok)
+    }
+
+    pub fn check_not_failed(&self) -> Result<(), ExecError> {
+        if self.txn.as_ref().is_some_and(|t| t.failed) {
+            return Err(ExecError::sql(
+                sqlstate::IN_FAILED_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forwards backend messages to the client until ReadyForQuery (not forwarded: the
+    /// session writes its own). Handles COPY IN/OUT. Returns false if an error was relayed.
+    pub async fn relay_to_ready(
+        &mut self,
+        work: &mut Work,
+        extended: bool,
+    ) -> Result<bool, RelayError> {
+        let mut ok = true;
+        loop {
+            let m = work.conn.conn().read_msg().await?;
+            match m.tag {
+                b'Z' => {
+                    work.conn.conn().status = m.body().first().copied().unwrap_or(b'I');
+                    return Ok(ok);
+                }
+                b'E' => {
+                    ok = false;
+                    self.client.out.extend_from_slice(&m.data);
+                }
+                b'G' => {
+                    self.client.out.extend_from_slice(&m.data);
+                    self.copy_in(work, extended).await?;
+                }
+                _ => {
+                    self.client.out.extend_from_slice(&m.data);
+                    self.client.maybe_flush().await?;
+                }
+            }
+        }
+    }
+
+    /// COPY FROM STDIN: streams the client's CopyData to the backend until CopyDone/CopyFail
+    /// (and, in the extended protocol, the Sync that follows).
+    pub async fn copy_in(&mut self, work: &mut Work, extended: bool) -> Result<(), RelayError> {
+        self.client.flush().await?;
+        let mut done = false;
+        loop {
+            let frame = match self.client.read_frame().await? {
+                Some(f) => f,
+                None => return Err(RelayError::Client(ClientError::Truncated)),
+            };
+            let c = work.conn.conn();
+            match frame.msg {
+                FrontendMessage::CopyData(_) if !done => {
+                    c.wbuf.extend_from_slice(&frame.raw);
+                    if c.wbuf.len() >= 64 * 1024 {
+                        c.flush().await?;
+                    }
+                }
+                FrontendMessage::CopyDone | FrontendMessage::CopyFail(_) if !done => {
+                    c.wbuf.extend_from_slice(&frame.raw);
+                    c.flush().await?;
+                    if !extended {
+                        return Ok(());
+                    }
+                    done = true;
+                }
+                FrontendMessage::Sync if done => {
+                    c.wbuf.extend_from_slice(&frame.raw);
+                    c.flush().await?;
+                    return Ok(());
+                }
+                FrontendMessage::Flush | FrontendMessage::Sync => {}
+                _ => {
+                    if !done {
+                        frontend::copy_fail("unexpected message during COPY", &mut c.wbuf)
+                            .map_err(BackendError::Io)?;
+                        c.flush().await?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Collects a backend's full answer to one simple query (scatter/broadcast).
+    pub async fn collect(work: &mut Work) -> Result<ShardResult, BackendError> {
+        let mut r = ShardResult::default();
+        loop {
+            let m = work.conn.conn().read_msg().await?;
+            match m.tag {
+                b'Z' => {
+                    work.conn.conn().status = m.body().first().copied().unwrap_or(b'I');
+                    return Ok(r);
+                }
+                b'T' => {
+                    r.row_description.get_or_insert(m.data);
+                }
+                b'D' => r.rows.push(m.data),
+                b'C' => r.tags.push(wire::command_tag(&m.data)),
+                b'E' => {
+                    r.error.get_or_insert(m.data);
+                }
+                b'N' => r.notices.push(m.data),
+                b'G' => {
+                    let c = work.conn.conn();
+                    frontend::copy_fail("COPY cannot be scattered across shards", &mut c.wbuf)?;
+                    c.flush().await?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Routes and runs one parsed statement in the simple protocol.
+    pub async fn run_routed_simple(
+        &mut self,
+        raw: Option<Bytes>,
+        sql: &str,
+        analysis: &Analysis,
+    ) -> Result<(), ExecError> {
+        self.check_not_failed()?;
+        let empty = Params {
+            values: &[],
+            formats: &[],
+            types: &[],
+        };
+        let topo = self
+            .txn
+            .as_ref()
+            .map(|t| t.topo.clone())
+            .unwrap_or_else(|| self.topo.clone());
+        let plan = analysis
+            .plan(&topo.ring, &empty, self.shard_hint.as_deref())
+            .map_err(|e| ExecError::sql(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string()))?;
+        let targets = targets_of(&plan.target, topo.shards.len());
+        if let crate::router::StatementKind::Copy { .. } = analysis.kind {
+            if targets.len() != 1 {
+                return Err(ExecError::sql(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "COPY on the sharded database needs a shard: add /* shard=<name> */ or SET taskflow.shard",
+                ));
+            }
+        }
+        if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
+            self.proxy.metrics.route("one");
+            return self
+                .run_single(targets[0], raw, sql, analysis.is_write, None)
+                .await
+                .map(|_| ());
+        }
+        if analysis.statement_count > 1 {
+            return Err(ExecError::sql(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a multi-statement query must stay on one shard; send the statements separately",
+            ));
+        }
+        let sqls: Vec<(usize, String)> = match &plan.per_shard_sql {
+            Some(per) => per.iter().map(|(s, q, _)| (*s, q.clone())).collect(),
+            None => {
+                let q = plan
+                    .merge
+                    .as_ref()
+                    .and_then(|m| m.shard_sql.clone())
+                    .unwrap_or_else(|| sql.to_owned());
+                targets.iter().map(|&t| (t, q.clone())).collect()
+            }
+        };
+        if analysis.is_write {
+            self.proxy
+                .stats
+                .broadcasts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.proxy.metrics.route("broadcast");
+        } else {
+            self.proxy
+                .stats
+                .scatter_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.proxy.metrics.route("scatter");
+        }
+        self.run_multi_simple(sqls, plan.merge.as_ref(), analysis.is_write)
+            .await
+    }
+
+    /// Runs per-shard SQL on several backends and writes one merged answer.
+    pub async fn run_multi_simple(
+        &mut self,
+        sqls: Vec<(usize, String)>,
+        merge: Option<&MergeSpec>,
+        is_write: bool,
+    ) -> Result<(), ExecError> {
+        let implicit = self.txn.is_none() && is_write && sqls.len() > 1;
+        if implicit {
+            self.txn = Some(Txn {
+                explicit: false,
+                begin_sql: "BEGIN".into(),
+                conns: Default::default(),
+                writes: Default::default(),
+                failed: false,
+                savepoints: Vec::new(),
+                topo: self.topo.clone(),
+            });
+        }
+        let mut works = Vec::with_capacity(sqls.len());
+        let mut failure = None;
+        for (shard, q) in &sqls {
+            match self.acquire(*shard).await {
+                Ok(mut w) => {
+                    if let Err(e) = frontend::query(q, &mut w.conn.conn().wbuf) {
+                        failure = Some(ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()));
+                    }
+                    works.push(w);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            for w in works {
+                // Nothing was sent yet: internal queries are still queued; drop them.
+                self.discard_quietly(w);
+            }
+            if implicit {
+                self.abort_txn().await;
+            }
+            return Err(e);
+        }
+        let started = Instant::now();
+        for w in works.iter_mut() {
+            let _ = w.conn.conn().flush().await;
+        }
+        let mut results = Vec::with_capacity(works.len());
+        let mut unavailable = None;
+        let mut kept = Vec::with_capacity(works.len());
+        for mut w in works {
+            let r = async {
+                Self::drain_skips(&mut w).await?;
+                Self::collect(&mut w).await
+            }
+            .await;
+            match r {
+                Ok(r) => {
+                    let name = w.conn.pool().name.clone();
+                    self.proxy
+                        .metrics
+                        .query(&name, started.elapsed().as_secs_f64());
+                    results.push(r);
+                    kept.push(w);
+                }
+                Err(e) => {
+                    let shard = self.shard_name(w.shard);
+                    self.proxy.metrics.error(&shard, "backend");
+                    w.conn.discard();
+                    if unavailable.is_none() {
+                        unavailable = Some(ExecError::Unavailable {
+                            shard,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        for w in kept {
+            self.put_back(w, is_write);
+        }
+        if let Some(e) = unavailable {
+            if implicit {
+                self.abort_txn().await;
+            } else if let Some(t) = &mut self.txn {
+                t.failed = true;
+            }
+            return Err(e);
+        }
+        if let Some(err) = results.iter().find_map(|r| r.error.clone()) {
+            if implicit {
+                self.abort_txn().await;
+            } else if let Some(t) = &mut self.txn {
+                t.failed = true;
+            }
+            self.client.out.extend_from_slice(&err);
+            return Ok(());
+        }
+        let mut out = BytesMut::new();
+        for r in &results {
+            for n in &r.notices {
+                out.extend_from_slice(n);
+            }
+        }
+        emit_merged(&mut out, &results, merge)?;
+        if implicit {
+            if let Some(t) = self.txn.take() {
+                self.finish_commit(t).await?;
+            }
+        }
+        self.client.out.extend_from_slice(&out);
+        Ok(())
+    }
+
+    /// Drops a backend that has unsent or unread work.
+    pub fn discard_quietly(&mut self, w: Work) {
+        let pid = w.conn.conn_ref().map(|c| c.pid);
+        if let Ok(mut slot) = self.cancel_slot.lock() {
+            slot.retain(|c| Some(c.pid) != pid);
+        }
+        w.conn.discard();
+    }
+}
+
+/// The shard indexes a plan targets.
+pub fn targets_of(t: &Target, n: usize) -> Vec<usize> {
+    match t {
+        Target::One(i) => vec![*i],
+        Target::Many(v) => v.clone(),
+        Target::All => (0..n).collect(),
+    }
+}
+
+/// Writes RowDescription, rows and one CommandComplete for a scatter/broadcast.
+pub fn emit_merged(
+    out: &mut BytesMut,
+    results: &[ShardResult],
+    merge: Option<&MergeSpec>,
+) -> Result<(), ExecError> {
+    let row_description = results.iter().find_map(|r| r.row_description.clone());
+    if let (Some(spec), Some(rd)) = (merge, &row_description) {
+        let cols: Vec<Column> = wire::row_description_columns(rd)
+            .ok_or_else(|| {
+                ExecError::sql(
+                    sqlstate::INTERNAL_ERROR,
+                    "malformed RowDescription from a shard",
+                )
+            })?
+            .into_iter()
+            .map(|(type_oid, format)| Column { type_oid, format })
+            .collect();
+        let mut merger = Merger::new(spec, cols);
+        let visible = merger.visible_columns();
+        for r in results {
+            for row in &r.rows {
+                let values = wire::data_row_values(row).ok_or_else(|| {
+                    ExecError::sql(sqlstate::INTERNAL_ERROR, "malformed DataRow from a shard")
+                })?;
+                merger
+                    .push(values)
+                    .map_err(|e| ExecError::sql(sqlstate::INTERNAL_ERROR, e.to_string()))?;
+            }
+        }
+        let rows = merger
+            .finish()
+            .map_err(|e| ExecError::sql(sqlstate::INTERNAL_ERROR, e.to_string()))?;
+        let rd = wire::truncate_row_description(rd, visible).ok_or_else(|| {
+            ExecError::sql(
+                sqlstate::INTERNAL_ERROR,
+                "malformed RowDescription from a shard",
+            )
+        })?;
+        out.extend_from_slice(&rd);
+        for row in &rows {
+            wire::data_row(out, row.iter().take(visible).map(|v| v.as_deref()));
+        }
+        wire::command_complete(out, &format!("SELECT {}", rows.len()));
+        return Ok(());
+    }
+    if let Some(rd) = &row_description {
+        out.extend_from_slice(rd);
+    }
+    for r in results {
+        for row in &r.rows {
+            out.extend_from_slice(row);
+        }
+    }
+    let tags: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.tags.last().cloned())
+        .collect();
+    let tag = wire::sum_tags(&tags).unwrap_or_else(|| "SELECT 0".into());
+    wire::command_complete(out, &tag);
+    Ok(())
+}
+
+/// The raw message type used by the extended-protocol reader.
+pub type Msg = RawMsg;

@@ -1,0 +1,761 @@
+//! A client session on a data database: `tasks` (sharded) or `auth` (passthrough).
+//!
+//! Why this is the heart of the proxy: it glues the frontend (decoded client messages), the
+//! router (what a statement needs) and the backend pools (where it runs) while keeping
+//! the illusion of one PostgreSQL session in *transaction pooling* mode:
+//! - settings the client `SET` are remembered and replayed on whichever pooled backend
+//!   serves its next transaction (only the difference is sent);
+//! - prepared statements are kept per client and materialized on a backend under a
+//!   proxy-global name (a hash of the SQL) only when that backend lacks them;
+//! - a transaction keeps the backends it touched (`BEGIN` is sent lazily to each), commits
+//!   with two-phase commit when it wrote to more than one shard, and rolls back everywhere
+//!   on any failure or when the client disappears.
+//!
+//! Submodules: [`exec`] (running statements on one or many backends and relaying or merging
+//! their answers), [`extended`] (Parse/Bind/Describe/Execute/Close/Sync), [`txn`] (commit,
+//! rollback, 2PC and in-doubt recovery), [`sqltext`] (the few statements understood
+//! textually).
+
+pub mod exec;
+pub mod extended;
+pub mod sqltext;
+pub mod txn;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use postgres_protocol::message::frontend;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{PoolError, Pooled};
+use crate::frontend::codec::{DecodeError, FrontendMessage};
+use crate::frontend::io::{ClientConn, ClientError};
+use crate::frontend::Authenticated;
+use crate::proxy::{CancelSlot, CancelTarget, Proxy, Topology};
+use crate::router::{Analysis, StatementKind};
+use crate::wire::{self, sqlstate};
+use sqltext::SetCommand;
+
+/// A prepared statement as the client named it.
+#[derive(Debug)]
+pub struct Stmt {
+    /// Proxy-global name used on backends (`tf_<hash>`).
+    pub global: String,
+    pub sql: String,
+    pub types: Vec<u32>,
+    /// Parameter types reported by a backend's ParameterDescription (for routing binary
+    /// parameters when the client left types unspecified).
+    pub described: Mutex<Option<Vec<u32>>>,
+    /// Router analysis (sharded database only).
+    pub analysis: Option<Arc<Analysis>>,
+}
+
+impl Stmt {
+    pub fn param_types(&self) -> Vec<u32> {
+        let described = self.described.lock().ok().and_then(|d| d.clone());
+        match described {
+            Some(d) if d.len() >= self.types.len() => d,
+            _ => self.types.clone(),
+        }
+    }
+}
+
+/// Global statement name for (sql, types): identical text shares one backend statement.
+pub fn global_name(sql: &str, types: &[u32]) -> String {
+    let mut h = xxhash_rust::xxh64::Xxh64::new(0x7466_7072);
+    h.update(sql.as_bytes());
+    for t in types {
+        h.update(&t.to_le_bytes());
+    }
+    format!("tf_{:016x}", h.digest())
+}
+
+/// A backend checked out for the current statement or transaction, plus how many internal
+/// simple queries (settings sync, lazy BEGIN) were pipelined ahead of the client's messages
+/// and must be consumed first.
+pub struct Work {
+    pub shard: usize,
+    pub conn: Pooled,
+    pub skip: u32,
+}
+
+/// A transaction spanning zero or more backends.
+pub struct Txn {
+    /// Opened by the client (`BEGIN`); `false` for the proxy's own implicit transaction
+    /// around an autocommit write that spans shards.
+    pub explicit: bool,
+    pub begin_sql: String,
+    pub conns: BTreeMap<usize, Pooled>,
+    pub writes: BTreeSet<usize>,
+    pub failed: bool,
+    /// SAVEPOINT/RELEASE/ROLLBACK TO statements, replayed on shards that join later.
+    pub savepoints: Vec<String>,
+    /// Topology the transaction started on.
+    pub topo: Arc<Topology>,
+}
+
+/// Why a statement could not run (rendered to the client as an ErrorResponse).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("shard {shard} is unavailable: {message}")]
+    Unavailable { shard: String, message: String },
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    #[error("{message}")]
+    Sql { code: &'static str, message: String },
+    #[error("client: {0}")]
+    Client(#[from] ClientError),
+}
+
+impl ExecError {
+    pub fn sql(code: &'static str, message: impl Into<String>) -> Self {
+        ExecError::Sql {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ExecError::Unavailable { .. } | ExecError::Pool(_) => sqlstate::CONNECTION_FAILURE,
+            ExecError::Sql { code, .. } => code,
+            ExecError::Client(_) => sqlstate::PROTOCOL_VIOLATION,
+        }
+    }
+}
+
+/// The per-client state machine.
+pub struct Session {
+    pub proxy: Arc<Proxy>,
+    pub topo: Arc<Topology>,
+    pub client: ClientConn,
+    pub passthrough: bool,
+    pub user: String,
+    pub client_id: u64,
+    pub settings: BTreeMap<String, String>,
+    pub shard_hint: Option<String>,
+    pub stmts: HashMap<String, Arc<Stmt>>,
+    pub sql_prepared: HashMap<String, sqltext::SqlPrepare>,
+    pub portals: HashMap<String, extended::Portal>,
+    pub txn: Option<Txn>,
+    pub cancel_slot: CancelSlot,
+    pub pending: Vec<crate::frontend::codec::Frame>,
+    /// After an error in extended mode, messages are discarded until Sync.
+    pub skip_until_sync: bool,
+}
+
+/// Runs a session until the client leaves or the proxy shuts down.
+pub async fn run(
+    proxy: Arc<Proxy>,
+    auth: Authenticated,
+    client_id: u64,
+    pid: i32,
+    secret: i32,
+    cancel_slot: CancelSlot,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let topo = proxy.topology();
+    let passthrough = auth.database != topo.sharded_database;
+    let mut settings = BTreeMap::new();
+    for (k, v) in &auth.params {
+        let k = k.to_ascii_lowercase();
+        if matches!(k.as_str(), "user" | "database" | "replication" | "options") {
+            continue;
+        }
+        settings.insert(k, sqltext::quote_literal(v));
+    }
+    let mut s = Session {
+        proxy,
+        topo,
+        client: auth.conn,
+        passthrough,
+        user: auth.user,
+        client_id,
+        settings,
+        shard_hint: None,
+        stmts: HashMap::new(),
+        sql_prepared: HashMap::new(),
+        portals: HashMap::new(),
+        txn: None,
+        cancel_slot,
+        pending: Vec::new(),
+        skip_until_sync: false,
+    };
+    s.send_startup_params(&auth.params, pid, secret).await;
+    wire::ready_for_query(&mut s.client.out, b'I');
+    s.client.flush().await?;
+    let result = s.main_loop(&shutdown).await;
+    s.abandon().await;
+    result
+}
+
+impl Session {
+    async fn send_startup_params(
+        &mut self,
+        client_params: &[(String, String)],
+        pid: i32,
+        secret: i32,
+    ) {
+        // Server parameters as a backend reports them; connect once if none is known yet.
+        let pools: Vec<_> = if self.passthrough {
+            vec![self.topo.auth.clone()]
+        } else {
+            self.topo.shards.clone()
+        };
+        let mut params = Vec::new();
+        for p in &pools {
+            params = p.server_params();
+            if !params.is_empty() {
+                break;
+            }
+            if let Ok(c) = p.get().await {
+                c.release();
+                params = p.server_params();
+                if !params.is_empty() {
+                    break;
+                }
+            }
+        }
+        if params.is_empty() {
+            params = vec![
+                ("server_version".into(), "15.0".into()),
+                ("server_encoding".into(), "UTF8".into()),
+                ("client_encoding".into(), "UTF8".into()),
+                ("DateStyle".into(), "ISO, MDY".into()),
+                ("TimeZone".into(), "UTC".into()),
+                ("integer_datetimes".into(), "on".into()),
+                ("standard_conforming_strings".into(), "on".into()),
+                ("IntervalStyle".into(), "postgres".into()),
+            ];
+        }
+        for (k, v) in &params {
+            let client_value = client_params
+                .iter()
+                .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
+                .map(|(_, cv)| cv.as_str());
+            let value = match (k.as_str(), client_value) {
+                ("application_name", None) => "",
+                ("session_authorization", _) => self.user.as_str(),
+                (_, Some(cv))
+                    if k.eq_ignore_ascii_case("client_encoding")
+                        && cv.eq_ignore_ascii_case("UTF8") =>
+                {
+                    "UTF8"
+                }
+                (_, Some(cv)) => cv,
+                (_, None) => v.as_str(),
+            };
+            wire::parameter_status(&mut self.client.out, k, value);
+        }
+        wire::backend_key_data(&mut self.client.out, pid, secret);
+    }
+
+    /// The ReadyForQuery status the client should see.
+    pub fn status(&self) -> u8 {
+        match &self.txn {
+            None => b'I',
+            Some(t) if t.failed => b'E',
+            Some(t) if t.explicit => b'T',
+            Some(_) => b'I',
+        }
+    }
+
+    async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<(), ClientError> {
+        loop {
+            let frame = tokio::select! {
+                f = self.client.read_frame() => f,
+                () = shutdown.cancelled(), if self.txn.is_none() && self.pending.is_empty() => {
+                    wire::error(&mut self.client.out, "FATAL", sqlstate::ADMIN_SHUTDOWN, "terminating connection: the shard proxy is shutting down");
+                    let _ = self.client.flush().await;
+                    return Ok(());
+                }
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(ClientError::Decode(e)) => {
+                    self.protocol_violation(&e).await;
+                    return Err(ClientError::Decode(e));
+                }
+                Err(e) => return Err(e),
+            };
+            if !self.passthrough && self.txn.is_none() {
+                // New transactions see the newest topology.
+                self.topo = self.proxy.topology();
+            }
+            match frame.msg {
+                FrontendMessage::Query(ref sql) => {
+                    let sql = sql.clone();
+                    self.pending.clear();
+                    self.skip_until_sync = false;
+                    self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
+                    self.simple_query(Some(frame.raw.clone()), &sql).await?;
+                    let st = self.status();
+                    wire::ready_for_query(&mut self.client.out, st);
+                    self.client.flush().await?;
+                }
+                FrontendMessage::Terminate => return Ok(()),
+                FrontendMessage::Parse { .. }
+                | FrontendMessage::Bind(_)
+                | FrontendMessage::Describe { .. }
+                | FrontendMessage::Execute { .. }
+                | FrontendMessage::Close { .. } => {
+                    if self.pending.len() > 10_000 {
+                        self.protocol_violation(&DecodeError::Malformed(
+                            "pipeline",
+                            "more than 10000 messages without Sync",
+                        ))
+                        .await;
+                        return Ok(());
+                    }
+                    self.pending.push(frame);
+                }
+                FrontendMessage::Flush => {
+                    self.flush_pending().await?;
+                }
+                FrontendMessage::Sync => {
+                    self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
+                    self.sync().await?;
+                    let st = self.status();
+                    wire::ready_for_query(&mut self.client.out, st);
+                    self.client.flush().await?;
+                }
+                FrontendMessage::CopyData(_)
+                | FrontendMessage::CopyDone
+                | FrontendMessage::CopyFail(_) => {
+                    // Outside COPY these are ignored, as PostgreSQL does.
+                }
+                FrontendMessage::Password(_) => {
+                    self.protocol_violation(&DecodeError::Malformed(
+                        "password",
+                        "unexpected after authentication",
+                    ))
+                    .await;
+                    return Ok(());
+                }
+                FrontendMessage::FunctionCall => {
+                    wire::error(
+                        &mut self.client.out,
+                        "ERROR",
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "the fast-path function call protocol is not supported by the shard proxy",
+                    );
+                    let st = self.status();
+                    wire::ready_for_query(&mut self.client.out, st);
+                    self.client.flush().await?;
+                }
+            }
+        }
+    }
+
+    async fn protocol_violation(&mut self, e: &DecodeError) {
+        tracing::info!(client = self.client_id, error = %e, "protocol violation; closing");
+        wire::error(
+            &mut self.client.out,
+            "FATAL",
+            sqlstate::PROTOCOL_VIOLATION,
+            &e.to_string(),
+        );
+        let _ = self.client.flush().await;
+    }
+
+    /// Writes an error for `e` and marks an open transaction failed.
+    pub fn report(&mut self, e: &ExecError) {
+        self.proxy.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let ExecError::Unavailable { shard, .. } = e {
+            self.proxy.metrics.error(shard, "unavailable");
+        }
+        if let ExecError::Pool(PoolError::Unavailable { shard, .. }) = e {
+            self.proxy.metrics.error(shard, "unavailable");
+        }
+        wire::error(&mut self.client.out, "ERROR", e.code(), &e.to_string());
+        if let Some(t) = &mut self.txn {
+            if t.explicit {
+                t.failed = true;
+            }
+        }
+    }
+
+    /// The pool for a backend index (the auth database in passthrough).
+    pub fn pool(&self, shard: usize) -> Option<Arc<crate::backend::Pool>> {
+        if self.passthrough {
+            return Some(self.topo.auth.clone());
+        }
+        let topo = self.txn.as_ref().map(|t| &t.topo).unwrap_or(&self.topo);
+        topo.shards.get(shard).cloned()
+    }
+
+    pub fn shard_name(&self, shard: usize) -> String {
+        self.pool(shard)
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| format!("#{shard}"))
+    }
+
+    /// Takes the backend for `shard`: the transaction's own, or a pooled one brought up to
+    /// date (settings; `BEGIN` and savepoints when a transaction is open).
+    pub async fn acquire(&mut self, shard: usize) -> Result<Work, ExecError> {
+        if let Some(t) = &mut self.txn {
+            if let Some(conn) = t.conns.remove(&shard) {
+                return Ok(Work {
+                    shard,
+                    conn,
+                    skip: 0,
+                });
+            }
+        }
+        let pool = self.pool(shard).ok_or_else(|| {
+            ExecError::sql(sqlstate::INTERNAL_ERROR, format!("no shard #{shard}"))
+        })?;
+        let starting = self.txn.as_ref().is_none_or(|t| t.conns.is_empty());
+        if starting {
+            self.proxy.wait_unpaused().await;
+        }
+        let mut conn = pool.get().await?;
+        let mut skip = 0;
+        {
+            let c = conn.conn();
+            let mut sync = String::new();
+            for k in c.settings.keys() {
+                if !self.settings.contains_key(k) {
+                    sync.push_str(&format!("RESET {k};"));
+                }
+            }
+            for (k, v) in &self.settings {
+                if c.settings.get(k) != Some(v) {
+                    sync.push_str(&format!("SET {k} = {v};"));
+                }
+            }
+            if !sync.is_empty() {
+                frontend::query(&sync, &mut c.wbuf)
+                    .map_err(|e| ExecError::sql(sqlstate::INTERNAL_ERROR, e.to_string()))?;
+                c.settings.clone_from(&self.settings);
+                skip += 1;
+            }
+            if let Some(t) = &self.txn {
+                frontend::query(&t.begin_sql, &mut c.wbuf)
+                    .map_err(|e| ExecError::sql(sqlstate::INTERNAL_ERROR, e.to_string()))?;
+                skip += 1;
+                for sp in &t.savepoints {
+                    frontend::query(sp, &mut c.wbuf)
+                        .map_err(|e| ExecError::sql(sqlstate::INTERNAL_ERROR, e.to_string()))?;
+                    skip += 1;
+                }
+            }
+            if let Ok(mut slot) = self.cancel_slot.lock() {
+                slot.push(CancelTarget {
+                    host: c.host.clone(),
+                    port: c.port,
+                    pid: c.pid,
+                    secret: c.secret,
+                });
+            }
+        }
+        Ok(Work { shard, conn, skip })
+    }
+
+    /// Gives a backend back: to the transaction if one is open (or the backend reports
+    /// one), else to its pool.
+    pub fn put_back(&mut self, work: Work, wrote: bool) {
+        let mut work = work;
+        let status = work.conn.conn().status;
+        let pid = work.conn.conn().pid;
+        if let Some(t) = &mut self.txn {
+            let ended = status == b'I' && t.conns.is_empty() && (self.passthrough || t.explicit);
+            if !ended {
+                if wrote {
+                    t.writes.insert(work.shard);
+                }
+                if status == b'E' {
+                    t.failed = true;
+                }
+                t.conns.insert(work.shard, work.conn);
+                return;
+            }
+            // The client ended the transaction through the backend (passthrough COMMIT).
+            self.txn = None;
+        }
+        if let Ok(mut slot) = self.cancel_slot.lock() {
+            slot.retain(|c| c.pid != pid);
+        }
+        if status != b'I' {
+            // The client opened a transaction (passthrough BEGIN, or inside a
+            // multi-statement query).
+            let mut conns = BTreeMap::new();
+            conns.insert(work.shard, work.conn);
+            let mut writes = BTreeSet::new();
+            if wrote {
+                writes.insert(work.shard);
+            }
+            self.txn = Some(Txn {
+                explicit: true,
+                begin_sql: "BEGIN".into(),
+                conns,
+                writes,
+                failed: status == b'E',
+                savepoints: Vec::new(),
+                topo: self.topo.clone(),
+            });
+            return;
+        }
+        work.conn.release();
+    }
+
+    /// Drops a backend whose state is unknown (I/O error).
+    pub fn discard(&mut self, work: Work) {
+        let pid = work.conn.conn_ref().map(|c| c.pid);
+        if let Ok(mut slot) = self.cancel_slot.lock() {
+            slot.retain(|c| Some(c.pid) != pid);
+        }
+        work.conn.discard();
+        if let Some(t) = &mut self.txn {
+            t.failed = true;
+        }
+    }
+
+    /// Clears the cancel slot once nothing runs.
+    pub fn clear_cancel_slot(&mut self) {
+        if self.txn.is_none() {
+            if let Ok(mut slot) = self.cancel_slot.lock() {
+                slot.clear();
+            }
+        }
+    }
+
+    /// Handles one simple-protocol query string (without writing ReadyForQuery).
+    pub fn simple_query<'a>(
+        &'a mut self,
+        raw: Option<Bytes>,
+        sql: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ClientError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let result = self.simple_query_inner(raw, sql).await;
+            self.clear_cancel_slot();
+            match result {
+                Ok(()) => Ok(()),
+                Err(ExecError::Client(e)) => Err(e),
+                Err(e) => {
+                    self.report(&e);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    async fn simple_query_inner(&mut self, raw: Option<Bytes>, sql: &str) -> Result<(), ExecError> {
+        let kw = sqltext::first_keyword(sql);
+        // Statements the proxy keeps itself in both databases.
+        match kw.as_str() {
+            "" => {
+                wire::empty_query(&mut self.client.out);
+                return Ok(());
+            }
+            "PREPARE" => {
+                if let Some(p) = sqltext::parse_prepare(sql) {
+                    if self.sql_prepared.contains_key(&p.name) {
+                        return Err(ExecError::sql(
+                            sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                            format!("prepared statement \"{}\" already exists", p.name),
+                        ));
+                    }
+                    self.sql_prepared.insert(p.name.clone(), p);
+                    wire::command_complete(&mut self.client.out, "PREPARE");
+                    return Ok(());
+                }
+            }
+            "EXECUTE" => {
+                if let Some((name, args)) = sqltext::parse_execute(sql) {
+                    let p = self.sql_prepared.get(&name).ok_or_else(|| {
+                        ExecError::sql(
+                            sqlstate::UNDEFINED_PREPARED_STATEMENT,
+                            format!("prepared statement \"{name}\" does not exist"),
+                        )
+                    })?;
+                    let body = sqltext::substitute(&p.body, &args, &p.types).ok_or_else(|| {
+                        ExecError::sql(
+                            sqlstate::SYNTAX_ERROR,
+                            format!("wrong number of parameters for prepared statement \"{name}\""),
+                        )
+                    })?;
+                    return self
+                        .simple_query(None, &body)
+                        .await
+                        .map_err(ExecError::Client);
+                }
+            }
+            "DEALLOCATE" => {
+                if let Some(target) = sqltext::parse_deallocate(sql) {
+                    match target {
+                        None => {
+                            self.sql_prepared.clear();
+                            wire::command_complete(&mut self.client.out, "DEALLOCATE ALL");
+                        }
+                        Some(name) => {
+                            if self.sql_prepared.remove(&name).is_none() {
+                                return Err(ExecError::sql(
+                                    sqlstate::UNDEFINED_PREPARED_STATEMENT,
+                                    format!("prepared statement \"{name}\" does not exist"),
+                                ));
+                            }
+                            wire::command_complete(&mut self.client.out, "DEALLOCATE");
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        if self.passthrough {
+            let set = if kw == "SET" || kw == "RESET" {
+                sqltext::parse_set(sql)
+            } else {
+                None
+            };
+            self.run_single(0, raw, sql, false, set).await?;
+            return Ok(());
+        }
+        let analysis = self.topo.router.analyze(sql);
+        if analysis.statement_count > 1 {
+            return self.run_routed_simple(raw, sql, &analysis).await;
+        }
+        match &analysis.kind {
+            StatementKind::Empty => {
+                wire::empty_query(&mut self.client.out);
+                Ok(())
+            }
+            StatementKind::Begin => self.begin(sql),
+            StatementKind::Commit => self.commit().await,
+            StatementKind::Rollback => self.rollback_cmd(sql).await,
+            StatementKind::Savepoint => self.savepoint(raw, sql).await,
+            StatementKind::SetShard(name) => {
+                match name {
+                    Some(n) if self.topo.ring.index_of(n).is_none() => {
+                        return Err(ExecError::sql(
+                            sqlstate::INVALID_CATALOG_NAME,
+                            format!("unknown shard \"{n}\""),
+                        ));
+                    }
+                    _ => self.shard_hint = name.clone(),
+                }
+                wire::command_complete(&mut self.client.out, "SET");
+                Ok(())
+            }
+            StatementKind::Set => {
+                let set = sqltext::parse_set(sql);
+                let shard = self.default_shard();
+                self.run_single(shard, raw, sql, false, set)
+                    .await
+                    .map(|_| ())
+            }
+            StatementKind::Show => {
+                let shard = self.default_shard();
+                self.run_single(shard, raw, sql, false, None)
+                    .await
+                    .map(|_| ())
+            }
+            StatementKind::Unparsed(reason) => {
+                let lower = sql.to_ascii_lowercase();
+                let mentions_sharded = self
+                    .topo
+                    .sharded_tables
+                    .iter()
+                    .any(|t| lower.contains(&t.to_ascii_lowercase()));
+                if let Some(hint) = analysis.hint.clone().or_else(|| self.shard_hint.clone()) {
+                    let shard = self.topo.ring.index_of(&hint).ok_or_else(|| {
+                        ExecError::sql(
+                            sqlstate::INVALID_CATALOG_NAME,
+                            format!("unknown shard \"{hint}\""),
+                        )
+                    })?;
+                    return self
+                        .run_single(shard, raw, sql, true, None)
+                        .await
+                        .map(|_| ());
+                }
+                if mentions_sharded {
+                    return Err(ExecError::sql(
+                        sqlstate::SYNTAX_ERROR,
+                        format!("the shard proxy cannot route this statement ({reason}); add /* shard=<name> */ or SET taskflow.shard"),
+                    ));
+                }
+                // Catalog queries and the like: any shard answers the same.
+                let shard = self.default_shard();
+                self.run_single(shard, raw, sql, false, None)
+                    .await
+                    .map(|_| ())
+            }
+            _ => self.run_routed_simple(raw, sql, &analysis).await,
+        }
+    }
+
+    /// The shard for statements that do not touch sharded data.
+    pub fn default_shard(&self) -> usize {
+        if let Some(t) = &self.txn {
+            if let Some(first) = t.conns.keys().next() {
+                return *first;
+            }
+        }
+        if let Some(i) = self
+            .shard_hint
+            .as_deref()
+            .and_then(|h| self.topo.ring.index_of(h))
+        {
+            return i;
+        }
+        // The first healthy shard.
+        self.topo
+            .shards
+            .iter()
+            .position(|p| p.healthy.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    pub fn remember_set(&mut self, set: Option<SetCommand>) {
+        if self.txn.as_ref().is_some_and(|t| t.failed) {
+            return;
+        }
+        match set {
+            Some(SetCommand::Set { name, value }) => {
+                self.settings.insert(name, value);
+            }
+            Some(SetCommand::Reset { name }) => {
+                self.settings.remove(&name);
+            }
+            Some(SetCommand::ResetAll) => self.settings.clear(),
+            Some(SetCommand::Local) | None => {}
+        }
+        // The backend that ran the SET now has exactly the client's settings; others will
+        // be synced when acquired.
+        let settings = self.settings.clone();
+        if let Some(t) = &mut self.txn {
+            for c in t.conns.values_mut() {
+                c.conn().settings.clone_from(&settings);
+            }
+        }
+    }
+
+    /// When the client goes away: roll back and return (or close) every held backend.
+    async fn abandon(&mut self) {
+        if let Some(t) = self.txn.take() {
+            for (_, mut conn) in t.conns {
+                let c = conn.conn();
+                let ok = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    c.simple_query("ROLLBACK"),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if ok && c.status == b'I' {
+                    conn.release();
+                } else {
+                    conn.discard();
+                }
+            }
+        }
+        if let Ok(mut slot) = self.cancel_slot.lock() {
+            slot.clear();
+        }
+    }
+}

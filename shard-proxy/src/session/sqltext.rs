@@ -1,0 +1,388 @@
+//! Small, pure text helpers for the few statements the proxy must understand without the
+//! router: `SET`/`RESET` (session state replayed on pooled backends), SQL-level
+//! `PREPARE`/`EXECUTE`/`DEALLOCATE` (kept by the proxy because backends are shared), and
+//! the first keyword of a statement (passthrough fast path: no full parse).
+//!
+//! Why not sqlparser: these run on every statement of the passthrough database, where a full
+//! parse would cost throughput, and they only need the leading tokens.
+
+/// Skips whitespace and SQL comments.
+fn skip_ws(s: &str) -> &str {
+    let mut s = s;
+    loop {
+        let t = s.trim_start();
+        if let Some(rest) = t.strip_prefix("--") {
+            s = rest.find('\n').map(|i| &rest[i + 1..]).unwrap_or("");
+        } else if let Some(rest) = t.strip_prefix("/*") {
+            s = rest.find("*/").map(|i| &rest[i + 2..]).unwrap_or("");
+        } else {
+            return t;
+        }
+    }
+}
+
+/// Splits off the next word (letters, digits, `_`, `.`) after whitespace/comments.
+fn next_word(s: &str) -> (&str, &str) {
+    let s = skip_ws(s);
+    let end = s
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(s.len());
+    (&s[..end], &s[end..])
+}
+
+/// The first keyword, upper-cased (`SELECT`, `SET`, …); empty for an empty statement.
+pub fn first_keyword(sql: &str) -> String {
+    next_word(sql).0.to_ascii_uppercase()
+}
+
+/// A session-level setting change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetCommand {
+    /// `SET [SESSION] name {TO|=} value`: the value as SQL text (`'UTC'`, `10`, `DEFAULT`).
+    Set {
+        name: String,
+        value: String,
+    },
+    /// `SET LOCAL …`: transaction-scoped, nothing to remember.
+    Local,
+    Reset {
+        name: String,
+    },
+    ResetAll,
+}
+
+/// Recognizes `SET`/`RESET` statements; `None` for anything else (including multi-statement).
+pub fn parse_set(sql: &str) -> Option<SetCommand> {
+    let body = sql.trim().trim_end_matches(';').trim_end();
+    if body.contains(';') {
+        return None;
+    }
+    let (kw, rest) = next_word(body);
+    if kw.eq_ignore_ascii_case("RESET") {
+        let (name, _) = next_word(rest);
+        if name.eq_ignore_ascii_case("ALL") {
+            return Some(SetCommand::ResetAll);
+        }
+        if name.is_empty() {
+            return None;
+        }
+        return Some(SetCommand::Reset {
+            name: name.to_ascii_lowercase(),
+        });
+    }
+    if !kw.eq_ignore_ascii_case("SET") {
+        return None;
+    }
+    let (mut name, mut rest) = next_word(rest);
+    if name.eq_ignore_ascii_case("LOCAL") {
+        return Some(SetCommand::Local);
+    }
+    if name.eq_ignore_ascii_case("SESSION") {
+        let (n, r) = next_word(rest);
+        if n.eq_ignore_ascii_case("AUTHORIZATION") || n.eq_ignore_ascii_case("CHARACTERISTICS") {
+            return None;
+        }
+        name = n;
+        rest = r;
+    }
+    if name.eq_ignore_ascii_case("TRANSACTION")
+        || name.eq_ignore_ascii_case("CONSTRAINTS")
+        || name.eq_ignore_ascii_case("ROLE")
+    {
+        return None;
+    }
+    if name.eq_ignore_ascii_case("TIME") {
+        let (zone, r) = next_word(rest);
+        if zone.eq_ignore_ascii_case("ZONE") {
+            return Some(SetCommand::Set {
+                name: "timezone".into(),
+                value: r.trim().to_owned(),
+            });
+        }
+        return None;
+    }
+    if name.is_empty() {
+        return None;
+    }
+    let rest = skip_ws(rest);
+    let value = if let Some(v) = rest.strip_prefix('=') {
+        v
+    } else {
+        let (to, r) = next_word(rest);
+        if !to.eq_ignore_ascii_case("TO") {
+            return None;
+        }
+        r
+    };
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    if value.eq_ignore_ascii_case("DEFAULT") {
+        return Some(SetCommand::Reset {
+            name: name.to_ascii_lowercase(),
+        });
+    }
+    Some(SetCommand::Set {
+        name: name.to_ascii_lowercase(),
+        value: value.to_owned(),
+    })
+}
+
+/// Quotes a string as an SQL literal.
+pub fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// A SQL-level `PREPARE name [(types)] AS body`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlPrepare {
+    pub name: String,
+    pub types: Vec<String>,
+    pub body: String,
+}
+
+/// Parses `PREPARE`.
+pub fn parse_prepare(sql: &str) -> Option<SqlPrepare> {
+    let (kw, rest) = next_word(sql);
+    if !kw.eq_ignore_ascii_case("PREPARE") {
+        return None;
+    }
+    let (name, rest) = next_word(rest);
+    if name.is_empty() || name.eq_ignore_ascii_case("TRANSACTION") {
+        return None;
+    }
+    let mut rest = skip_ws(rest);
+    let mut types = Vec::new();
+    if let Some(r) = rest.strip_prefix('(') {
+        let close = matching_paren(r)?;
+        types = split_top_level(&r[..close])
+            .into_iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        rest = &r[close + 1..];
+    }
+    let (as_kw, body) = next_word(rest);
+    if !as_kw.eq_ignore_ascii_case("AS") {
+        return None;
+    }
+    let body = body.trim().trim_end_matches(';').trim_end();
+    if body.is_empty() {
+        return None;
+    }
+    Some(SqlPrepare {
+        name: name.to_ascii_lowercase(),
+        types,
+        body: body.to_owned(),
+    })
+}
+
+/// Parses `EXECUTE name [(args)]` into the name and argument texts.
+pub fn parse_execute(sql: &str) -> Option<(String, Vec<String>)> {
+    let (kw, rest) = next_word(sql);
+    if !kw.eq_ignore_ascii_case("EXECUTE") {
+        return None;
+    }
+    let (name, rest) = next_word(rest);
+    if name.is_empty() {
+        return None;
+    }
+    let rest = skip_ws(rest).trim_end().trim_end_matches(';').trim_end();
+    let args = if let Some(r) = rest.strip_prefix('(') {
+        let close = matching_paren(r)?;
+        if !r[close + 1..].trim().is_empty() {
+            return None;
+        }
+        split_top_level(&r[..close])
+            .into_iter()
+            .map(|a| a.trim().to_owned())
+            .collect()
+    } else if rest.is_empty() {
+        Vec::new()
+    } else {
+        return None;
+    };
+    Some((name.to_ascii_lowercase(), args))
+}
+
+/// Parses `DEALLOCATE [PREPARE] name|ALL`: `Some(None)` means ALL.
+pub fn parse_deallocate(sql: &str) -> Option<Option<String>> {
+    let (kw, rest) = next_word(sql);
+    if !kw.eq_ignore_ascii_case("DEALLOCATE") {
+        return None;
+    }
+    let (mut name, rest2) = next_word(rest);
+    if name.eq_ignore_ascii_case("PREPARE") {
+        name = next_word(rest2).0;
+    }
+    if name.is_empty() {
+        return None;
+    }
+    if name.eq_ignore_ascii_case("ALL") {
+        return Some(None);
+    }
+    Some(Some(name.to_ascii_lowercase()))
+}
+
+/// Replaces `$n` placeholders (outside quotes) with the argument texts, cast to the declared
+/// types when given. `None` if an argument is missing.
+pub fn substitute(body: &str, args: &[String], types: &[String]) -> Option<String> {
+    let b = body.as_bytes();
+    let mut out = String::with_capacity(body.len() + 16);
+    let mut i = 0;
+    let mut last = 0;
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == q {
+                        if b.get(i + 1) == Some(&q) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                let start = i;
+                i += 1;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let n: usize = body[start + 1..i].parse().ok()?;
+                let arg = args.get(n.checked_sub(1)?)?;
+                out.push_str(&body[last..start]);
+                match types.get(n - 1) {
+                    Some(t) => out.push_str(&format!("({arg})::{t}")),
+                    None => out.push_str(&format!("({arg})")),
+                }
+                last = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&body[last.min(body.len())..]);
+    Some(out)
+}
+
+/// Index of the `)` closing an already-opened parenthesis.
+fn matching_paren(s: &str) -> Option<usize> {
+    let mut depth = 0i32;
+    let mut quote: Option<char> = None;
+    for (i, c) in s.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '(') => depth += 1,
+            (None, ')') => {
+                if depth == 0 {
+                    return Some(i);
+                }
+                depth -= 1;
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Splits at commas that are not inside parentheses or quotes.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut depth = 0i32;
+    let mut quote: Option<char> = None;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '(') => depth += 1,
+            (None, ')') => depth -= 1,
+            (None, ',') if depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !s[start..].trim().is_empty() || !out.is_empty() {
+        out.push(&s[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_forms() {
+        assert_eq!(
+            parse_set("SET application_name = 'x'"),
+            Some(SetCommand::Set {
+                name: "application_name".into(),
+                value: "'x'".into()
+            })
+        );
+        assert_eq!(
+            parse_set("set session TimeZone to UTC;"),
+            Some(SetCommand::Set {
+                name: "timezone".into(),
+                value: "UTC".into()
+            })
+        );
+        assert_eq!(
+            parse_set("SET TIME ZONE 'Europe/Paris'"),
+            Some(SetCommand::Set {
+                name: "timezone".into(),
+                value: "'Europe/Paris'".into()
+            })
+        );
+        assert_eq!(parse_set("SET LOCAL x = 1"), Some(SetCommand::Local));
+        assert_eq!(parse_set("RESET ALL"), Some(SetCommand::ResetAll));
+        assert_eq!(
+            parse_set("SET x TO DEFAULT"),
+            Some(SetCommand::Reset { name: "x".into() })
+        );
+        assert_eq!(
+            parse_set("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            None
+        );
+        assert_eq!(parse_set("SELECT 1"), None);
+        assert_eq!(parse_set("SET a = 1; SELECT 1"), None);
+    }
+
+    #[test]
+    fn prepare_execute() {
+        let p = parse_prepare("PREPARE q (bigint, text) AS SELECT * FROM tasks WHERE performer_id = $1 AND title = $2")
+            .expect("prepare");
+        assert_eq!(p.name, "q");
+        assert_eq!(p.types, vec!["bigint", "text"]);
+        let (name, args) = parse_execute("EXECUTE q(42, 'a,b')").expect("execute");
+        assert_eq!(name, "q");
+        assert_eq!(args, vec!["42", "'a,b'"]);
+        let sql = substitute(&p.body, &args, &p.types).expect("substitute");
+        assert_eq!(
+            sql,
+            "SELECT * FROM tasks WHERE performer_id = (42)::bigint AND title = ('a,b')::text"
+        );
+        assert_eq!(
+            substitute("SELECT '$1', $1", &["7".into()], &[]).as_deref(),
+            Some("SELECT '$1', (7)")
+        );
+        assert_eq!(substitute("SELECT $2", &["7".into()], &[]), None);
+        assert_eq!(
+            parse_deallocate("DEALLOCATE PREPARE q"),
+            Some(Some("q".into()))
+        );
+        assert_eq!(parse_deallocate("deallocate all"), Some(None));
+        assert_eq!(first_keyword("  /* c */ -- x\n select 1"), "SELECT");
+    }
+}

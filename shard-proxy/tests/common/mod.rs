@@ -1,0 +1,153 @@
+//! Shared harness for the proxy's integration tests: three real shard clusters, an auth
+//! cluster, migrations applied, and the proxy started in-process on a free port.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use taskflow_shard_proxy::config::{ProxyConfig, ShardConfig, UserConfig};
+use taskflow_shard_proxy::ring::Ring;
+use taskflow_shard_proxy::server::{self, Running};
+use taskflow_test_support::{AuthDb, Shards};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+pub const PASSWORD: &str = "taskflow";
+
+pub struct Env {
+    pub shards: Shards,
+    pub auth: AuthDb,
+    pub dir: tempfile::TempDir,
+    pub config: ProxyConfig,
+    pub proxy: Option<Running>,
+}
+
+pub fn shard_url(port: u16) -> String {
+    format!("postgres://taskflow@127.0.0.1:{port}/tasks")
+}
+
+impl Env {
+    pub async fn start(n: usize) -> Env {
+        let shards = Shards::start(n).await.expect("shards");
+        let auth = AuthDb::start().await.expect("auth db");
+        let mut c = auth.client().await.expect("auth client");
+        taskflow_migrations::apply_auth(&mut c)
+            .await
+            .expect("auth migration");
+        for s in shards.iter() {
+            let mut c = s.client("tasks").await.expect("shard client");
+            taskflow_migrations::apply_shard(&mut c)
+                .await
+                .expect("shard migration");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pw = dir.path().join("backend-password");
+        std::fs::write(&pw, "taskflow\n").expect("write password");
+        let mut config = ProxyConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            metrics_listen: "127.0.0.1:0".parse().expect("addr"),
+            state_dir: dir.path().join("state"),
+            users: vec![UserConfig {
+                name: "taskflow".into(),
+                password: Some(PASSWORD.into()),
+                password_file: None,
+            }],
+            ..ProxyConfig::default()
+        };
+        config.pool.size = 8;
+        config.backend.password_file = Some(pw.to_string_lossy().into_owned());
+        config.auth_database.url = format!("postgres://taskflow@127.0.0.1:{}/auth", auth.port());
+        config.shards = shards
+            .ports()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ShardConfig {
+                name: format!("shard-{}", i + 1),
+                url: shard_url(*p),
+            })
+            .collect();
+        let mut env = Env {
+            shards,
+            auth,
+            dir,
+            config,
+            proxy: None,
+        };
+        env.start_proxy().await;
+        env
+    }
+
+    pub async fn start_proxy(&mut self) {
+        let (running, _registry) =
+            server::start(self.config.clone(), None, CancellationToken::new())
+                .await
+                .expect("proxy start");
+        self.proxy = Some(running);
+    }
+
+    pub async fn stop_proxy(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop(Duration::from_secs(2)).await;
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.as_ref().expect("proxy running").addr
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.config.state_dir.clone()
+    }
+
+    pub fn conn_string(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=taskflow password={PASSWORD} dbname={db}",
+            self.addr().port()
+        )
+    }
+
+    /// A tokio-postgres client through the proxy.
+    pub async fn client(&self, db: &str) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.conn_string(db), NoTls)
+            .await
+            .expect("connect through proxy");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// A direct client on shard `i`.
+    pub async fn shard(&self, i: usize) -> Client {
+        self.shards[i]
+            .client("tasks")
+            .await
+            .expect("direct shard client")
+    }
+
+    pub fn ring(&self) -> Ring {
+        Ring::new(
+            self.config.shards.iter().map(|s| s.name.clone()),
+            self.config.ring.virtual_nodes,
+        )
+        .expect("ring")
+    }
+
+    /// Which shards hold a task with this id (queried directly).
+    pub async fn holders(&self, id: i64) -> Vec<usize> {
+        let mut out = Vec::new();
+        for i in 0..self.shards.len() {
+            let c = self.shard(i).await;
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM tasks WHERE id = $1", &[&id])
+                .await
+                .expect("count")
+                .get(0);
+            if n > 0 {
+                out.push(i);
+            }
+        }
+        out
+    }
+}
