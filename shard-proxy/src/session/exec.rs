@@ -268,7 +268,16 @@ impl Session {
         let plan = analysis
             .plan(&topo.ring, &empty, self.shard_hint.as_deref())
             .map_err(|e| ExecError::sql(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string()))?;
-        let targets = targets_of(&plan.target, topo.shards.len());
+        let mut targets = targets_of(&plan.target, topo.shards.len());
+        if !analysis.touches_sharded
+            && !analysis.is_write
+            && plan.merge.is_none()
+            && matches!(plan.target, Target::One(_))
+        {
+            // Catalog and other unsharded reads: any healthy shard (or the one the
+            // transaction already holds) answers the same.
+            targets = vec![self.default_shard()];
+        }
         if let crate::router::StatementKind::Copy { .. } = analysis.kind {
             if targets.len() != 1 {
                 return Err(ExecError::sql(

@@ -23,7 +23,7 @@ use super::{global_name, ExecError, Session, Stmt, Txn, Work};
 use crate::backend::BackendError;
 use crate::frontend::codec::{Bind, Frame, FrontendMessage};
 use crate::merge::MergeSpec;
-use crate::router::{Params, StatementKind};
+use crate::router::{Params, StatementKind, Target};
 use crate::wire::{self, sqlstate};
 
 /// Where a bound portal runs.
@@ -340,11 +340,12 @@ impl Session {
                         });
                 }
                 let lower = stmt.sql.to_ascii_lowercase();
-                if self
-                    .topo
-                    .sharded_tables
-                    .iter()
-                    .any(|t| lower.contains(&t.to_ascii_lowercase()))
+                if !lower.contains("pg_catalog")
+                    && self
+                        .topo
+                        .sharded_tables
+                        .iter()
+                        .any(|t| lower.contains(&t.to_ascii_lowercase()))
                 {
                     return Err(boxed_error(
                         sqlstate::SYNTAX_ERROR,
@@ -366,6 +367,13 @@ impl Session {
         let plan = analysis
             .plan(&topo.ring, &params, self.shard_hint.as_deref())
             .map_err(|e| boxed_error(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string()))?;
+        if !analysis.touches_sharded
+            && !analysis.is_write
+            && plan.merge.is_none()
+            && matches!(plan.target, Target::One(_))
+        {
+            return Ok(PortalRoute::One(self.default_shard()));
+        }
         let targets = targets_of(&plan.target, topo.shards.len());
         if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
             return Ok(PortalRoute::One(targets[0]));

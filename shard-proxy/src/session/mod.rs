@@ -657,11 +657,13 @@ impl Session {
             }
             StatementKind::Unparsed(reason) => {
                 let lower = sql.to_ascii_lowercase();
-                let mentions_sharded = self
-                    .topo
-                    .sharded_tables
-                    .iter()
-                    .any(|t| lower.contains(&t.to_ascii_lowercase()));
+                // Catalog queries (psql's \d) name tables only as data: any shard answers.
+                let mentions_sharded = !lower.contains("pg_catalog")
+                    && self
+                        .topo
+                        .sharded_tables
+                        .iter()
+                        .any(|t| lower.contains(&t.to_ascii_lowercase()));
                 if let Some(hint) = analysis.hint.clone().or_else(|| self.shard_hint.clone()) {
                     let shard = self.topo.ring.index_of(&hint).ok_or_else(|| {
                         ExecError::sql(
