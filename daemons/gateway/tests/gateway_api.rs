@@ -1,0 +1,1093 @@
+//! The gateway end to end against real infrastructure started by taskflow-test-support:
+//! PostgreSQL (auth DB + one task shard, until the shard proxy is usable), Redis, the
+//! tansu Kafka-API broker, and the real auth daemon.
+//!
+//! One infrastructure set is started once and the sections run in order on it (starting
+//! PostgreSQL and the broker dominates the cost); each section names what it checks.
+//! Needs the auth binary: `cargo build -p taskflow-auth` (or `make build`) first.
+#![allow(clippy::unwrap_used, clippy::too_many_lines)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::Message as _;
+use reqwest::Method as M;
+use serde_json::{json, Value};
+use taskflow_test_support::{
+    binary_path, free_port, AuthDb, KafkaBroker, NotifySocket, PgCluster, RedisServer,
+};
+
+struct Proc {
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.as_ref().unwrap().id()).unwrap())
+    }
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Infra {
+    auth_db: AuthDb,
+    shard: PgCluster,
+    redis: RedisServer,
+    kafka: KafkaBroker,
+    dir: tempfile::TempDir,
+    auth_url: String,
+    _auth: Proc,
+}
+
+async fn wait_ready(base: &str, what: &str) {
+    let http = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} at {base} did not become ready");
+}
+
+impl Infra {
+    async fn start() -> Infra {
+        let (auth_db, shard, redis, kafka) = tokio::join!(
+            AuthDb::start(),
+            PgCluster::builder().database("tasks").start(),
+            RedisServer::temp(),
+            KafkaBroker::temp()
+        );
+        let (auth_db, shard, redis, mut kafka) = (
+            auth_db.unwrap(),
+            shard.unwrap(),
+            redis.unwrap(),
+            kafka.unwrap(),
+        );
+        taskflow_migrations::apply_auth(&mut auth_db.client().await.unwrap())
+            .await
+            .unwrap();
+        taskflow_migrations::apply_shard(&mut shard.client("tasks").await.unwrap())
+            .await
+            .unwrap();
+        kafka.create_topic("task_events", 3).await.unwrap();
+        kafka.create_topic("notify_events", 3).await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let auth_bin = binary_path("taskflow-auth")
+            .expect("build the auth daemon first: cargo build -p taskflow-auth");
+        assert!(Command::new(&auth_bin)
+            .arg("--generate-keys")
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success());
+        let port = free_port().unwrap();
+        let cfg = dir.path().join("auth.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndatabase_url = \"{}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n[log]\nlevel = \"warn\"\n",
+                auth_db.url(),
+                dir.path().join("jwt-private.pem").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(auth_bin)
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let auth_url = format!("http://127.0.0.1:{port}");
+        wait_ready(&auth_url, "auth daemon").await;
+        Infra {
+            auth_db,
+            shard,
+            redis,
+            kafka,
+            dir,
+            auth_url,
+            _auth: Proc { child: Some(child) },
+        }
+    }
+
+    fn gateway_config(&self, name: &str, port: u16, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nauth_url = \"{}\"\njwt_public_key_file = \"{}\"\ndatabase_url = \"{}\"\n\
+                 redis_url = \"{}\"\nkafka_brokers = \"{}\"\ncors_origins = [\"http://localhost:5173\"]\noutbox_poll_ms = 100\n{extra}\n[log]\nlevel = \"warn\"\n",
+                self.auth_url,
+                self.dir.path().join("jwt-public.pem").display(),
+                self.shard.url("tasks"),
+                self.redis.url(),
+                self.kafka.bootstrap(),
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    async fn gateway(&self, name: &str, extra: &str, notify: Option<&Path>) -> (Proc, String) {
+        let port = free_port().unwrap();
+        let cfg = self.gateway_config(name, port, extra);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"));
+        cmd.arg("--config").arg(&cfg).stdin(Stdio::null());
+        if let Some(n) = notify {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        let child = cmd.spawn().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(&base, name).await;
+        (Proc { child: Some(child) }, base)
+    }
+}
+
+struct Http {
+    base: String,
+    client: reqwest::Client,
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Http {
+    fn new(base: &str) -> Self {
+        Http {
+            base: base.to_owned(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: M,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut rb = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            rb = rb.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn call(&self, method: M, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+        self.send(method, path, token, body, &[]).await
+    }
+}
+
+async fn count_tasks(infra: &Infra) -> i64 {
+    let c = infra.shard.client("tasks").await.unwrap();
+    c.query_one("SELECT count(*) FROM tasks", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// All `task_events` currently in the broker, from the beginning.
+async fn task_events(bootstrap: &str) -> Vec<Value> {
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..3 {
+            tpl.add_partition_offset("task_events", p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let mut idle = 0;
+        while idle < 3 {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    idle = 0;
+                    if let Some(p) = m.payload() {
+                        out.push(serde_json::from_slice(p).unwrap());
+                    }
+                }
+                Some(Err(_)) | None => idle += 1,
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+async fn wait_for_event(bootstrap: &str, kind: &str, task_id: i64) -> Value {
+    for _ in 0..30 {
+        let events = task_events(bootstrap).await;
+        if let Some(e) = events
+            .into_iter()
+            .find(|e| e["type"] == kind && e["task"]["id"] == task_id)
+        {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("no {kind} event for task {task_id} reached Kafka");
+}
+
+fn sign(infra: &Infra, claims: &Value, alg_none: bool) -> String {
+    use base64_like::b64;
+    if alg_none {
+        let h = b64(br#"{"alg":"none","typ":"JWT"}"#);
+        let p = b64(claims.to_string().as_bytes());
+        return format!("{h}.{p}.");
+    }
+    let pem = std::fs::read(infra.dir.path().join("jwt-private.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        claims,
+        &key,
+    )
+    .unwrap()
+}
+
+mod base64_like {
+    pub fn b64(bytes: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..=chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}
+
+fn now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn bad_config_exits_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pub.pem"), "not a key").unwrap();
+    let auth_bin = binary_path("taskflow-auth").expect("cargo build -p taskflow-auth first");
+    assert!(Command::new(auth_bin)
+        .arg("--generate-keys")
+        .arg(dir.path())
+        .status()
+        .unwrap()
+        .success());
+    let key_line = format!(
+        "jwt_public_key_file = \"{}\"\n",
+        dir.path().join("jwt-public.pem").display()
+    );
+    for (body, key) in [
+        ("listen = \"nowhere\"\n", "listen"),
+        (
+            "jwt_public_key_file = \"/nonexistent/k.pem\"\n",
+            "jwt_public_key_file",
+        ),
+        (
+            &format!(
+                "jwt_public_key_file = \"{}\"\n",
+                dir.path().join("pub.pem").display()
+            ),
+            "jwt_public_key_file",
+        ),
+        ("[rate_limit]\nburst = 0\n", "rate_limit.burst"),
+        ("cors_origins = [\"not an origin\"]\n", "cors_origins"),
+        ("redis_url = \"nope://x\"\n", "redis_url"),
+    ] {
+        let cfg = dir.path().join("g.toml");
+        let text = if body.contains("jwt_public_key_file") {
+            body.to_owned()
+        } else {
+            format!("{key_line}{body}")
+        };
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{body}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{body}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_end_to_end() {
+    let mut infra = Infra::start().await;
+    let notify = NotifySocket::bind().unwrap();
+    let high = "[rate_limit]\nper_second = 100000\nburst = 100000\nlogin_per_minute = 100000\n";
+    let (mut gw, base) = infra.gateway("gw-main", high, Some(notify.path())).await;
+    notify
+        .wait_for_assignment("READY=1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let h = Http::new(&base);
+
+    // ── The seed README's requests, verbatim and in order ──────────────────────────────
+    let r = h
+        .call(
+            M::POST,
+            "/auth/register",
+            None,
+            Some(json!({
+                "email": "user@example.com", "name": "John Doe", "password": "securepassword"
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body,
+        json!({"id": 1, "email": "user@example.com", "name": "John Doe"})
+    );
+    let r = h
+        .call(
+            M::POST,
+            "/auth/login",
+            None,
+            Some(json!({
+                "email": "user@example.com", "password": "securepassword"
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["id"], "1");
+    assert_eq!(r.body["email"], "user@example.com");
+    assert_eq!(r.body["name"], "John Doe");
+    let t1 = r.body["token"].as_str().unwrap().to_owned();
+    // The create example names users 2, 3 and 4; they register first.
+    let mut tokens = vec![String::new(), t1.clone()];
+    for i in 2..=5 {
+        let email = format!("u{i}@example.com");
+        let r = h.call(M::POST, "/auth/register", None, Some(json!({"email": email, "name": format!("User {i}"), "password": "securepassword"}))).await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.body["id"], i);
+        let r = h
+            .call(
+                M::POST,
+                "/auth/login",
+                None,
+                Some(json!({"email": email, "password": "securepassword"})),
+            )
+            .await;
+        tokens.push(r.body["token"].as_str().unwrap().to_owned());
+    }
+    let r = h
+        .call(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(json!({
+                "title": "Complete project",
+                "description": "Finish the backend implementation",
+                "performer_id": 2,
+                "creator_id": 1,
+                "observer_ids": [3, 4],
+                "status": "pending"
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["id"], 1);
+    assert_eq!(r.body["performer_id"], 2);
+    assert_eq!(r.body["creator_id"], 1);
+    assert_eq!(r.body["observer_ids"], json!([3, 4]));
+    assert_eq!(r.body["status"], "pending");
+    assert_eq!(r.body["version"], 1);
+    assert_eq!(r.headers["location"], "/tasks/1");
+    assert_eq!(r.headers["etag"], "\"1\"");
+    let r = h
+        .call(
+            M::GET,
+            "/tasks?performer_id=2&status=pending",
+            Some(&t1),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"][0]["id"], 1);
+    assert!(r.body["next_cursor"].is_null());
+    let r = h.call(M::GET, "/tasks/1", Some(&t1), None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["title"], "Complete project");
+    let r = h
+        .call(
+            M::PUT,
+            "/tasks/1",
+            Some(&t1),
+            Some(json!({
+                "title": "Updated title",
+                "description": "Updated description",
+                "performer_id": 2,
+                "creator_id": 1,
+                "status": "in_progress"
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["title"], "Updated title");
+    assert_eq!(r.body["status"], "in_progress");
+    assert_eq!(r.body["observer_ids"], json!([]));
+    assert_eq!(r.body["version"], 2);
+    let r = h.call(M::DELETE, "/tasks/1", Some(&t1), None).await;
+    assert_eq!(r.status, 204);
+    let r = h.call(M::GET, "/tasks/1", Some(&t1), None).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    for kind in ["task.created", "task.updated", "task.deleted"] {
+        let e = wait_for_event(&infra.kafka.bootstrap(), kind, 1).await;
+        assert_eq!(e["v"], 1);
+        assert_eq!(e["actor_id"], 1);
+    }
+
+    // ── Misc routes, CORS, request ids ─────────────────────────────────────────────────
+    let r = h.call(M::GET, "/", None, None).await;
+    assert_eq!(r.body, json!({"message": "API is working"}));
+    assert!(r.headers.contains_key("x-request-id"));
+    let r = h
+        .send(
+            M::GET,
+            "/",
+            None,
+            None,
+            &[
+                ("x-request-id", "abc-123"),
+                ("origin", "http://localhost:5173"),
+            ],
+        )
+        .await;
+    assert_eq!(r.headers["x-request-id"], "abc-123");
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "http://localhost:5173"
+    );
+    let r = h
+        .send(
+            M::GET,
+            "/",
+            None,
+            None,
+            &[("origin", "http://evil.example")],
+        )
+        .await;
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+    let r = h
+        .send(
+            M::OPTIONS,
+            "/tasks",
+            None,
+            None,
+            &[
+                ("origin", "http://localhost:5173"),
+                ("access-control-request-method", "POST"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    assert!(r.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("Authorization"));
+    assert_eq!(h.call(M::GET, "/nope", None, None).await.status, 404);
+    assert_eq!(
+        h.call(M::DELETE, "/tasks", Some(&t1), None).await.status,
+        405
+    );
+    let r = h.call(M::GET, "/openapi.json", None, None).await;
+    assert_eq!(r.body["openapi"], "3.1.0");
+    let r = h.call(M::GET, "/swagger/index.html", None, None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.as_str().unwrap().contains("swagger-ui-bundle.js"));
+    assert_eq!(
+        h.call(M::GET, "/swagger/swagger-ui-bundle.js", None, None)
+            .await
+            .status,
+        200
+    );
+    let r = h.call(M::GET, "/metrics", None, None).await;
+    assert!(r
+        .body
+        .as_str()
+        .unwrap()
+        .contains("taskflow_gateway_http_requests"));
+    let r = h.call(M::GET, "/auth/me", Some(&t1), None).await;
+    assert_eq!((r.status, r.body["id"].clone()), (200, json!(1)));
+
+    // ── Token failures ─────────────────────────────────────────────────────────────────
+    let before = count_tasks(&infra).await;
+    assert_eq!(h.call(M::GET, "/tasks", None, None).await.status, 401);
+    let r = h
+        .send(
+            M::GET,
+            "/tasks",
+            None,
+            None,
+            &[("authorization", "Token abc")],
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        h.call(M::GET, "/tasks", Some("not.a.jwt"), None)
+            .await
+            .status,
+        401
+    );
+    let expired = sign(
+        &infra,
+        &json!({"sub": "1", "email": "user@example.com", "name": "J", "iat": now() - 7200, "exp": now() - 3600}),
+        false,
+    );
+    assert_eq!(
+        h.call(M::GET, "/tasks", Some(&expired), None).await.status,
+        401
+    );
+    let none = sign(
+        &infra,
+        &json!({"sub": "1", "email": "user@example.com", "name": "J", "iat": now(), "exp": now() + 3600}),
+        true,
+    );
+    assert_eq!(
+        h.call(M::GET, "/tasks", Some(&none), None).await.status,
+        401
+    );
+    let other_dir = tempfile::tempdir().unwrap();
+    assert!(Command::new(binary_path("taskflow-auth").unwrap())
+        .arg("--generate-keys")
+        .arg(other_dir.path())
+        .status()
+        .unwrap()
+        .success());
+    let other_key = jsonwebtoken::EncodingKey::from_ed_pem(
+        &std::fs::read(other_dir.path().join("jwt-private.pem")).unwrap(),
+    )
+    .unwrap();
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        &json!({"sub": "1", "email": "x", "name": "x", "iat": now(), "exp": now() + 3600}),
+        &other_key,
+    )
+    .unwrap();
+    let r = h
+        .call(
+            M::POST,
+            "/tasks",
+            Some(&forged),
+            Some(json!({"title": "x", "performer_id": 1})),
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    let good = sign(
+        &infra,
+        &json!({"sub": "1", "email": "user@example.com", "name": "J", "iat": now(), "exp": now() + 3600}),
+        false,
+    );
+    assert_eq!(
+        h.call(M::GET, "/tasks", Some(&good), None).await.status,
+        200
+    );
+    assert_eq!(count_tasks(&infra).await, before);
+
+    // ── Validation: every bad field is a problem+json and nothing is stored ────────────
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"title": "", "performer_id": 2}), 422, "title"),
+        (json!({"title": "   ", "performer_id": 2}), 422, "title"),
+        (
+            json!({"title": "x".repeat(256), "performer_id": 2}),
+            422,
+            "title",
+        ),
+        (
+            json!({"title": "ok", "description": "d".repeat(10_001), "performer_id": 2}),
+            422,
+            "description",
+        ),
+        (
+            json!({"title": "ok", "performer_id": 2, "status": "done"}),
+            422,
+            "status",
+        ),
+        (json!({"title": "ok"}), 422, "performer_id"),
+        (
+            json!({"title": "ok", "performer_id": 0}),
+            422,
+            "performer_id",
+        ),
+        (
+            json!({"title": "ok", "performer_id": 999}),
+            422,
+            "performer_id",
+        ),
+        (
+            json!({"title": "ok", "performer_id": 2, "observer_ids": [3, 998]}),
+            422,
+            "observer_ids",
+        ),
+        (
+            json!({"title": "ok", "performer_id": "2"}),
+            400,
+            "performer_id",
+        ),
+        (json!({"title": 5, "performer_id": 2}), 400, "title"),
+        (
+            json!({"title": "ok", "performer_id": 2, "observer_ids": "3"}),
+            400,
+            "observer_ids",
+        ),
+        (
+            json!({"title": "ok", "performer_id": 2, "creator_id": 2}),
+            403,
+            "creator_id",
+        ),
+    ];
+    for (body, status, field) in cases {
+        let r = h
+            .call(M::POST, "/tasks", Some(&t1), Some(body.clone()))
+            .await;
+        assert_eq!(r.status, status, "{body} → {}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(r.body["status"], status);
+        let fields: Vec<String> = r.body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["field"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(fields.iter().any(|f| f == field), "{body}: {fields:?}");
+    }
+    let raw = reqwest::Client::new();
+    let r = raw
+        .post(format!("{base}/tasks"))
+        .bearer_auth(&t1)
+        .body("{\"title\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = raw
+        .post(format!("{base}/tasks"))
+        .bearer_auth(&t1)
+        .body(vec![b'x'; 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        h.call(M::GET, "/tasks?limit=0", Some(&t1), None)
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        h.call(M::GET, "/tasks?limit=501", Some(&t1), None)
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        h.call(M::GET, "/tasks?status=nope", Some(&t1), None)
+            .await
+            .status,
+        400
+    );
+    assert_eq!(count_tasks(&infra).await, before);
+
+    // ── Authorization matrix: creator 1, performer 2, observer 3, stranger 5 ─────────
+    let r = h
+        .call(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(json!({"title": "matrix", "performer_id": 2, "observer_ids": [3]})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let tid = r.body["id"].as_i64().unwrap();
+    let path = format!("/tasks/{tid}");
+    for u in [1, 2, 3, 5] {
+        assert_eq!(
+            h.call(M::GET, &path, Some(&tokens[u]), None).await.status,
+            200,
+            "read by {u}"
+        );
+    }
+    for (u, want) in [(1, 200), (2, 200), (3, 403), (5, 403)] {
+        let r = h
+            .call(
+                M::PATCH,
+                &path,
+                Some(&tokens[u]),
+                Some(json!({"description": format!("by {u}")})),
+            )
+            .await;
+        assert_eq!(r.status, want, "update by {u}: {}", r.body);
+    }
+    for u in [2, 3, 5] {
+        assert_eq!(
+            h.call(M::DELETE, &path, Some(&tokens[u]), None)
+                .await
+                .status,
+            403,
+            "delete by {u}"
+        );
+    }
+    // ETag / If-Match.
+    let r = h.call(M::GET, &path, Some(&t1), None).await;
+    let etag = r.headers["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, "\"3\"");
+    let r = h
+        .send(M::GET, &path, Some(&t1), None, &[("if-none-match", &etag)])
+        .await;
+    assert_eq!(r.status, 304);
+    let r = h
+        .send(
+            M::PATCH,
+            &path,
+            Some(&t1),
+            Some(json!({"status": "completed"})),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(r.status, 412);
+    let r = h
+        .send(
+            M::PATCH,
+            &path,
+            Some(&t1),
+            Some(json!({"status": "completed"})),
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["etag"], "\"4\"");
+    let r = h
+        .call(
+            M::PUT,
+            &path,
+            Some(&t1),
+            Some(json!({"title": "t", "performer_id": 2, "status": "pending", "creator_id": 3})),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    // Performer change (one shard here; through the proxy this is the two-phase move).
+    let r = h
+        .call(
+            M::PATCH,
+            &path,
+            Some(&tokens[2]),
+            Some(json!({"performer_id": 4})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["performer_id"], 4);
+    assert_eq!(r.body["observer_ids"], json!([3]));
+    let r = h
+        .call(M::GET, "/tasks?performer_id=4", Some(&t1), None)
+        .await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        h.call(
+            M::PATCH,
+            &path,
+            Some(&tokens[2]),
+            Some(json!({"title": "no longer mine"}))
+        )
+        .await
+        .status,
+        403
+    );
+    let r = h
+        .send(M::DELETE, &path, Some(&t1), None, &[("if-match", "\"1\"")])
+        .await;
+    assert_eq!(r.status, 412);
+    assert_eq!(h.call(M::DELETE, &path, Some(&t1), None).await.status, 204);
+    assert_eq!(h.call(M::DELETE, &path, Some(&t1), None).await.status, 404);
+
+    // ── Idempotency-Key ────────────────────────────────────────────────────────────────
+    let body = json!({"title": "once", "performer_id": 3});
+    let a = h
+        .send(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(body.clone()),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    let before = count_tasks(&infra).await;
+    let b = h
+        .send(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(body),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_eq!((a.status, b.status), (201, 201));
+    assert_eq!(a.body, b.body);
+    assert_eq!(b.headers["idempotent-replayed"], "true");
+    assert_eq!(b.headers["location"], a.headers["location"]);
+    assert_eq!(count_tasks(&infra).await, before);
+    let c = h
+        .send(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(json!({"title": "other"})),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_eq!(c.status, 422);
+
+    // ── Pagination: every task exactly once, in id order ───────────────────────────────
+    let mut created = Vec::new();
+    for i in 0..12 {
+        let r = h
+            .call(
+                M::POST,
+                "/tasks",
+                Some(&t1),
+                Some(json!({"title": format!("p{i}"), "performer_id": 1 + (i % 5)})),
+            )
+            .await;
+        assert_eq!(r.status, 201);
+        created.push(r.body["id"].as_i64().unwrap());
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("/tasks?creator_id=1&limit=5&cursor={c}"),
+            None => "/tasks?creator_id=1&limit=5".to_owned(),
+        };
+        let r = h.call(M::GET, &q, Some(&t1), None).await;
+        assert_eq!(r.status, 200);
+        seen.extend(
+            r.body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_i64().unwrap()),
+        );
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "pages overlap or are out of order");
+    assert!(created.iter().all(|id| seen.contains(id)));
+    let r = h
+        .call(M::GET, "/tasks?observer_id=3", Some(&t1), None)
+        .await;
+    assert_eq!(r.status, 200);
+
+    // ── Redis loses its data: ids keep growing, reads fall back to the shards ──────────
+    let max_before = *created.iter().max().unwrap();
+    infra.redis.flushall().await.unwrap();
+    let r = h
+        .call(M::GET, &format!("/tasks/{max_before}"), Some(&t1), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let r = h
+        .call(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(json!({"title": "after flush", "performer_id": 2})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(r.body["id"].as_i64().unwrap() > max_before);
+
+    // ── Broker down during a write; gateway killed right after the commit ─────────────
+    infra.kafka.stop().await.unwrap();
+    let r = h
+        .call(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(json!({"title": "while kafka is down", "performer_id": 3})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let down_id = r.body["id"].as_i64().unwrap();
+    let unsent: i64 = infra
+        .shard
+        .client("tasks")
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM outbox WHERE sent_at IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(unsent >= 1);
+    // Kill the gateway hard: the event must still be delivered (by the next instance).
+    gw.kill9();
+    infra.kafka.start().await.unwrap();
+    let (gw2, base2) = infra.gateway("gw-main-2", high, None).await;
+    let e = wait_for_event(&infra.kafka.bootstrap(), "task.created", down_id).await;
+    assert_eq!(e["task"]["title"], "while kafka is down");
+    let h2 = Http::new(&base2);
+    assert_eq!(
+        h2.call(M::GET, &format!("/tasks/{down_id}"), Some(&t1), None)
+            .await
+            .status,
+        200
+    );
+    let c = infra.shard.client("tasks").await.unwrap();
+    for _ in 0..50 {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM outbox WHERE sent_at IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM outbox WHERE sent_at IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "outbox rows left unsent");
+
+    // ── Rate limits shared by two instances (their own Redis database) ────────────────
+    let low = "[rate_limit]\nper_second = 1\nburst = 3\nlogin_per_minute = 2\n";
+    let (ga, base_a) = start_with_redis_db(&infra, "gw-a", low).await;
+    let (gb, base_b) = start_with_redis_db(&infra, "gw-b", low).await;
+    let (ha, hb) = (Http::new(&base_a), Http::new(&base_b));
+    // Per-email login limit: 2 per minute, whatever the password.
+    for _ in 0..2 {
+        let r = ha
+            .call(
+                M::POST,
+                "/auth/login",
+                None,
+                Some(json!({"email": "u5@example.com", "password": "wrong-password"})),
+            )
+            .await;
+        assert_eq!(r.status, 401);
+    }
+    let r = hb
+        .call(
+            M::POST,
+            "/auth/login",
+            None,
+            Some(json!({"email": "u5@example.com", "password": "securepassword"})),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    // The IP bucket had 3: two logins spent two, the refused one spent nothing.
+    let r = ha.call(M::GET, "/", None, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["ratelimit-limit"], "3");
+    assert_eq!(r.headers["ratelimit-remaining"], "0");
+    let r = hb.call(M::GET, "/", None, None).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(ha.call(M::GET, "/", None, None).await.status, 200);
+
+    // ── Graceful stop: STOPPING=1 and exit 0 ───────────────────────────────────────────
+    let mut g = gw2;
+    nix::sys::signal::kill(g.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut child = g.child.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    drop((ga, gb));
+    let _ = &infra.auth_db;
+}
+
+/// A gateway whose Redis URL points at database 1 (so its rate-limit buckets are its own
+/// and shared only with other instances configured the same way).
+async fn start_with_redis_db(infra: &Infra, name: &str, extra: &str) -> (Proc, String) {
+    let port = free_port().unwrap();
+    let path = infra.gateway_config(name, port, "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let redis_line = format!("redis_url = \"{}\"", infra.redis.url());
+    let text = text.replace(
+        &redis_line,
+        &format!("redis_url = \"{}/1\"", infra.redis.url()),
+    );
+    let rl = extra
+        .split_once("[rate_limit]")
+        .map(|(_, r)| r)
+        .unwrap_or("");
+    std::fs::write(&path, format!("{text}\n[rate_limit]\n{rl}")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"))
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&base, name).await;
+    (Proc { child: Some(child) }, base)
+}
