@@ -1,0 +1,214 @@
+//! Protocol features beyond plain queries: the admin console, COPY in both directions,
+//! cancel requests forwarded to the backend running the query, and TLS via SSLRequest.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Env;
+use futures_util::{SinkExt, TryStreamExt};
+use tokio_postgres::SimpleQueryMessage;
+
+fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console() {
+    let env = Env::start(3).await;
+    let data = env.client("tasks").await;
+    data.simple_query("SELECT count(*) FROM tasks")
+        .await
+        .expect("scatter");
+    let admin = env.client("admin").await;
+    let shards = rows(
+        &admin
+            .simple_query("SHOW SHARDS")
+            .await
+            .expect("SHOW SHARDS"),
+    );
+    assert_eq!(shards.len(), 3);
+    assert_eq!(shards[0][0], "shard-1");
+    let ring = env.ring();
+    for key in [1i64, 42, 123_456_789, -5] {
+        let r = rows(
+            &admin
+                .simple_query(&format!("SHOW SHARD FOR {key}"))
+                .await
+                .expect("SHOW SHARD FOR"),
+        );
+        assert_eq!(r[0][2], ring.shard_name_for(key), "key {key}");
+    }
+    let r = rows(&admin.simple_query("SHOW RING").await.expect("SHOW RING"));
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0][2], "256");
+    let pools = rows(&admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS"));
+    assert_eq!(pools.len(), 4, "three shards and auth");
+    let clients = rows(
+        &admin
+            .simple_query("SHOW CLIENTS")
+            .await
+            .expect("SHOW CLIENTS"),
+    );
+    assert!(clients.len() >= 2);
+    let stats = rows(&admin.simple_query("SHOW STATS").await.expect("SHOW STATS"));
+    assert!(
+        stats.iter().any(|r| r[0] == "scatter_reads" && r[1] != "0"),
+        "{stats:?}"
+    );
+    admin.simple_query("PAUSE").await.expect("PAUSE");
+    let pending = tokio::spawn(async move { data.simple_query("SELECT 1").await.map(|_| data) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "queries wait while paused");
+    admin.simple_query("RESUME").await.expect("RESUME");
+    tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("resumed")
+        .expect("join")
+        .expect("query after resume");
+    let err = admin
+        .simple_query("SHOW NONSENSE")
+        .await
+        .expect_err("unknown command");
+    assert_eq!(err.code().map(|c| c.code()), Some("42601"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_and_out_and_cancel() {
+    let env = Env::start(2).await;
+    let c = env.client("auth").await;
+    // COPY FROM STDIN (tokio-postgres uses the extended protocol for it).
+    let sink = c
+        .copy_in("COPY users (email, name, password_hash, role) FROM STDIN")
+        .await
+        .expect("copy in");
+    futures_util::pin_mut!(sink);
+    let mut data = String::new();
+    for i in 0..100 {
+        data.push_str(&format!("u{i}@example.com\tUser {i}\tx\tuser\n"));
+    }
+    sink.send(bytes::Bytes::from(data))
+        .await
+        .expect("send rows");
+    let n = sink.finish().await.expect("finish copy");
+    assert_eq!(n, 100);
+    // COPY TO STDOUT.
+    let stream = c
+        .copy_out("COPY (SELECT email FROM users ORDER BY id) TO STDOUT")
+        .await
+        .expect("copy out");
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.expect("copy data");
+    let text: String = chunks
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert_eq!(text.lines().count(), 100);
+    assert!(text.starts_with("u0@example.com\n"));
+    // Simple-protocol COPY through psql on the sharded database, with a shard hint.
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-d",
+            &env.conn_string("tasks"),
+            "-c",
+            "SET taskflow.shard = 'shard-1'",
+            "-c",
+            "\\copy (SELECT 1 AS x) TO STDOUT",
+        ])
+        .output();
+    if let Ok(out) = out {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    }
+
+    // Cancel: the backend running pg_sleep gets the cancel.
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel");
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancelled in time")
+        .expect("join")
+        .expect_err("query was cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_when_configured() {
+    let mut env = Env::start(1).await;
+    let dir = env.dir.path().to_owned();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!("openssl not available; skipping");
+        return;
+    }
+    env.config.tls.cert_file = Some(cert);
+    env.config.tls.key_file = Some(key);
+    env.stop_proxy().await;
+    env.start_proxy().await;
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-qAt",
+            "-d",
+            &format!("{} sslmode=require", env.conn_string("tasks")),
+            "-c",
+            "SELECT 'over tls'",
+        ])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "over tls");
+    let admin = env.client("admin").await;
+    let clients = rows(&admin.simple_query("SHOW CLIENTS").await.expect("clients"));
+    assert!(
+        clients.iter().all(|c| c[5] == "false"),
+        "admin itself is plain"
+    );
+    // Plain connections still work when the client does not ask for TLS.
+    env.client("tasks")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .expect("plain");
+}
