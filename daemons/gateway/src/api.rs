@@ -802,7 +802,14 @@ impl App {
                 return Ok(Some(t));
             }
         }
-        let found = self.store.get(id, None).await?;
+        let mut found = self.store.get(id, None).await?;
+        if found.is_none() && mapped.is_some() {
+            // The map says the task exists: it may be between its two shards' commits of
+            // a move (the old one committed the delete, the new one not yet the insert).
+            // That window is milliseconds; look once more before answering 404.
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            found = self.store.get(id, None).await?;
+        }
         if let Some(t) = &found {
             let _ = self.kv.remember_performer(id, t.performer_id).await;
         }

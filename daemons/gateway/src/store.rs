@@ -23,12 +23,20 @@ use tokio_postgres::Row;
 pub enum StoreError {
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("stored task has an unknown status `{0}`")]
     BadStatus(String),
     #[error("cannot encode event: {0}")]
     Encode(#[from] serde_json::Error),
+}
+
+/// The server's message and SQLSTATE when there is one (tokio-postgres prints "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 /// The columns of a task plus its observers, aggregated on the task's own shard.
@@ -130,9 +138,18 @@ impl Store {
             }
             None => {
                 let stmt = c
-                    .prepare_cached(&format!("{SELECT_TASK} WHERE id = $1 ORDER BY id LIMIT 1"))
+                    .prepare_cached(&format!("{SELECT_TASK} WHERE id = $1"))
                     .await?;
-                c.query(&stmt, &[&id]).await?.into_iter().next()
+                // Mid-move a task can be visible on two shards: the newest version wins.
+                let rows = c.query(&stmt, &[&id]).await?;
+                let mut best: Option<Task> = None;
+                for row in &rows {
+                    let t = task_from(row)?;
+                    if best.as_ref().is_none_or(|b| t.version > b.version) {
+                        best = Some(t);
+                    }
+                }
+                return Ok(best);
             }
         };
         row.as_ref().map(task_from).transpose()
@@ -176,8 +193,11 @@ impl Store {
             .collect();
         let rows = c.query(&stmt, &refs).await?;
         let mut tasks: Vec<Task> = rows.iter().map(task_from).collect::<Result<_, _>>()?;
-        // The proxy merges by id already; sorting again is cheap insurance.
-        tasks.sort_by_key(|t| t.id);
+        // The proxy merges by id already; sorting again is cheap insurance. A task caught
+        // mid-move (its two shards' commits are not visible at the same instant) can show
+        // up on both shards: keep the newest version only.
+        tasks.sort_by(|a, b| a.id.cmp(&b.id).then(b.version.cmp(&a.version)));
+        tasks.dedup_by_key(|t| t.id);
         Ok(tasks)
     }
 
@@ -309,6 +329,7 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, w: Write<'_>) -> Result<
         Write::Update { old, new } if old.performer_id != new.performer_id => {
             // A move: the row leaves the old key's shard and enters the new one's in the
             // same (two-phase, through the proxy) transaction.
+            // Delete first: both performers may hash to the same shard (same primary key).
             delete_task(tx, old).await?;
             insert_task(tx, new).await
         }
