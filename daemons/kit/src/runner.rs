@@ -89,7 +89,7 @@ where
     F: FnOnce(Daemon<C>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let notifier = Notifier;
+    let notifier = Notifier::new();
     let lifecycle = Lifecycle::new(notifier.clone(), cfg.common().shutdown_grace());
     notifier.status("starting");
 

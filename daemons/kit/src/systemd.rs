@@ -2,44 +2,120 @@
 //!
 //! Every call is a no-op when `$NOTIFY_SOCKET` is unset, so daemons run the same way under
 //! systemd, under the dev stack (which owns a notify socket of its own) and from a shell.
+//!
+//! Why a thread of its own: the notify socket is a datagram socket with a short queue
+//! (`net.unix.max_dgram_qlen`, often 10). If the reader falls behind — a test that is not
+//! reading, a stalled supervisor — `send` blocks. A blocked tokio worker would stall the
+//! daemon, so notifications are handed to one dedicated thread through a bounded channel,
+//! and when even that is full they are dropped (the next watchdog ping or status replaces
+//! them) rather than ever blocking the caller.
 
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-/// Sends notifications; cheap to clone and share.
-#[derive(Debug, Clone, Default)]
-pub struct Notifier;
+/// One notification, owned so it can cross to the sender thread.
+#[derive(Debug, Clone)]
+enum Note {
+    Ready(String),
+    Status(String),
+    Reloading,
+    Stopping,
+    Watchdog,
+}
+
+/// Sends notifications without ever blocking; cheap to clone and share.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    tx: Option<SyncSender<Note>>,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Notifier {
-    fn send(&self, states: &[NotifyState<'_>]) {
-        if let Err(e) = sd_notify::notify(false, states) {
-            tracing::warn!(error = %e, "sd_notify failed");
+    /// Starts the sender thread when `$NOTIFY_SOCKET` is set; otherwise a no-op notifier.
+    pub fn new() -> Self {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return Notifier { tx: None };
+        }
+        let (tx, rx) = sync_channel::<Note>(64);
+        let spawned = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                for note in rx {
+                    let result = match &note {
+                        Note::Ready(status) => sd_notify::notify(
+                            false,
+                            &[NotifyState::Ready, NotifyState::Status(status)],
+                        ),
+                        Note::Status(status) => {
+                            sd_notify::notify(false, &[NotifyState::Status(status)])
+                        }
+                        Note::Reloading => sd_notify::notify(
+                            false,
+                            &[
+                                NotifyState::Reloading,
+                                NotifyState::Status("reloading configuration"),
+                            ],
+                        ),
+                        Note::Stopping => sd_notify::notify(
+                            false,
+                            &[NotifyState::Stopping, NotifyState::Status("draining")],
+                        ),
+                        Note::Watchdog => sd_notify::notify(false, &[NotifyState::Watchdog]),
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, ?note, "sd_notify failed");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Notifier { tx: Some(tx) },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the sd-notify thread; notifications disabled");
+                Notifier { tx: None }
+            }
+        }
+    }
+
+    fn send(&self, note: Note) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(note) {
+            Ok(()) => {}
+            Err(TrySendError::Full(note)) => {
+                tracing::debug!(
+                    ?note,
+                    "notify socket is not being read; notification dropped"
+                )
+            }
+            Err(TrySendError::Disconnected(_)) => {}
         }
     }
 
     /// `READY=1` with a status line: the daemon listens and its dependencies answer.
     pub fn ready(&self, status: &str) {
-        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        self.send(Note::Ready(status.to_owned()));
     }
 
     pub fn status(&self, status: &str) {
-        self.send(&[NotifyState::Status(status)]);
+        self.send(Note::Status(status.to_owned()));
     }
 
     pub fn reloading(&self) {
-        self.send(&[
-            NotifyState::Reloading,
-            NotifyState::Status("reloading configuration"),
-        ]);
+        self.send(Note::Reloading);
     }
 
     pub fn stopping(&self) {
-        self.send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+        self.send(Note::Stopping);
     }
 
     pub fn watchdog(&self) {
-        self.send(&[NotifyState::Watchdog]);
+        self.send(Note::Watchdog);
     }
 
     /// The interval at which to ping the watchdog: half of `WATCHDOG_USEC`, as

@@ -1,21 +1,27 @@
-//! The notify daemon's run loop: dependencies, ops endpoint, readiness, drain.
-//!
-//! The event consumer itself (Kafka → SMTP → `notify_events`) is not built yet; until it
-//! is, the daemon says so in its systemd status instead of pretending to deliver mail.
+//! The notify daemon's run loop: dependencies, ops endpoint, readiness, the `task_events`
+//! consumer, drain.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lettre::transport::smtp::AsyncSmtpTransport;
-use lettre::Tokio1Executor;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
+use taskflow_contracts::TaskEvent;
 use taskflow_kit::deps::Checks;
 use taskflow_kit::http::{serve_ops, Readiness};
-use taskflow_kit::Daemon;
+use taskflow_kit::{Daemon, Lifecycle};
 
-use crate::config::{NotifyConfig, SmtpTls};
+use crate::config::NotifyConfig;
+use crate::directory::Directory;
+use crate::mailer::Mailer;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+
+/// Longest wait between two attempts at a message that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
     let Daemon {
@@ -24,37 +30,22 @@ pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
         reloads,
         ..
     } = daemon;
-    // Nothing to re-apply yet: dropping the receiver lets the kit acknowledge SIGHUP
-    // itself once the new file validates.
+    // Nothing to re-apply at run time: dropping the receiver lets the kit acknowledge
+    // SIGHUP itself once the new file validates.
     drop(reloads);
-    let readiness = Readiness::new();
-    let registry = Arc::new(prometheus_client::registry::Registry::with_prefix(
-        "taskflow_notify",
-    ));
 
+    let readiness = Readiness::new();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("taskflow_notify");
+    let metrics = Metrics::register(&mut registry);
     let addr = serve_ops(
         cfg.metrics_listen,
         readiness.clone(),
-        registry,
+        Arc::new(registry),
         lifecycle.shutdown.clone(),
     )
     .await
     .with_context(|| format!("cannot listen on metrics_listen {}", cfg.metrics_listen))?;
 
-    let checks = dependency_checks(&cfg)?;
-    if !checks.wait_ready(&readiness, &lifecycle).await {
-        return Ok(());
-    }
-    checks.spawn_monitor(readiness, Duration::from_secs(10), &lifecycle);
-    lifecycle.ready(&format!(
-        "metrics on {addr}; dependencies answer; task_events consumer not yet implemented"
-    ));
-
-    lifecycle.shutdown.cancelled().await;
-    Ok(())
-}
-
-fn dependency_checks(cfg: &NotifyConfig) -> anyhow::Result<Checks> {
     let pg = taskflow_kit::postgres::client_config(
         &cfg.database_url,
         "database_url",
@@ -62,16 +53,126 @@ fn dependency_checks(cfg: &NotifyConfig) -> anyhow::Result<Checks> {
         "database_password_file",
     )?;
     let redis = redis::Client::open(cfg.redis_url.as_str()).context("redis_url")?;
-    let consumer: Arc<BaseConsumer> = Arc::new(
+    let mailer = Mailer::new(&cfg.smtp)?;
+    let consumer: Arc<StreamConsumer> = Arc::new(
         ClientConfig::new()
             .set("bootstrap.servers", &cfg.kafka_brokers)
             .set("group.id", &cfg.kafka_group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("broker.address.family", "v4")
             .create()
-            .context("kafka_brokers")?,
+            .context("kafka_brokers: cannot create the consumer")?,
     );
-    let smtp = Arc::new(smtp_transport(cfg)?);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("broker.address.family", "v4")
+        .create()
+        .context("kafka_brokers: cannot create the producer")?;
 
-    Ok(Checks::new()
+    let checks = dependency_checks(pg.clone(), redis.clone(), consumer.clone(), mailer.clone());
+    if !checks.wait_ready(&readiness, &lifecycle).await {
+        return Ok(());
+    }
+    checks.spawn_monitor(readiness, Duration::from_secs(10), &lifecycle);
+
+    consumer
+        .subscribe(&[cfg.task_events_topic.as_str()])
+        .with_context(|| format!("subscribing to {}", cfg.task_events_topic))?;
+    let mut pipeline = Pipeline {
+        directory: Directory::new(pg),
+        mailer,
+        redis: redis::aio::ConnectionManager::new(redis)
+            .await
+            .context("connecting to redis")?,
+        producer,
+        notify_topic: cfg.notify_events_topic.clone(),
+        metrics: metrics.clone(),
+    };
+    lifecycle.ready(&format!(
+        "consuming {} as group {}; metrics on {addr}",
+        cfg.task_events_topic, cfg.kafka_group_id
+    ));
+    consume(&consumer, &mut pipeline, &metrics, &lifecycle).await;
+    Ok(())
+}
+
+/// Handles messages one at a time, committing each offset only once it is fully handled.
+async fn consume(
+    consumer: &StreamConsumer,
+    pipeline: &mut Pipeline,
+    metrics: &Metrics,
+    lifecycle: &Lifecycle,
+) {
+    loop {
+        let message = tokio::select! {
+            m = consumer.recv() => m,
+            () = lifecycle.shutdown.cancelled() => return,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka receive failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let event: Option<TaskEvent> = match message.payload().map(serde_json::from_slice) {
+            Some(Ok(event)) => Some(event),
+            Some(Err(e)) => {
+                metrics.malformed.inc();
+                tracing::error!(
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    error = %e,
+                    "malformed task_events message skipped"
+                );
+                None
+            }
+            None => {
+                metrics.malformed.inc();
+                tracing::error!(
+                    offset = message.offset(),
+                    "empty task_events message skipped"
+                );
+                None
+            }
+        };
+        if let Some(event) = event {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match pipeline.handle(&event).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        metrics.retries.inc();
+                        tracing::warn!(event_id = %event.event_id, error = %e, retry_in_ms = backoff.as_millis() as u64, "event not fully handled; will retry");
+                        lifecycle.status(&format!("retrying event {}: {e}", event.event_id));
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            // Not committed: the message comes again after a restart.
+                            () = lifecycle.shutdown.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+            metrics.events.inc();
+            tracing::info!(event_id = %event.event_id, kind = %event.kind, task_id = event.task.id, "event handled");
+        }
+        if let Err(e) = consumer.commit_message(&message, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit failed; the message may be redelivered");
+        }
+    }
+}
+
+fn dependency_checks(
+    pg: tokio_postgres::Config,
+    redis: redis::Client,
+    consumer: Arc<StreamConsumer>,
+    mailer: Mailer,
+) -> Checks {
+    Checks::new()
         .add("postgres", move || {
             let pg = pg.clone();
             async move {
@@ -115,36 +216,7 @@ fn dependency_checks(cfg: &NotifyConfig) -> anyhow::Result<Checks> {
             }
         })
         .add("smtp", move || {
-            let smtp = smtp.clone();
-            async move {
-                match smtp.test_connection().await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err("SMTP server did not accept NOOP".to_owned()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        }))
-}
-
-fn smtp_transport(cfg: &NotifyConfig) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
-    let s = &cfg.smtp;
-    let mut builder = match s.tls {
-        SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host),
-        SmtpTls::Starttls => {
-            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&s.host).context("smtp.host")?
-        }
-        SmtpTls::Tls => {
-            AsyncSmtpTransport::<Tokio1Executor>::relay(&s.host).context("smtp.host")?
-        }
-    }
-    .port(s.port)
-    .timeout(Some(Duration::from_secs(5)));
-    if let (Some(user), Some(file)) = (&s.username, &s.password_file) {
-        let password = taskflow_kit::secrets::read_secret(file).context("smtp.password_file")?;
-        builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
-            user.clone(),
-            password,
-        ));
-    }
-    Ok(builder.build())
+            let mailer = mailer.clone();
+            async move { mailer.check().await }
+        })
 }

@@ -9,6 +9,10 @@ use clap::Parser;
 
 mod config;
 mod daemon;
+mod directory;
+mod mailer;
+mod metrics;
+mod pipeline;
 
 /// TaskFlow notify daemon.
 #[derive(Debug, Parser)]
