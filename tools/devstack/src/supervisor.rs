@@ -124,8 +124,18 @@ pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         t.abort();
     }
-    say("stopped; no process left behind");
-    Ok(())
+    let mut still = Vec::new();
+    for svc in crate::layout::SERVICES {
+        if crate::layout::answers(layout.port(svc.name)).await {
+            still.push(format!("{} (port {})", svc.name, layout.port(svc.name)));
+        }
+    }
+    if still.is_empty() {
+        say("stopped; nothing answers on the stack's ports any more");
+        Ok(())
+    } else {
+        bail!("stopped, but still answering: {}", still.join(", "))
+    }
 }
 
 fn cleanup(layout: &Layout) {

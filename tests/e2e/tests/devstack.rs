@@ -1,0 +1,221 @@
+//! The local stack as an operator uses it (`make up`, `status`, `down`), and the VM test
+//! `tests/vm/basic.nix` mirrored on one machine: all four daemons reach READY, the seed's
+//! requests work through gateway → auth/proxy → shards, mail arrives at the SMTP sink, and
+//! `down` leaves nothing answering on any of the stack's ports.
+
+use std::process::Command;
+use std::time::Duration;
+
+use taskflow_test_support::{binary_path, free_port, wait_until};
+
+/// Service names of the stack (see tools/devstack/src/layout.rs) — each gets a free port.
+const SERVICES: [&str; 13] = [
+    "pg-auth",
+    "pg-shard-1",
+    "pg-shard-2",
+    "pg-shard-3",
+    "redis",
+    "kafka",
+    "smtp",
+    "smtp-ui",
+    "shard-proxy",
+    "proxy-metrics",
+    "auth",
+    "gateway",
+    "notify-metrics",
+];
+
+struct Stack {
+    state: tempfile::TempDir,
+    ports: Vec<(String, u16)>,
+}
+
+impl Stack {
+    fn port(&self, name: &str) -> u16 {
+        self.ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .expect("known service")
+    }
+
+    fn devstack(&self, args: &[&str]) -> (bool, String) {
+        let mut cmd = Command::new(binary_path("taskflow-devstack").expect("devstack binary"));
+        cmd.args(args).env("DEVSTACK_STATE_DIR", self.state.path());
+        for (name, port) in &self.ports {
+            cmd.env(
+                format!(
+                    "DEVSTACK_{}_PORT",
+                    name.to_ascii_uppercase().replace('-', "_")
+                ),
+                port.to_string(),
+            );
+        }
+        let out = cmd.output().expect("run devstack");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.devstack(&["down"]);
+    }
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn json_field(body: &str, field: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    match &v[field] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+async fn answers(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn up_serves_the_seed_requests_and_down_leaves_nothing_running() {
+    let stack = Stack {
+        state: tempfile::tempdir().expect("state dir"),
+        ports: SERVICES
+            .iter()
+            .map(|s| (s.to_string(), free_port().expect("port")))
+            .collect(),
+    };
+    let (ok, out) = stack.devstack(&["up"]);
+    assert!(ok, "make up failed:\n{out}");
+    for daemon in ["shard-proxy", "auth", "gateway", "notify-metrics"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(daemon))
+            .unwrap_or_else(|| panic!("status lists {daemon}:\n{out}"));
+        assert!(line.contains(" up "), "{daemon} not up: {line}");
+    }
+    // A second stack on the same state directory is refused.
+    let (ok, second) = stack.devstack(&["dev"]);
+    assert!(
+        !ok && second.contains("another stack is running"),
+        "{second}"
+    );
+
+    let gw = format!("http://127.0.0.1:{}", stack.port("gateway"));
+    let h = "content-type: application/json";
+    let (code, body) = curl(&[&format!("{gw}/")]);
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"message":"API is working"}"#)
+    );
+    for (email, name) in [("user@example.com", "John Doe"), ("two@example.com", "Two")] {
+        let (code, body) = curl(&[
+            "-XPOST",
+            &format!("{gw}/auth/register"),
+            "-H",
+            h,
+            "-d",
+            &format!(r#"{{"email":"{email}","name":"{name}","password":"securepassword"}}"#),
+        ]);
+        assert_eq!(code, 201, "{body}");
+    }
+    let (code, body) = curl(&[
+        "-XPOST",
+        &format!("{gw}/auth/login"),
+        "-H",
+        h,
+        "-d",
+        r#"{"email":"user@example.com","password":"securepassword"}"#,
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json_field(&body, "id"), "1", "login id is a string: {body}");
+    let auth = format!("authorization: Bearer {}", json_field(&body, "token"));
+    let (code, body) = curl(&[
+        "-XPOST",
+        &format!("{gw}/tasks"),
+        "-H",
+        h,
+        "-H",
+        &auth,
+        "-d",
+        r#"{"title":"Complete project","description":"Finish the backend implementation","performer_id":2,"creator_id":1,"observer_ids":[],"status":"pending"}"#,
+    ]);
+    assert_eq!(code, 201, "{body}");
+    let id = json_field(&body, "id");
+    let (code, body) = curl(&[
+        &format!("{gw}/tasks?performer_id=2&status=pending"),
+        "-H",
+        &auth,
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("Complete project"), "{body}");
+
+    // The task lives on its ring owner, and only there (checked through the admin console
+    // and the shards themselves).
+    let psql = |port: u16, db: &str, sql: &str| -> String {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "taskflow",
+                "-d",
+                db,
+            ])
+            .args(["-XAtc", sql])
+            .env("PGPASSWORD", "taskflow")
+            .output()
+            .expect("psql");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let owner = psql(stack.port("shard-proxy"), "admin", "SHOW SHARD FOR 2");
+    let owner = owner.rsplit('|').next().unwrap_or_default().to_owned();
+    for (shard, svc) in [
+        ("shard-1", "pg-shard-1"),
+        ("shard-2", "pg-shard-2"),
+        ("shard-3", "pg-shard-3"),
+    ] {
+        let n = psql(
+            stack.port(svc),
+            "tasks",
+            &format!("SELECT count(*) FROM tasks WHERE id = {id}"),
+        );
+        let expected = if shard == owner { "1" } else { "0" };
+        assert_eq!(n, expected, "task {id} on {shard} (owner {owner})");
+    }
+
+    // The notify daemon mails performer and creator.
+    let ui = stack.port("smtp-ui");
+    wait_until(Duration::from_secs(60), || async move {
+        let (_, body) = curl(&[&format!("http://127.0.0.1:{ui}/api/email")]);
+        body.matches("Complete project").count() >= 2
+    })
+    .await
+    .expect("two mails for the new task");
+
+    let (ok, out) = stack.devstack(&["down"]);
+    assert!(ok, "down failed: {out}");
+    for (name, port) in &stack.ports {
+        assert!(
+            !answers(*port).await,
+            "{name} still answers on {port} after down"
+        );
+    }
+    let (ok, out) = stack.devstack(&["status"]);
+    assert!(ok && out.contains("not running"), "{out}");
+}
