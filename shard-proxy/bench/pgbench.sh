@@ -95,7 +95,7 @@ url = "postgres://taskflow@127.0.0.1:$PG_PORT/tasks2"
 name = "shard-3"
 url = "postgres://taskflow@127.0.0.1:$PG_PORT/tasks3"
 CONF
-ulimit -n 65536 || true
+ulimit -n 65536 2>/dev/null || true
 "$PROXY_BIN" --config "$WORK/proxy.toml" > "$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 
