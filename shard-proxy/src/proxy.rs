@@ -36,6 +36,8 @@ pub enum SetupError {
     Ring(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Load(String),
 }
 
 /// Shards, their pools, the ring and the router, as of one configuration.
@@ -206,13 +208,8 @@ impl Proxy {
 
     /// Re-reads the configuration file and environment (admin `RELOAD`).
     pub fn reload_from_disk(&self) -> Result<String, SetupError> {
-        let cfg: ProxyConfig =
-            taskflow_kit::config::load(self.config_path.as_deref()).map_err(|e| {
-                SetupError::Config {
-                    key: String::new(),
-                    message: e.to_string(),
-                }
-            })?;
+        let cfg: ProxyConfig = taskflow_kit::config::load(self.config_path.as_deref())
+            .map_err(|e| SetupError::Load(e.to_string()))?;
         self.apply(cfg)
     }
 

@@ -212,3 +212,56 @@ async fn tls_when_configured() {
         .await
         .expect("plain");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rereads_users_and_shards() {
+    let mut env = Env::start(2).await;
+    let path = env.dir.path().join("proxy.toml");
+    // Start with shard-1 only, then RELOAD with both shards and a second user.
+    let all_shards = env.config.shards.clone();
+    env.config.shards.truncate(1);
+    std::fs::write(&path, env.config_toml("")).expect("write config");
+    env.config_path = Some(path.clone());
+    env.stop_proxy().await;
+    env.start_proxy().await;
+    let admin = env.client("admin").await;
+    assert_eq!(
+        rows(&admin.simple_query("SHOW SHARDS").await.expect("shards")).len(),
+        1
+    );
+    let alice = format!(
+        "host=127.0.0.1 port={} user=alice password=wonderland dbname=tasks",
+        env.addr().port()
+    );
+    assert!(tokio_postgres::connect(&alice, tokio_postgres::NoTls)
+        .await
+        .is_err());
+
+    env.config.shards = all_shards;
+    let text = env.config_toml("") + "[[users]]\nname = \"alice\"\npassword = \"wonderland\"\n";
+    std::fs::write(&path, text).expect("write config");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_eq!(
+        rows(&admin.simple_query("SHOW SHARDS").await.expect("shards")).len(),
+        2
+    );
+    let (c, conn) = tokio_postgres::connect(&alice, tokio_postgres::NoTls)
+        .await
+        .expect("alice after reload");
+    tokio::spawn(conn);
+    c.simple_query("SELECT count(*) FROM tasks")
+        .await
+        .expect("scatter over both shards");
+
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&path, "listen = 42\n").expect("write bad config");
+    let err = admin
+        .simple_query("RELOAD")
+        .await
+        .expect_err("bad config refused");
+    assert!(format!("{err:?}").contains("listen"), "{err:?}");
+    assert_eq!(
+        rows(&admin.simple_query("SHOW SHARDS").await.expect("shards")).len(),
+        2
+    );
+}

@@ -20,6 +20,8 @@ pub struct Env {
     pub auth: AuthDb,
     pub dir: tempfile::TempDir,
     pub config: ProxyConfig,
+    /// When set, the proxy is told to (re)load this file on RELOAD.
+    pub config_path: Option<PathBuf>,
     pub proxy: Option<Running>,
 }
 
@@ -72,6 +74,7 @@ impl Env {
             auth,
             dir,
             config,
+            config_path: None,
             proxy: None,
         };
         env.start_proxy().await;
@@ -79,10 +82,13 @@ impl Env {
     }
 
     pub async fn start_proxy(&mut self) {
-        let (running, _registry) =
-            server::start(self.config.clone(), None, CancellationToken::new())
-                .await
-                .expect("proxy start");
+        let (running, _registry) = server::start(
+            self.config.clone(),
+            self.config_path.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("proxy start");
         self.proxy = Some(running);
     }
 
@@ -94,6 +100,29 @@ impl Env {
 
     pub fn addr(&self) -> SocketAddr {
         self.proxy.as_ref().expect("proxy running").addr
+    }
+
+    /// The configuration as a TOML file (inline passwords, dev style) plus `extra` lines.
+    pub fn config_toml(&self, extra: &str) -> String {
+        let mut text =
+            format!(
+            "listen = \"{listen}\"\nmetrics_listen = \"127.0.0.1:0\"\nstate_dir = \"{state}\"\n\
+             {extra}\n\
+             [[users]]\nname = \"taskflow\"\npassword = \"taskflow\"\n\
+             [backend]\nuser = \"taskflow\"\npassword_file = \"{pw}\"\n\
+             [auth_database]\nurl = \"{auth}\"\n",
+            listen = self.proxy.as_ref().map(|p| p.addr).unwrap_or(self.config.listen),
+            state = self.state_dir().display(),
+            pw = self.config.backend.password_file.clone().unwrap_or_default(),
+            auth = self.config.auth_database.url,
+        );
+        for s in &self.config.shards {
+            text.push_str(&format!(
+                "[[shards]]\nname = \"{}\"\nurl = \"{}\"\n",
+                s.name, s.url
+            ));
+        }
+        text
     }
 
     pub fn state_dir(&self) -> PathBuf {
