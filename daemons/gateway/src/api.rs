@@ -327,7 +327,21 @@ impl App {
             return (route, with_limit_headers(resp, &ctx, &self.cfg));
         }
 
-        if let Some(r) = self.rate_limit(&mut ctx, extra).await {
+        // A cached single-task read is the hot path: fetch the cache entry in the same
+        // Redis round trip as the rate-limit check (the multiplexed connection pipelines
+        // the two commands).
+        let prefetch = match (segs.as_slice(), req.method()) {
+            (["tasks", id], &Method::GET) if auth_failure.is_none() => id.parse::<i64>().ok(),
+            _ => None,
+        };
+        let (limited, mut cached) = match prefetch {
+            Some(id) => {
+                let (l, c) = tokio::join!(self.rate_limit(&mut ctx, extra), self.kv.cached(id));
+                (l, Some(c))
+            }
+            None => (self.rate_limit(&mut ctx, extra).await, None),
+        };
+        if let Some(r) = limited {
             return ("limited", with_limit_headers(r, &ctx, &self.cfg));
         }
         if let Some(r) = auth_failure {
@@ -362,7 +376,7 @@ impl App {
                     return ("task", problem(StatusCode::NOT_FOUND, "no such task"));
                 };
                 match *m {
-                    Method::GET => ("get_task", self.get(id, req.headers()).await),
+                    Method::GET => ("get_task", self.get(id, req.headers(), cached.take()).await),
                     Method::PUT => ("put_task", self.update(&ctx, id, req, Mode::Replace).await),
                     Method::PATCH => ("patch_task", self.update(&ctx, id, req, Mode::Patch).await),
                     Method::DELETE => ("delete_task", self.delete(&ctx, id, req.headers()).await),
@@ -816,7 +830,12 @@ impl App {
         Ok(found)
     }
 
-    async fn get(&self, id: i64, h: &HeaderMap) -> Resp {
+    async fn get(
+        &self,
+        id: i64,
+        h: &HeaderMap,
+        prefetched: Option<redis::RedisResult<Option<(i64, String)>>>,
+    ) -> Resp {
         let inm = header_str(h, &header::IF_NONE_MATCH).map(str::to_owned);
         let not_modified = |version: i64| {
             let mut r = Response::new(Full::new(Bytes::new()));
@@ -824,7 +843,11 @@ impl App {
             r.headers_mut().insert(header::ETAG, etag(version));
             r
         };
-        match self.kv.cached(id).await {
+        let cached = match prefetched {
+            Some(c) => c,
+            None => self.kv.cached(id).await,
+        };
+        match cached {
             Ok(Some((version, json))) => {
                 if inm.as_deref().is_some_and(|l| etag_matches(l, version)) {
                     return not_modified(version);

@@ -162,6 +162,16 @@ impl Infra {
 struct Http {
     base: String,
     client: reqwest::Client,
+    /// Every exchange, checked against openapi.json at the end of the test.
+    log: std::sync::Mutex<Vec<Exchange>>,
+}
+
+struct Exchange {
+    method: M,
+    path: String,
+    status: u16,
+    content_type: String,
+    body: Value,
 }
 
 struct Reply {
@@ -175,6 +185,7 @@ impl Http {
         Http {
             base: base.to_owned(),
             client: reqwest::Client::new(),
+            log: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -186,7 +197,9 @@ impl Http {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> Reply {
-        let mut rb = self.client.request(method, format!("{}{path}", self.base));
+        let mut rb = self
+            .client
+            .request(method.clone(), format!("{}{path}", self.base));
         if let Some(t) = token {
             rb = rb.header("authorization", format!("Bearer {t}"));
         }
@@ -201,6 +214,17 @@ impl Http {
         let headers = r.headers().clone();
         let text = r.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        self.log.lock().unwrap().push(Exchange {
+            method,
+            path: path.to_owned(),
+            status,
+            content_type: headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            body: body.clone(),
+        });
         Reply {
             status,
             headers,
@@ -1062,6 +1086,9 @@ async fn gateway_end_to_end() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     drop((ga, gb));
+    for http in [&h, &h2, &ha, &hb] {
+        check_against_openapi(&http.log.lock().unwrap());
+    }
     let _ = &infra.auth_db;
 }
 
@@ -1090,4 +1117,152 @@ async fn start_with_redis_db(infra: &Infra, name: &str, extra: &str) -> (Proc, S
     let base = format!("http://127.0.0.1:{port}");
     wait_ready(&base, name).await;
     (Proc { child: Some(child) }, base)
+}
+
+/// The OpenAPI path template a concrete path belongs to.
+fn template(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or("");
+    let segs: Vec<&str> = path.split('/').collect();
+    segs.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if i > 0 && !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+                "{id}"
+            } else {
+                s
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let ptr = r.trim_start_matches('#');
+            resolve(
+                doc,
+                doc.pointer(ptr)
+                    .unwrap_or_else(|| panic!("dangling $ref {r}")),
+            )
+        }
+        None => v,
+    }
+}
+
+/// A small JSON-Schema subset: type, required, properties, items, enum, const.
+fn conforms(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+    let schema = resolve(doc, schema);
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "integer" => v.is_i64() || v.is_u64(),
+            "number" => v.is_number(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => true,
+        });
+        if !ok {
+            return Err(format!("{at}: {v} is not {types:?}"));
+        }
+    }
+    if let Some(e) = schema.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            return Err(format!("{at}: {v} not in {e:?}"));
+        }
+    }
+    if let Some(c) = schema.get("const") {
+        if c != v {
+            return Err(format!("{at}: {v} != {c}"));
+        }
+    }
+    if let (Some(req), Some(obj)) = (
+        schema.get("required").and_then(Value::as_array),
+        v.as_object(),
+    ) {
+        for k in req.iter().filter_map(Value::as_str) {
+            if !obj.contains_key(k) {
+                return Err(format!("{at}: missing required `{k}`"));
+            }
+        }
+    }
+    if let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(Value::as_object),
+        v.as_object(),
+    ) {
+        for (k, sub) in props {
+            if let Some(val) = obj.get(k) {
+                conforms(doc, sub, val, &format!("{at}.{k}"))?;
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, it) in arr.iter().enumerate() {
+            conforms(doc, items, it, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every status the gateway answered is documented for that route, errors are
+/// problem+json, and JSON bodies conform to the documented schema.
+fn check_against_openapi(log: &[Exchange]) {
+    let doc: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    for x in log {
+        let t = template(&x.path);
+        if x.method == M::OPTIONS || (t.starts_with("/swagger/") && t != "/swagger/index.html") {
+            continue;
+        }
+        if x.status == 404 && doc["paths"].get(&t).is_none() {
+            continue; // an unknown route, on purpose
+        }
+        let op = &doc["paths"][&t][x.method.as_str().to_lowercase()];
+        if x.status == 405 {
+            continue;
+        }
+        assert!(op.is_object(), "{} {t} is not in openapi.json", x.method);
+        let resp = op["responses"]
+            .get(x.status.to_string())
+            .map(|r| resolve(&doc, r))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} {t} answered {} which openapi.json does not list",
+                    x.method, x.status
+                )
+            });
+        if x.status >= 400 {
+            assert_eq!(
+                x.content_type, "application/problem+json",
+                "{} {t} {}",
+                x.method, x.status
+            );
+        }
+        if let Some(schema) = resp.pointer("/content/application~1json/schema") {
+            if x.content_type.starts_with("application/json") {
+                conforms(
+                    &doc,
+                    schema,
+                    &x.body,
+                    &format!("{} {t} {}", x.method, x.status),
+                )
+                .unwrap_or_else(|e| panic!("response does not match openapi.json: {e}"));
+            }
+        }
+        if let Some(schema) = resp.pointer("/content/application~1problem+json/schema") {
+            conforms(
+                &doc,
+                schema,
+                &x.body,
+                &format!("{} {t} {}", x.method, x.status),
+            )
+            .unwrap_or_else(|e| panic!("problem does not match openapi.json: {e}"));
+        }
+    }
 }
