@@ -265,3 +265,84 @@ async fn reload_rereads_users_and_shards() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_copy_from_stdin_splits_rows_by_key() {
+    let env = Env::start(3).await;
+    let ring = env.ring();
+    let run = |command: &str, input: String| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &env.conn_string("tasks"),
+                "-c",
+                command,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        child.wait_with_output().expect("psql output")
+    };
+    // CSV with a header and a quoted comma.
+    let mut csv = String::from("id,performer_id,creator_id,title\n");
+    for p in 1..=40i64 {
+        csv.push_str(&format!("{},{p},1,\"title, {p}\"\n", 100 + p));
+    }
+    let out = run("\\copy tasks (id, performer_id, creator_id, title) FROM STDIN WITH (FORMAT csv, HEADER true)", csv);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Text format, performer_id not first.
+    let mut text = String::new();
+    for p in 41..=60i64 {
+        text.push_str(&format!("{}\t1\ttext {p}\t{p}\n", 100 + p));
+    }
+    let out = run(
+        "\\copy tasks (id, creator_id, title, performer_id) FROM STDIN",
+        text,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in 1..=60i64 {
+        assert_eq!(
+            env.holders(100 + p).await,
+            vec![ring.shard_for(p)],
+            "performer {p}"
+        );
+    }
+    let c = env.client("tasks").await;
+    let title: String = c
+        .query_one("SELECT title FROM tasks WHERE performer_id = 7", &[])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(title, "title, 7");
+    // A bad key fails the whole COPY: nothing from it is visible anywhere.
+    let out = run(
+        "\\copy tasks (id, performer_id, creator_id, title) FROM STDIN WITH (FORMAT csv)",
+        "500,1,1,x\n501,notanumber,1,y\n".into(),
+    );
+    assert!(!out.status.success());
+    assert!(env.holders(500).await.is_empty());
+    c.simple_query("SELECT 1")
+        .await
+        .expect("session usable after a failed COPY");
+}

@@ -278,7 +278,11 @@ impl Session {
             // transaction already holds) answers the same.
             targets = vec![self.default_shard()];
         }
-        if let crate::router::StatementKind::Copy { .. } = analysis.kind {
+        if let crate::router::StatementKind::Copy { from_stdin } = analysis.kind {
+            if from_stdin && targets.len() > 1 && analysis.statement_count == 1 {
+                self.proxy.metrics.route("copy_split");
+                return self.copy_split(sql).await;
+            }
             if targets.len() != 1 {
                 return Err(ExecError::sql(
                     sqlstate::FEATURE_NOT_SUPPORTED,

@@ -48,11 +48,17 @@ pub struct Portal {
 /// What a backend read should end with.
 #[derive(Debug, Clone)]
 enum Expect {
-    Parse { global: Option<String> },
+    Parse {
+        global: Option<String>,
+    },
     Bind,
-    DescribeStmt { stmt: Arc<Stmt> },
+    DescribeStmt {
+        stmt: Arc<Stmt>,
+    },
     DescribePortal,
     Execute,
+    /// CloseComplete of a `Close` the proxy injected before re-preparing a statement.
+    Close,
 }
 
 #[derive(Debug)]
@@ -280,6 +286,10 @@ impl Session {
         let w = self.work(plan, shard).await?;
         let c = w.conn.conn();
         if !c.prepared.contains(&stmt.global) {
+            // Close first (a no-op if absent): our belief about the backend may be stale
+            // after an error skipped part of an earlier batch.
+            frontend::close(b'S', &stmt.global, &mut c.wbuf)
+                .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
             frontend::parse(
                 &stmt.global,
                 &stmt.sql,
@@ -288,6 +298,10 @@ impl Session {
             )
             .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
             c.prepared.insert(stmt.global.clone());
+            plan.slots.push(Slot::Suppress {
+                shard,
+                expect: Expect::Close,
+            });
             plan.slots.push(Slot::Suppress {
                 shard,
                 expect: Expect::Parse {
@@ -378,6 +392,12 @@ impl Session {
         if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
             return Ok(PortalRoute::One(targets[0]));
         }
+        if let StatementKind::Copy { .. } = analysis.kind {
+            return Err(boxed_error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a COPY that spans shards needs the simple query protocol (or a /* shard=<name> */ hint)",
+            ));
+        }
         // Multi-shard: remember the plan's SQL rewrites by stashing them in the merge spec
         // and per-shard list of the portal.
         Ok(PortalRoute::Multi {
@@ -442,6 +462,8 @@ impl Session {
                     wire::parse_complete(&mut b);
                     plan.slots.push(Slot::Local(b));
                 } else {
+                    frontend::close(b'S', &stmt.global, &mut c.wbuf)
+                        .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
                     frontend::parse(
                         &stmt.global,
                         query,
@@ -450,6 +472,10 @@ impl Session {
                     )
                     .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
                     c.prepared.insert(stmt.global.clone());
+                    plan.slots.push(Slot::Suppress {
+                        shard,
+                        expect: Expect::Close,
+                    });
                     plan.slots.push(Slot::Forward {
                         shard,
                         expect: Expect::Parse {
@@ -729,6 +755,22 @@ impl Session {
             wrote,
         } = plan;
         let implicit = self.txn.as_ref().is_some_and(|t| !t.explicit);
+        // Statements prepared by this batch; if the batch fails, some may have been skipped
+        // by the backend, so they are forgotten (and re-prepared, Close first, on next use).
+        let parsed: Vec<(usize, String)> = slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Forward {
+                    shard,
+                    expect: Expect::Parse { global: Some(g) },
+                }
+                | Slot::Suppress {
+                    shard,
+                    expect: Expect::Parse { global: Some(g) },
+                } => Some((*shard, g.clone())),
+                _ => None,
+            })
+            .collect();
         let mark = self.client.out.len();
         let started = Instant::now();
         let mut unavailable: Option<(usize, BackendError)> = None;
@@ -801,7 +843,15 @@ impl Session {
                 }
             }
         }
-        for (shard, w) in kept {
+        for (shard, mut w) in kept {
+            if !ok || unavailable.is_some() {
+                let c = w.conn.conn();
+                for (s, g) in &parsed {
+                    if *s == shard {
+                        c.prepared.remove(g);
+                    }
+                }
+            }
             self.put_back(w, wrote.contains(&shard));
         }
         if let Some((shard, e)) = unavailable {
@@ -990,6 +1040,7 @@ impl Session {
                     continue;
                 }
                 (Expect::Parse { .. }, b'1') => true,
+                (Expect::Close, b'3') => true,
                 (Expect::Bind, b'2') => true,
                 (Expect::DescribeStmt { stmt }, b't') => {
                     if let Ok(postgres_protocol::message::backend::Message::ParameterDescription(

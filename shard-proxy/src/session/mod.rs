@@ -16,6 +16,7 @@
 //! rollback, 2PC and in-doubt recovery), [`sqltext`] (the few statements understood
 //! textually).
 
+pub mod copy;
 pub mod exec;
 pub mod extended;
 pub mod sqltext;

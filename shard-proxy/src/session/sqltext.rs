@@ -386,3 +386,184 @@ mod tests {
         assert_eq!(first_keyword("  /* c */ -- x\n select 1"), "SELECT");
     }
 }
+
+/// The parts of `COPY table [(columns)] FROM STDIN [options]` the proxy needs to split rows
+/// by shard key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyFrom {
+    pub table: String,
+    pub columns: Option<Vec<String>>,
+    pub csv: bool,
+    pub header: bool,
+    pub delimiter: u8,
+}
+
+fn unquote_ident(s: &str) -> String {
+    let s = s.trim();
+    match s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(inner) => inner.replace("\"\"", "\""),
+        None => s.to_ascii_lowercase(),
+    }
+}
+
+/// Parses a `COPY … FROM STDIN` in text or CSV format; `None` for anything else (binary
+/// format, a query source, PROGRAM/file targets).
+pub fn parse_copy_from(sql: &str) -> Option<CopyFrom> {
+    let (kw, rest) = next_word(sql);
+    if !kw.eq_ignore_ascii_case("COPY") {
+        return None;
+    }
+    let rest = skip_ws(rest);
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '(')
+        .unwrap_or(rest.len());
+    let table = rest[..end].to_owned();
+    if table.is_empty() {
+        return None;
+    }
+    let mut rest = skip_ws(&rest[end..]);
+    let mut columns = None;
+    if let Some(r) = rest.strip_prefix('(') {
+        let close = matching_paren(r)?;
+        columns = Some(
+            split_top_level(&r[..close])
+                .into_iter()
+                .map(unquote_ident)
+                .collect(),
+        );
+        rest = &r[close + 1..];
+    }
+    let (from, rest) = next_word(rest);
+    let (stdin, options) = next_word(rest);
+    if !from.eq_ignore_ascii_case("FROM") || !stdin.eq_ignore_ascii_case("STDIN") {
+        return None;
+    }
+    let lower = options.to_ascii_lowercase();
+    if lower.contains("binary") {
+        return None;
+    }
+    let csv = lower.contains("csv");
+    let header = lower.contains("header")
+        && !lower.contains("header false")
+        && !lower.contains("header off");
+    let mut delimiter = if csv { b',' } else { b'\t' };
+    if let Some(pos) = lower.find("delimiter") {
+        let after = options[pos + "delimiter".len()..].trim_start();
+        let after = after
+            .strip_prefix("as")
+            .map(str::trim_start)
+            .unwrap_or(after);
+        let after = after.strip_prefix('E').unwrap_or(after);
+        let bytes = after.as_bytes();
+        if bytes.first() == Some(&b'\'') && bytes.len() >= 3 && bytes[2] == b'\'' {
+            delimiter = bytes[1];
+        } else {
+            return None;
+        }
+    }
+    Some(CopyFrom {
+        table: unquote_ident(&table),
+        columns,
+        csv,
+        header,
+        delimiter,
+    })
+}
+
+/// The `index`th field of one COPY line (text: no quoting; CSV: double quotes).
+/// `None` if the line has fewer fields; `Some(None)` for NULL (`\N` in text, empty unquoted
+/// in CSV).
+pub fn copy_field(line: &[u8], index: usize, csv: bool, delimiter: u8) -> Option<Option<String>> {
+    let mut field = 0;
+    let mut i = 0;
+    while i <= line.len() {
+        let start = i;
+        let mut quoted = false;
+        let mut value = Vec::new();
+        if csv && line.get(i) == Some(&b'"') {
+            quoted = true;
+            i += 1;
+            while i < line.len() {
+                if line[i] == b'"' {
+                    if line.get(i + 1) == Some(&b'"') {
+                        value.push(b'"');
+                        i += 2;
+                        continue;
+                    }
+                    i += 1;
+                    break;
+                }
+                value.push(line[i]);
+                i += 1;
+            }
+            while i < line.len() && line[i] != delimiter {
+                i += 1;
+            }
+        } else {
+            while i < line.len() && line[i] != delimiter {
+                i += 1;
+            }
+            value.extend_from_slice(&line[start..i]);
+        }
+        if field == index {
+            let text = String::from_utf8_lossy(&value).into_owned();
+            let null = if csv {
+                !quoted && text.is_empty()
+            } else {
+                text == "\\N"
+            };
+            return Some(if null { None } else { Some(text) });
+        }
+        field += 1;
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod copy_tests {
+    use super::*;
+
+    #[test]
+    fn copy_statements() {
+        let c = parse_copy_from(
+            "COPY tasks (id, \"performer_id\", title) FROM STDIN WITH (FORMAT csv, HEADER true)",
+        )
+        .expect("copy");
+        assert_eq!(c.table, "tasks");
+        assert_eq!(
+            c.columns.as_deref(),
+            Some(
+                &[
+                    "id".to_string(),
+                    "performer_id".to_string(),
+                    "title".to_string()
+                ][..]
+            )
+        );
+        assert!(c.csv && c.header);
+        assert_eq!(c.delimiter, b',');
+        let c = parse_copy_from("copy tasks from stdin delimiter '|'").expect("copy");
+        assert_eq!((c.csv, c.delimiter, c.columns), (false, b'|', None));
+        assert_eq!(
+            parse_copy_from("COPY tasks FROM STDIN (FORMAT binary)"),
+            None
+        );
+        assert_eq!(parse_copy_from("COPY tasks TO STDOUT"), None);
+    }
+
+    #[test]
+    fn copy_fields() {
+        assert_eq!(
+            copy_field(b"1\t42\tx", 1, false, b'\t'),
+            Some(Some("42".into()))
+        );
+        assert_eq!(copy_field(b"1\t\\N\tx", 1, false, b'\t'), Some(None));
+        assert_eq!(
+            copy_field(b"\"a,b\",\"4\"\"2\",7", 1, true, b','),
+            Some(Some("4\"2".into()))
+        );
+        assert_eq!(copy_field(b"\"a,b\",,7", 1, true, b','), Some(None));
+        assert_eq!(copy_field(b"1,2", 5, true, b','), None);
+    }
+}
