@@ -129,10 +129,7 @@ pub fn load_with_env<C: DaemonConfig>(
         Some(p) => Some(file_source(p)?),
         None => None,
     };
-    let env: config::Map<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k != "TASKFLOW_CONFIG")
-        .collect();
+    let env = known_env::<C>(env);
     let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("_")
         .separator("__")
@@ -195,25 +192,59 @@ pub fn load_with_env<C: DaemonConfig>(
             return Err(ConfigError::invalid(unknown, "unknown key"));
         }
     }
-    let env_only: serde_json::Value = config::Config::builder()
-        .add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("_")
-                .separator("__")
-                .source(Some(env)),
-        )
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .unwrap_or(serde_json::Value::Null);
-    for key in key_paths(&env_only) {
-        if !known.contains(&key) {
-            tracing::warn!(%key, "environment override names an unknown configuration key; ignored");
-        }
-    }
-
     cfg.common().validate()?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Keeps the `TASKFLOW_*` variables that name a key of `C`, warning about the others.
+///
+/// Tooling shares the prefix (`TASKFLOW_CACHE`, `TASKFLOW_BIN_DIR`, …); such variables must
+/// not make a daemon refuse to start. The known keys are those of `C`'s defaults (the
+/// configuration deserialized from an empty table), nulls included, so optional keys and
+/// anything below them count as known.
+fn known_env<C: DaemonConfig>(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> config::Map<String, String> {
+    let prefix = format!("{ENV_PREFIX}_");
+    let known: Option<BTreeSet<String>> =
+        serde_json::from_value::<C>(serde_json::Value::Object(Default::default()))
+            .ok()
+            .and_then(|defaults| serde_json::to_value(&defaults).ok())
+            .map(|v| key_paths_with_nulls(&v));
+    env.into_iter()
+        .filter(|(name, _)| {
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                return false;
+            };
+            if rest == "CONFIG" {
+                return false;
+            }
+            let Some(known) = &known else { return true };
+            let path = rest.to_ascii_lowercase().replace("__", ".");
+            let is_known = std::iter::successors(Some(path.as_str()), |p| {
+                p.rsplit_once('.').map(|(parent, _)| parent)
+            })
+            .any(|p| known.contains(p));
+            if !is_known {
+                tracing::warn!(variable = %name, "environment variable names no configuration key; ignored");
+            }
+            is_known
+        })
+        .collect()
+}
+
+fn key_paths_with_nulls(v: &serde_json::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let serde_json::Value::Object(t) = v {
+        for (k, child) in t {
+            out.insert(k.clone());
+            for sub in key_paths_with_nulls(child) {
+                out.insert(format!("{k}.{sub}"));
+            }
+        }
+    }
+    out
 }
 
 fn file_source(
@@ -403,6 +434,35 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.common.log.format, LogFormat::Json);
         assert_eq!(cfg.name, "a,b");
+    }
+
+    #[derive(Debug, Deserialize, Serialize, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct Strict {
+        #[serde(flatten)]
+        common: CommonConfig,
+        password_file: Option<String>,
+    }
+
+    impl DaemonConfig for Strict {
+        fn common(&self) -> &CommonConfig {
+            &self.common
+        }
+    }
+
+    #[test]
+    fn tooling_variables_do_not_break_a_strict_config() {
+        let cfg: Strict = load_with_env(
+            None,
+            env(&[
+                ("TASKFLOW_CACHE", "/var/cache/taskflow"),
+                ("TASKFLOW_PASSWORD_FILE", "pw"),
+                ("TASKFLOW_LOG__LEVEL", "debug"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.password_file.as_deref(), Some("pw"));
+        assert_eq!(cfg.common.log.level, "debug");
     }
 
     #[test]
