@@ -110,7 +110,14 @@ pub trait DaemonConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
     fn common(&self) -> &CommonConfig;
 
     /// Checks that go beyond types; return [`ConfigError::invalid`] naming the key.
+    /// No I/O here: `--check-config` runs this where secrets are not readable (a Nix build).
     fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    /// Reads and checks the secret files the configuration names, at start-up (not by
+    /// `--check-config`). A missing or malformed secret exits 78 naming its key.
+    fn check_secrets(&self) -> Result<(), ConfigError> {
         Ok(())
     }
 }

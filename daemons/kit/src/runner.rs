@@ -62,6 +62,10 @@ where
             }
         }
     }
+    if let Err(e) = cfg.check_secrets() {
+        eprintln!("{name}: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     telemetry::init(name, &cfg.common().log);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
