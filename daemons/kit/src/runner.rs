@@ -188,7 +188,8 @@ async fn reload<C: DaemonConfig>(
 ) {
     notifier.reloading();
     tracing::info!("reloading configuration");
-    let outcome = match config::load::<C>(path) {
+    let loaded = config::load::<C>(path).and_then(|cfg| cfg.check_secrets().map(|()| cfg));
+    let outcome = match loaded {
         Err(e) => Err(e.to_string()),
         Ok(cfg) if tx.is_closed() => {
             drop(cfg);
