@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use sqlparser::ast::{
     visit_expressions, visit_expressions_mut, visit_relations, visit_statements, AssignmentTarget,
-    BinaryOperator, CopySource, CopyTarget, Expr, Ident, Insert, ObjectName, ObjectNamePart,
-    OnConflictAction, OnInsert, Query, Set, SetExpr, Statement, TableObject, UnaryOperator, Value,
+    BinaryOperator, CopySource, CopyTarget, Expr, Ident, InTarget, Insert, ObjectName,
+    ObjectNamePart, OnConflictAction, OnInsert, Query, Reset, Set, SetExpr, Statement, TableObject,
+    UnaryOperator, Update, Value,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -161,12 +162,12 @@ impl Ctx<'_> {
         match stmt {
             Statement::Query(q) => self.query(q),
             Statement::Insert(ins) => self.insert(ins, stmt),
-            Statement::Update {
+            Statement::Update(Update {
                 table,
                 assignments,
                 selection,
                 ..
-            } => {
+            }) => {
                 let mut a = Analysis::new(K::Update);
                 a.is_write = true;
                 a.touches_sharded = self.reads_sharded(stmt);
@@ -222,6 +223,10 @@ impl Ctx<'_> {
                 Analysis::new(K::Savepoint)
             }
             Statement::Set(set) => Analysis::new(self.set(set)),
+            Statement::Reset(r) => Analysis::new(match &r.reset {
+                Reset::ConfigurationParameter(name) if is_shard_setting(name) => K::SetShard(None),
+                _ => K::Set,
+            }),
             Statement::Discard { .. } => Analysis::new(K::Set),
             Statement::ShowVariable { .. }
             | Statement::ShowVariables { .. }
@@ -276,7 +281,10 @@ impl Ctx<'_> {
                         | Statement::UNLISTEN { .. }
                         | Statement::NOTIFY { .. }
                 );
-                a.touches_sharded = self.reads_sharded(stmt);
+                // Not every utility statement exposes its tables to the visitor (VACUUM):
+                // any mention of a sharded table's name counts.
+                a.touches_sharded = self.reads_sharded(stmt)
+                    || text::mentions(&stmt.to_string(), &|n| self.is_sharded_name(n));
                 a
             }
         }
@@ -296,15 +304,7 @@ impl Ctx<'_> {
         else {
             return StatementKind::Set;
         };
-        let name: Vec<String> = variable
-            .0
-            .iter()
-            .filter_map(|p| match p {
-                ObjectNamePart::Identifier(id) => Some(fold(id)),
-                _ => None,
-            })
-            .collect();
-        if name != ["taskflow", "shard"] {
+        if !is_shard_setting(variable) {
             return StatementKind::Set;
         }
         match values.as_slice() {
@@ -434,7 +434,7 @@ impl Ctx<'_> {
             if depth > 1
                 && matches!(
                     s,
-                    Statement::Insert(_) | Statement::Update { .. } | Statement::Delete(_)
+                    Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
                 )
             {
                 a.detail.refusal = Some(RouteError::Unsupported(
@@ -551,10 +551,11 @@ impl Ctx<'_> {
                     None
                 }
             }
-            Expr::InList {
+            Expr::In {
                 expr,
-                list,
+                target: InTarget::List(list),
                 negated: false,
+                ..
             } if self.is_key_col(expr) => {
                 let vals: Option<Vec<KeyValue>> = list.iter().map(|v| self.key_value(v)).collect();
                 vals.map(|v| union(Vec::new(), v))
@@ -593,7 +594,7 @@ impl Ctx<'_> {
                 Value::Placeholder(p) => placeholder_index(p).map(KeyValue::Param),
                 _ => None,
             },
-            Expr::TypedString { value, .. } => match &value.value {
+            Expr::TypedString(ts) => match &ts.value.value {
                 Value::SingleQuotedString(s) => s.trim().parse().ok().map(KeyValue::Literal),
                 _ => None,
             },
@@ -615,7 +616,7 @@ impl Ctx<'_> {
         a.touches_sharded = self.reads_sharded(stmt);
         let table = match &ins.table {
             TableObject::TableName(n) => n,
-            TableObject::TableFunction(_) => return a,
+            TableObject::TableFunction(_) | TableObject::TableQuery(_) => return a,
         };
         if !self.is_sharded(table) {
             // An unsharded target: a write broadcast to every shard (no key needed).
@@ -626,7 +627,10 @@ impl Ctx<'_> {
             table: table_name.clone(),
             column: self.key_column.to_string(),
         };
-        let key_pos = ins.columns.iter().position(|c| fold(c) == self.key_column);
+        let key_pos = ins
+            .columns
+            .iter()
+            .position(|c| last_ident(c).is_some_and(|id| fold(id) == self.key_column));
         if let Some(OnInsert::OnConflict(oc)) = &ins.on {
             if let OnConflictAction::DoUpdate(du) = &oc.action {
                 let sets_key = du.assignments.iter().any(|asg| match &asg.target {
@@ -683,7 +687,7 @@ impl Ctx<'_> {
         }
         if keys.len() > 1 && self.keep_ast {
             a.detail.insert = Some(Arc::new(InsertTemplate {
-                statement: stmt.clone(),
+                sql: stmt.to_string(),
             }));
         }
         a.keys = KeyExpr::PerRow(keys);
@@ -726,6 +730,19 @@ fn intersect(a: Vec<KeyValue>, b: Vec<KeyValue>) -> Vec<KeyValue> {
     }
 }
 
+/// `taskflow.shard`, the session routing setting.
+fn is_shard_setting(name: &ObjectName) -> bool {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .filter_map(|p| match p {
+            ObjectNamePart::Identifier(id) => Some(fold(id)),
+            _ => None,
+        })
+        .collect();
+    parts == ["taskflow", "shard"]
+}
+
 /// `$n` → `n - 1`.
 pub(crate) fn placeholder_index(p: &str) -> Option<usize> {
     let n: usize = p.strip_prefix('$')?.parse().ok()?;
@@ -757,7 +774,7 @@ fn nested_dml(q: &Query) -> Vec<Statement> {
     let _ = visit_statements(q, |s| {
         if matches!(
             s,
-            Statement::Insert(_) | Statement::Update { .. } | Statement::Delete(_)
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
         ) {
             found.push(s.clone());
         }
@@ -772,24 +789,23 @@ pub(crate) fn split_insert(
     row_shards: &[usize],
     shards: &[usize],
 ) -> Result<Vec<(usize, String, Vec<usize>)>, RouteError> {
+    let cannot = || RouteError::Unsupported("cannot split this INSERT by shard".into());
+    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, &template.sql).map_err(|_| cannot())?;
+    let [original] = parsed.as_slice() else {
+        return Err(cannot());
+    };
     let mut out = Vec::with_capacity(shards.len());
     for &shard in shards {
-        let mut stmt = template.statement.clone();
+        let mut stmt = original.clone();
         let Statement::Insert(ins) = &mut stmt else {
-            return Err(RouteError::Unsupported(
-                "cannot split this INSERT by shard".into(),
-            ));
+            return Err(cannot());
         };
         let Some(SetExpr::Values(values)) = ins.source.as_deref_mut().map(|q| q.body.as_mut())
         else {
-            return Err(RouteError::Unsupported(
-                "cannot split this INSERT by shard".into(),
-            ));
+            return Err(cannot());
         };
         if values.rows.len() != row_shards.len() {
-            return Err(RouteError::Unsupported(
-                "cannot split this INSERT by shard".into(),
-            ));
+            return Err(cannot());
         }
         let mut i = 0;
         values.rows.retain(|_| {

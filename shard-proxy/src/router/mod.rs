@@ -64,8 +64,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use sqlparser::ast::Statement;
-
 pub use crate::merge::MergeSpec;
 use crate::ring::Ring;
 
@@ -223,10 +221,11 @@ pub(crate) enum Count {
     Param(usize),
 }
 
-/// A multi-row INSERT kept for splitting by shard.
+/// A multi-row INSERT kept for splitting by shard: its text, re-parsed only when its rows
+/// do land on several shards (keeping the AST in the cache would cost ~30× the text).
 #[derive(Debug)]
 pub(crate) struct InsertTemplate {
-    pub(crate) statement: Statement,
+    pub(crate) sql: String,
 }
 
 /// What the router learned about one SQL text. Cached and shared; [`Analysis::plan`]
@@ -627,14 +626,24 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
 
 /// Default number of cached analyses.
 pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+/// Default bound on the memory the cache holds (SQL texts and analyses), in bytes.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 const CACHE_SEGMENTS: usize = 16;
-/// Longest SQL text cached (longer ones are analysed every time, e.g. bulk INSERTs).
-const MAX_CACHED_SQL: usize = 64 * 1024;
+/// Longest SQL text cached (longer ones, e.g. bulk INSERTs with literals, are analysed
+/// every time: they rarely repeat and would crowd out the statements that do).
+const MAX_CACHED_SQL: usize = 16 * 1024;
 
 #[derive(Debug)]
 struct Entry {
     analysis: Arc<Analysis>,
     last_used: AtomicU64,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Segment {
+    map: HashMap<Box<str>, Entry>,
+    bytes: usize,
 }
 
 /// Parses statements and caches their [`Analysis`] by SQL text. `Send + Sync`: one router
@@ -645,30 +654,38 @@ pub struct Router {
     /// Lowercased sharded table names.
     tables: Vec<String>,
     key_column: String,
-    segments: Vec<RwLock<HashMap<Box<str>, Entry>>>,
+    segments: Vec<RwLock<Segment>>,
     per_segment: usize,
+    bytes_per_segment: usize,
     clock: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
 impl Router {
-    /// A router with the default cache size.
+    /// A router with the default cache bounds (10 000 statements, 64 MiB).
     pub fn new(rules: ShardingRules) -> Router {
         Router::with_cache_capacity(rules, DEFAULT_CACHE_CAPACITY)
     }
 
-    /// A router caching up to about `capacity` analyses (0 disables the cache).
+    /// A router caching up to about `capacity` analyses (0 disables the cache) within the
+    /// default memory bound.
     pub fn with_cache_capacity(rules: ShardingRules, capacity: usize) -> Router {
+        Router::with_cache_limits(rules, capacity, DEFAULT_CACHE_BYTES)
+    }
+
+    /// A router caching up to about `capacity` analyses holding about `bytes` of memory.
+    pub fn with_cache_limits(rules: ShardingRules, capacity: usize, bytes: usize) -> Router {
         let fold = |s: &str| s.to_lowercase();
         Router {
             tables: rules.tables.iter().map(|t| fold(t)).collect(),
             key_column: fold(&rules.key_column),
             rules,
             segments: (0..CACHE_SEGMENTS)
-                .map(|_| RwLock::new(HashMap::new()))
+                .map(|_| RwLock::new(Segment::default()))
                 .collect(),
             per_segment: capacity.div_ceil(CACHE_SEGMENTS),
+            bytes_per_segment: bytes / CACHE_SEGMENTS,
             clock: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -688,27 +705,38 @@ impl Router {
             return Arc::new(self.analyze_uncached(sql));
         }
         let segment = &self.segments[segment_of(sql)];
-        let now = self.clock.fetch_add(1, Ordering::Relaxed);
-        if let Ok(map) = segment.read() {
-            if let Some(entry) = map.get(sql) {
-                entry.last_used.store(now, Ordering::Relaxed);
+        if let Ok(seg) = segment.read() {
+            if let Some(entry) = seg.map.get(sql) {
+                // The clock only ticks on misses: hits stay free of contended writes.
+                entry
+                    .last_used
+                    .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Arc::clone(&entry.analysis);
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         let analysis = Arc::new(self.analyze_uncached(sql));
-        if let Ok(mut map) = segment.write() {
-            if map.len() >= self.per_segment {
-                evict_oldest(&mut map, self.per_segment);
+        let bytes = footprint(sql, &analysis);
+        if let Ok(mut seg) = segment.write() {
+            while !seg.map.is_empty()
+                && (seg.map.len() >= self.per_segment || seg.bytes + bytes > self.bytes_per_segment)
+            {
+                evict_oldest(&mut seg);
             }
-            map.insert(
+            seg.bytes += bytes;
+            let old = seg.map.insert(
                 sql.into(),
                 Entry {
                     analysis: Arc::clone(&analysis),
                     last_used: AtomicU64::new(now),
+                    bytes,
                 },
             );
+            if let Some(old) = old {
+                seg.bytes -= old.bytes;
+            }
         }
         analysis
     }
@@ -721,11 +749,19 @@ impl Router {
         )
     }
 
+    /// Approximate bytes the cache holds right now.
+    pub fn cache_bytes(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|s| s.read().map_or(0, |m| m.bytes))
+            .sum()
+    }
+
     /// Cached analyses right now.
     pub fn cache_len(&self) -> usize {
         self.segments
             .iter()
-            .map(|s| s.read().map_or(0, |m| m.len()))
+            .map(|s| s.read().map_or(0, |m| m.map.len()))
             .sum()
     }
 
@@ -777,18 +813,33 @@ fn segment_of(sql: &str) -> usize {
     (xxhash_rust::xxh64::xxh64(sql.as_bytes(), 0) % CACHE_SEGMENTS as u64) as usize
 }
 
-/// Drops the least recently used eighth of a full segment.
-fn evict_oldest(map: &mut HashMap<Box<str>, Entry>, capacity: usize) {
-    let drop = (capacity / 8).max(1);
-    let mut ages: Vec<u64> = map
-        .values()
-        .map(|e| e.last_used.load(Ordering::Relaxed))
+/// Approximate memory an entry holds.
+fn footprint(sql: &str, a: &Analysis) -> usize {
+    let shard_sql = a
+        .merge
+        .as_ref()
+        .and_then(|m| m.shard_sql.as_ref())
+        .map_or(0, String::len);
+    let template = a.detail.insert.as_ref().map_or(0, |t| t.sql.len());
+    sql.len() + shard_sql + template + std::mem::size_of::<Analysis>() + 128
+}
+
+/// Drops the least recently used eighth of a segment (exactly that many entries, even
+/// when many share a timestamp).
+fn evict_oldest(seg: &mut Segment) {
+    let drop = (seg.map.len() / 8).max(1);
+    let mut ages: Vec<(u64, &str)> = seg
+        .map
+        .iter()
+        .map(|(k, e)| (e.last_used.load(Ordering::Relaxed), k.as_ref()))
         .collect();
-    if ages.len() <= drop {
-        map.clear();
-        return;
+    if ages.len() > drop {
+        ages.select_nth_unstable_by_key(drop - 1, |(age, _)| *age);
     }
-    let (_, cutoff, _) = ages.select_nth_unstable(drop - 1);
-    let cutoff = *cutoff;
-    map.retain(|_, e| e.last_used.load(Ordering::Relaxed) > cutoff);
+    let victims: Vec<Box<str>> = ages.iter().take(drop).map(|(_, k)| (*k).into()).collect();
+    for k in victims {
+        if let Some(e) = seg.map.remove(&k) {
+            seg.bytes -= e.bytes;
+        }
+    }
 }

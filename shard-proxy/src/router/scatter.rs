@@ -22,8 +22,8 @@ use std::ops::ControlFlow;
 use sqlparser::ast::{
     visit_relations, BinaryOperator, CastKind, DataType, Distinct, DuplicateTreatment, Expr,
     Function, FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName, ObjectNamePart,
-    OrderBy, OrderByExpr, OrderByKind, Query, Select, SelectItem, SetExpr, SetOperator,
-    SetQuantifier, TableWithJoins, Value, Visit, Visitor,
+    OrderBy, OrderByExpr, OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr,
+    SetOperator, SetQuantifier, TableWithJoins, Value, Visit, Visitor,
 };
 
 use super::analyze::{fold, placeholder_index, Ctx};
@@ -218,6 +218,17 @@ fn body_row_local(ctx: &Ctx, body: &SetExpr) -> Result<(), &'static str> {
         }
         SetExpr::Query(q) => row_local(ctx, q),
         _ => Ok(()),
+    }
+}
+
+/// `DESC`; `USING <operator>` is refused (the merger knows no operator classes).
+fn descending(ob: &OrderByExpr) -> Result<bool, String> {
+    match &ob.options.sort {
+        None | Some(OrderBySort::Asc) => Ok(false),
+        Some(OrderBySort::Desc) => Ok(true),
+        Some(OrderBySort::Using(_)) => {
+            Err("ORDER BY … USING <operator> can't be merged across shards".into())
+        }
     }
 }
 
@@ -545,7 +556,7 @@ fn select_spec(
         || !sel.distribute_by.is_empty()
         || !sel.sort_by.is_empty()
         || sel.qualify.is_some()
-        || sel.connect_by.is_some()
+        || !sel.connect_by.is_empty()
         || sel.value_table_mode.is_some()
         || sel.exclude.is_some()
     {
@@ -563,7 +574,7 @@ fn select_spec(
             return Err("DISTINCT ON can't be merged across shards; add a shard key".into())
         }
         Some(Distinct::Distinct) => spec.distinct = true,
-        None => {}
+        Some(Distinct::All) | None => {}
     }
     if sel.having.is_some() {
         return Err(
@@ -655,7 +666,7 @@ fn select_spec(
         if ob.with_fill.is_some() {
             return Err("ORDER BY … WITH FILL".into());
         }
-        let descending = ob.options.asc == Some(false);
+        let descending = descending(ob)?;
         let nulls_first = ob.options.nulls_first.unwrap_or(descending);
         let column = if star {
             if position(&ob.expr).is_some() {
@@ -760,7 +771,7 @@ fn union_spec(
         _ => return Err("UNION".into()),
     };
     for ob in order_exprs {
-        let descending = ob.options.asc == Some(false);
+        let descending = descending(ob)?;
         let nulls_first = ob.options.nulls_first.unwrap_or(descending);
         let star = first.iter().any(|i| item_expr(i).is_none());
         let column = match (&ob.expr, star) {

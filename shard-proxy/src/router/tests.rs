@@ -1257,6 +1257,16 @@ fn cache_hits_and_bounds() {
     }
     let (hits, _) = r.cache_stats();
     assert_eq!(hits, 1000);
+    // The memory bound holds with big statements.
+    let r = Router::with_cache_limits(rules(), 10_000, 256 * 1024);
+    let filler = "x".repeat(4000);
+    for i in 0..500 {
+        r.analyze(&format!(
+            "SELECT '{filler}' FROM tasks WHERE performer_id = {i} ORDER BY id LIMIT 3 OFFSET 1"
+        ));
+    }
+    assert!(r.cache_bytes() <= 256 * 1024, "{}", r.cache_bytes());
+    assert!(r.cache_len() >= 16, "{}", r.cache_len());
     let off = Router::with_cache_capacity(rules(), 0);
     off.analyze("SELECT 1");
     off.analyze("SELECT 1");
@@ -1300,6 +1310,28 @@ fn deep_nesting_does_not_overflow() {
         vec!["performer_id = 1"; 3000].join(" OR ")
     );
     let _ = plan(&deep);
+}
+
+#[test]
+fn nested_function_calls_parse_in_linear_time() {
+    // sqlparser 0.58 took seconds on these (exponential backtracking); a statement must
+    // never be able to pin a proxy core.
+    let start = std::time::Instant::now();
+    let (k0, ..) = keys();
+    let sql = format!(
+        "SELECT {}title{} FROM tasks WHERE performer_id = {k0}",
+        "replace(".repeat(18),
+        ", 'a', 'b')".repeat(18)
+    );
+    let _ = plan(&sql);
+    // A fuzzer-found input (unbalanced nested calls).
+    let fuzz = "SELECT statu oc,unsth(tnm(iSEtaTus, coun(tnm(iSEtatus, count(mhn(tiSEtlem(hn(tiSEtle/?|SELEF|t(ms, coun(tnm(iSEtatus, count(mhn(tiSEtlem(hn(tiSEtle/?|SELEF|t(mhn(tiSEtlem(hn(tiSEtle/hn(tiSEtlem(hn(tiSEtle/?|SELEF|";
+    assert!(matches!(kind(fuzz), StatementKind::Unparsed(_)));
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// Deterministic xorshift so failures reproduce.

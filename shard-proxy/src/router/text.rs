@@ -62,13 +62,7 @@ pub(crate) fn operator_count(sql: &str) -> usize {
                     .map_or(b.len(), |p| i + p + 1);
             }
             b'/' if b.get(i + 1) == Some(&b'*') => i = block_comment(sql, i).0,
-            b'$' => {
-                let next = skip_dollar(sql, i);
-                if next == i + 1 {
-                    count += 1; // a parameter still counts as a possible operand
-                }
-                i = next;
-            }
+            b'$' => i = skip_dollar(sql, i),
             b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'|' | b'&' | b'^'
             | b'~' | b'#' | b'@' | b'?' | b':' => {
                 count += 1;
@@ -192,6 +186,24 @@ fn is_name_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-')
 }
 
+/// Whether any word of `sql` names a sharded table.
+pub(crate) fn mentions(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> bool {
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        return false;
+    };
+    tokens.iter().any(|t| match t {
+        Token::Word(w) => {
+            let name = if w.quote_style.is_some() {
+                w.value.clone()
+            } else {
+                w.value.to_lowercase()
+            };
+            is_sharded(&name)
+        }
+        _ => false,
+    })
+}
+
 /// Statements the parser rejects but whose kind is clear from their keywords.
 pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<Analysis> {
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
@@ -211,17 +223,7 @@ pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<A
             _ => None,
         }
     };
-    let mentions_sharded = tokens.iter().any(|t| match t {
-        Token::Word(w) => {
-            let name = if w.quote_style.is_some() {
-                w.value.clone()
-            } else {
-                w.value.to_lowercase()
-            };
-            is_sharded(&name)
-        }
-        _ => false,
-    });
+    let mentions_sharded = mentions(sql, is_sharded);
     let first = word(0)?;
     let mut a = match first.as_str() {
         "RESET" => {
