@@ -32,6 +32,8 @@ chmod 755 "$WORK"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  # pgbouncer runs under su: stop it through its own pid file.
+  if [ -f "$WORK/bouncer/pgbouncer.pid" ]; then kill "$(cat "$WORK/bouncer/pgbouncer.pid")" 2>/dev/null || true; fi
   if [ -d "$WORK/pg" ]; then su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D $WORK/pg -m immediate stop" >/dev/null 2>&1 || true; fi
   rm -rf "$WORK"
 }
