@@ -669,7 +669,7 @@ impl App {
         if let (Some(t), Some(j)) = (task, json) {
             let _ = self
                 .kv
-                .cache(id, t.version, j, self.cfg.cache_ttl_secs)
+                .cache(id, t.version, j, self.cfg.cache_ttl_secs, false)
                 .await;
         }
     }
@@ -875,7 +875,7 @@ impl App {
                 let (resp, json) = task_response(StatusCode::OK, &task);
                 let _ = self
                     .kv
-                    .cache(id, task.version, &json, self.cfg.cache_ttl_secs)
+                    .cache(id, task.version, &json, self.cfg.cache_ttl_secs, true)
                     .await;
                 resp
             }

@@ -24,7 +24,20 @@ pub struct Kv {
     conn: ConnectionManager,
     next_id: redis::Script,
     limiter: redis::Script,
+    cache_set: redis::Script,
 }
+
+/// Version-aware cache store; see [`Kv::cache`].
+const CACHE_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if ARGV[4] == 'fill' then return 0 end
+  local v = tonumber(string.match(cur, '^(%-?%d+)\n'))
+  if v and v >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+";
 
 /// `INCR` only when the counter exists; `false` (nil) tells the caller to re-seed.
 const NEXT_ID_LUA: &str = r"
@@ -101,6 +114,7 @@ impl Kv {
             conn,
             next_id: redis::Script::new(NEXT_ID_LUA),
             limiter: redis::Script::new(LIMIT_LUA),
+            cache_set: redis::Script::new(CACHE_LUA),
         })
     }
 
@@ -140,26 +154,42 @@ impl Kv {
         }))
     }
 
+    /// Caches a task. A read-path `fill` only writes an absent entry; a write-path store
+    /// only replaces an older version. So a slow reader cannot put back a version that a
+    /// concurrent write already superseded, and two racing writers leave the newest.
     pub async fn cache(
         &self,
         id: i64,
         version: i64,
         json: &str,
         ttl_secs: u64,
+        fill: bool,
     ) -> redis::RedisResult<()> {
         let mut c = self.conn.clone();
-        c.set_ex(format!("task:{id}"), format!("{version}\n{json}"), ttl_secs)
+        self.cache_set
+            .key(format!("task:{id}"))
+            .arg(version)
+            .arg(format!("{version}\n{json}"))
+            .arg(ttl_secs)
+            .arg(if fill { "fill" } else { "write" })
+            .invoke_async::<i64>(&mut c)
             .await
+            .map(|_| ())
     }
 
-    /// Drops the cache entry and records (or, with `None`, forgets) the performer.
+    /// Records the performer after a write; with `None` (a delete, or a stale entry)
+    /// forgets both the performer and the cache entry. (An update's new version replaces
+    /// the cache entry through [`Kv::cache`], which keeps the newest.)
     pub async fn after_write(&self, id: i64, performer: Option<i64>) -> redis::RedisResult<()> {
         let mut c = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.del(format!("task:{id}")).ignore();
         match performer {
             Some(p) => pipe.set(format!("task:shard:{id}"), p).ignore(),
-            None => pipe.del(format!("task:shard:{id}")).ignore(),
+            None => pipe
+                .del(format!("task:{id}"))
+                .ignore()
+                .del(format!("task:shard:{id}"))
+                .ignore(),
         };
         pipe.query_async::<()>(&mut c).await
     }
