@@ -66,8 +66,10 @@ async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
     let lifecycle = daemon.lifecycle.clone();
     drop(daemon.reloads);
 
-    let keys =
-        keys::SigningKeys::load(&cfg.jwt_private_key_file).context("jwt_private_key_file")?;
+    let keys = config::secret_or_exit(
+        "jwt_private_key_file",
+        keys::SigningKeys::load(&cfg.jwt_private_key_file),
+    );
     let mgr = deadpool_postgres::Manager::from_config(
         cfg.pg_config()?,
         tokio_postgres::NoTls,

@@ -125,15 +125,17 @@ impl DaemonConfig for GatewayConfig {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(ConfigError::invalid("auth_url", "must be an http(s) URL"));
         }
-        crate::jwt::Verifier::load(&self.jwt_public_key_file)
-            .map_err(|e| ConfigError::invalid("jwt_public_key_file", e))?;
+        // Secret files are read at start-up, not here (`--check-config` must work without
+        // them); a bad one still exits 78 naming its key, from `secret_or_exit`.
+        if self.jwt_public_key_file.is_empty() {
+            return Err(ConfigError::invalid(
+                "jwt_public_key_file",
+                "must name a file",
+            ));
+        }
         self.database_url
             .parse::<tokio_postgres::Config>()
             .map_err(|e| ConfigError::invalid("database_url", e.to_string()))?;
-        if let Some(f) = &self.database_password_file {
-            taskflow_kit::secrets::read_secret(f)
-                .map_err(|e| ConfigError::invalid("database_password_file", e.to_string()))?;
-        }
         if self.database_pool_size == 0 {
             return Err(ConfigError::invalid(
                 "database_pool_size",
@@ -219,11 +221,28 @@ impl DaemonConfig for GatewayConfig {
     }
 }
 
+/// Reads a secret-bearing setting at start-up; on failure exits with `EX_CONFIG` (78)
+/// naming the key, like any other configuration error.
+pub fn secret_or_exit<T, E: std::fmt::Display>(key: &str, r: Result<T, E>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = ConfigError::invalid(key, e.to_string());
+            tracing::error!(error = %msg, "bad secret");
+            eprintln!("taskflow-gateway: {msg}");
+            std::process::exit(i32::from(taskflow_kit::EXIT_CONFIG));
+        }
+    }
+}
+
 impl GatewayConfig {
     pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
         let mut cfg: tokio_postgres::Config = self.database_url.parse()?;
         if let Some(f) = &self.database_password_file {
-            cfg.password(taskflow_kit::secrets::read_secret(f)?);
+            cfg.password(secret_or_exit(
+                "database_password_file",
+                taskflow_kit::secrets::read_secret(f),
+            ));
         }
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(std::time::Duration::from_secs(5));

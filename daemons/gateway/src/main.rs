@@ -136,8 +136,10 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
     drop(daemon.reloads);
     let readiness = Readiness::new();
 
-    let verifier = jwt::Verifier::load(&cfg.jwt_public_key_file)
-        .map_err(|e| anyhow::anyhow!("jwt_public_key_file: {e}"))?;
+    let verifier = config::secret_or_exit(
+        "jwt_public_key_file",
+        jwt::Verifier::load(&cfg.jwt_public_key_file),
+    );
     let mgr = deadpool_postgres::Manager::from_config(
         cfg.pg_config()?,
         tokio_postgres::NoTls,
