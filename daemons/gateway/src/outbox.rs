@@ -102,7 +102,7 @@ impl Relay {
         let rows = tx
             .query(
                 &format!(
-                    "{hint}SELECT id, topic, key, payload::text FROM outbox \
+                    "{hint}SELECT id, topic, key, payload::text, event_id::text FROM outbox \
                      WHERE sent_at IS NULL ORDER BY id LIMIT {} FOR UPDATE SKIP LOCKED",
                     self.batch
                 ),
@@ -119,18 +119,19 @@ impl Relay {
             let topic: String = row.try_get(1)?;
             let key: String = row.try_get(2)?;
             let payload: String = row.try_get(3)?;
+            let event_id: String = row.try_get(4)?;
             let producer = self.producer.clone();
             sends.push(async move {
                 let rec = FutureRecord::to(&topic).key(&key).payload(&payload);
                 let r = producer.send(rec, Duration::from_secs(10)).await;
-                (id, r.map(|_| ()).map_err(|(e, _)| e))
+                (id, event_id, r.map(|_| ()).map_err(|(e, _)| e))
             });
         }
         let results = futures_util::future::join_all(sends).await;
         let mut sent = Vec::with_capacity(results.len());
-        for (id, r) in results {
+        for (id, event_id, r) in results {
             match r {
-                Ok(()) => sent.push(id),
+                Ok(()) => sent.push(event_id),
                 Err(e) => {
                     self.failures.inc();
                     tracing::warn!(outbox_id = id, error = %e, "outbox publish failed; will retry");
@@ -139,7 +140,13 @@ impl Relay {
         }
         if !sent.is_empty() {
             tx.execute(
-                &format!("{hint}UPDATE outbox SET sent_at = now() WHERE id = ANY($1) AND sent_at IS NULL"),
+                // By event_id, not id: outbox ids are per-shard sequences, so without a
+                // shard hint (one database, or a proxy broadcast) only the globally unique
+                // event id names exactly the rows this batch published.
+                &format!(
+                    "{hint}UPDATE outbox SET sent_at = now() \
+                     WHERE event_id = ANY($1::text[]::uuid[]) AND sent_at IS NULL"
+                ),
                 &[&sent],
             )
             .await?;

@@ -192,6 +192,29 @@ async fn run(strict: bool) {
     );
     let base = format!("http://127.0.0.1:{gw_port}");
     wait_http(&base).await;
+    // A second instance without shard hints: its relay polls through proxy scatter reads
+    // and broadcasts, racing the first one's per-shard polls for the same rows.
+    let gw2_port = free_port().unwrap();
+    let gw2_cfg = std::fs::read_to_string(d.join("gw.toml"))
+        .unwrap()
+        .replace(
+            &format!("127.0.0.1:{gw_port}"),
+            &format!("127.0.0.1:{gw2_port}"),
+        )
+        .replace(
+            "outbox_shards = [\"shard-1\", \"shard-2\", \"shard-3\"]\n",
+            "",
+        );
+    std::fs::write(d.join("gw2.toml"), gw2_cfg).unwrap();
+    let _gw2 = Proc(
+        Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"))
+            .arg("--config")
+            .arg(d.join("gw2.toml"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(&format!("http://127.0.0.1:{gw2_port}")).await;
 
     let c = reqwest::Client::new();
     // Users 1..=6.
@@ -423,5 +446,53 @@ async fn run(strict: bool) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(unsent, 0, "outbox rows left unsent through the proxy");
+    // Every write's event is in Kafka (none was stamped sent without being published).
+    let bootstrap = kafka.bootstrap();
+    let events: Vec<Value> = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        use rdkafka::Message as _;
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "through-proxy-check")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..3 {
+            tpl.add_partition_offset("task_events", p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let mut idle = 0;
+        while idle < 4 {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    idle = 0;
+                    if let Some(p) = m.payload() {
+                        out.push(serde_json::from_slice(p).unwrap());
+                    }
+                }
+                _ => idle += 1,
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    for id in &ids {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["type"] == "task.created" && e["task"]["id"] == *id),
+            "no task.created event for task {id} ({} events in Kafka)",
+            events.len()
+        );
+    }
+    let moves = events
+        .iter()
+        .filter(|e| e["type"] == "task.updated" && e["task"]["id"] == moving)
+        .count();
+    assert!(moves >= 10, "{moves} update events for the moved task");
     let _ = &kafka;
 }
