@@ -9,6 +9,8 @@
 //! Keys: `task:id_counter`, `task:{id}` (cache, TTL), `task:shard:{id}` (performer id),
 //! `rl:{scope}:{who}` (GCRA state), `idem:{user}:{key}`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -19,9 +21,85 @@ pub const ID_COUNTER: &str = "task:id_counter";
 /// loss but committed after the re-seed must not be handed out again.
 pub const RESEED_MARGIN: i64 = 1000;
 
+/// The Redis connection behind a circuit breaker: after a connection-level failure every
+/// command fails at once for [`BREAKER_MS`], so a stopped Redis costs requests nothing
+/// instead of a connect timeout each (rate limits fail open, the cache is skipped, id
+/// allocation answers 503). The breaker closes by itself when the time is up.
+#[derive(Clone)]
+struct Guarded {
+    inner: ConnectionManager,
+    down_until_ms: Arc<AtomicU64>,
+}
+
+const BREAKER_MS: u64 = 1000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Guarded {
+    fn check(&self) -> redis::RedisResult<()> {
+        if now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "Redis unavailable (circuit open; retrying shortly)",
+            )));
+        }
+        Ok(())
+    }
+
+    fn record<T>(&self, r: &redis::RedisResult<T>) {
+        if let Err(e) = r {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_refusal()
+                || e.is_connection_dropped()
+            {
+                self.down_until_ms
+                    .store(now_ms() + BREAKER_MS, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Guarded {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            self.check()?;
+            let r = self.inner.req_packed_command(cmd).await;
+            self.record(&r);
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            self.check()?;
+            let r = self.inner.req_packed_commands(cmd, offset, count).await;
+            self.record(&r);
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
 #[derive(Clone)]
 pub struct Kv {
-    conn: ConnectionManager,
+    conn: Guarded,
     next_id: redis::Script,
     limiter: redis::Script,
     cache_set: redis::Script,
@@ -109,9 +187,12 @@ impl Kv {
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, cfg).await?;
+        let inner = ConnectionManager::new_with_config(client, cfg).await?;
         Ok(Kv {
-            conn,
+            conn: Guarded {
+                inner,
+                down_until_ms: Arc::new(AtomicU64::new(0)),
+            },
             next_id: redis::Script::new(NEXT_ID_LUA),
             limiter: redis::Script::new(LIMIT_LUA),
             cache_set: redis::Script::new(CACHE_LUA),

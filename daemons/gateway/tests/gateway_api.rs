@@ -984,6 +984,57 @@ async fn gateway_end_to_end() {
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(r.body["id"].as_i64().unwrap() > max_before);
 
+    // ── Redis stopped: reads and updates degrade gracefully; creates need ids (503) ───
+    let keep = r.body["id"].as_i64().unwrap();
+    infra.redis.stop().await.unwrap();
+    let r = h
+        .call(M::GET, &format!("/tasks/{keep}"), Some(&t1), None)
+        .await;
+    assert_eq!(r.status, 200, "read without Redis: {}", r.body);
+    let r = h
+        .call(M::GET, "/tasks?creator_id=1&limit=5", Some(&t1), None)
+        .await;
+    assert_eq!(r.status, 200, "list without Redis: {}", r.body);
+    let r = h
+        .call(
+            M::PATCH,
+            &format!("/tasks/{keep}"),
+            Some(&t1),
+            Some(json!({"status": "in_progress"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "update without Redis: {}", r.body);
+    let r = h
+        .call(
+            M::POST,
+            "/tasks",
+            Some(&t1),
+            Some(json!({"title": "no ids", "performer_id": 2})),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    infra.redis.start().await.unwrap();
+    let mut created_again = None;
+    for _ in 0..50 {
+        let r = h
+            .call(
+                M::POST,
+                "/tasks",
+                Some(&t1),
+                Some(json!({"title": "redis is back", "performer_id": 2})),
+            )
+            .await;
+        if r.status == 201 {
+            created_again = r.body["id"].as_i64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        created_again.unwrap() > keep,
+        "ids after a Redis restart must keep growing"
+    );
+
     // ── Broker down during a write; gateway killed right after the commit ─────────────
     infra.kafka.stop().await.unwrap();
     let r = h
