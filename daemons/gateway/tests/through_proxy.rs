@@ -311,6 +311,26 @@ async fn run(strict: bool) {
     )
     .await;
     assert_eq!(v["data"].as_array().unwrap().len(), 5);
+    for (q, want) in [
+        ("observer_id=1&limit=500", 30),
+        ("creator_id=1&status=pending&limit=500", 30),
+        ("observer_id=2&limit=500", 0),
+    ] {
+        let (s, v) = call(
+            &c,
+            reqwest::Method::GET,
+            format!("{base}/tasks?{q}"),
+            &t1,
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{q}: {v}");
+        assert_eq!(
+            v["data"].as_array().unwrap().len(),
+            want,
+            "{q} across shards"
+        );
+    }
     let (_, v) = call(
         &c,
         reqwest::Method::GET,
