@@ -6,7 +6,8 @@
 #   daemons/gateway/bench/wrk.sh --direct   # gateway on one PostgreSQL shard directly
 #
 # Env: DURATION (default 10s), THREADS (2), CONNS (32), POST_RATE (500 req/s target for
-# the paced POST run), POST_CONNS (10).
+# the paced POST run), POST_CONNS (10), BENCH_RATE_LIMIT=off (measure without the
+# per-request Redis rate-limit script, to see its cost).
 #
 # One run measures, on loopback:
 #   1. ceiling   — a bare hyper "hello" binary (examples/hello.rs)

@@ -128,12 +128,14 @@ async fn main() -> anyhow::Result<()> {
     wait_http(&auth_url).await;
 
     let gw_port = free_port()?;
+    // BENCH_RATE_LIMIT=off measures the gateway without its per-request Redis script.
+    let rl_enabled = std::env::var("BENCH_RATE_LIMIT").map_or(true, |v| v != "off");
     std::fs::write(
         d.join("gw.toml"),
         format!(
             "listen = \"127.0.0.1:{gw_port}\"\nauth_url = \"{auth_url}\"\njwt_public_key_file = \"{}\"\n\
              database_url = \"{tasks_url}\"\nredis_url = \"{}\"\nkafka_brokers = \"{}\"\n{outbox_shards}\
-             database_pool_size = 32\n[rate_limit]\nper_second = 1000000\nburst = 1000000\nlogin_per_minute = 1000000\n[log]\nlevel = \"warn\"\n",
+             database_pool_size = 32\n[rate_limit]\nenabled = {rl_enabled}\nper_second = 1000000\nburst = 1000000\nlogin_per_minute = 1000000\n[log]\nlevel = \"warn\"\n",
             d.join("jwt-public.pem").display(),
             redis.url(),
             kafka.bootstrap()
