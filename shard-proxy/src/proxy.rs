@@ -104,6 +104,12 @@ pub struct Proxy {
     pub state_dir: PathBuf,
     /// Counters for `SHOW STATS`.
     pub stats: ProxyStats,
+    /// Makes a cross-shard commit atomic to scatter readers: the `COMMIT PREPARED` fan-out
+    /// holds it exclusively, a scatter read holds it shared. Without it a read running
+    /// between two shards' `COMMIT PREPARED` sees a row moved between shards on neither
+    /// (or on both). Per process: several proxies in front of the same shards would need
+    /// a shared fence.
+    pub commit_fence: tokio::sync::RwLock<()>,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +148,7 @@ impl Proxy {
             paused,
             started: Instant::now(),
             stats: ProxyStats::default(),
+            commit_fence: tokio::sync::RwLock::new(()),
         }))
     }
 

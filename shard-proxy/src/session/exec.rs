@@ -339,6 +339,13 @@ impl Session {
         is_write: bool,
     ) -> Result<(), ExecError> {
         let implicit = self.txn.is_none() && is_write && sqls.len() > 1;
+        // A scatter read must not interleave with a cross-shard COMMIT PREPARED fan-out.
+        let proxy = self.proxy.clone();
+        let _fence = if is_write {
+            None
+        } else {
+            Some(proxy.commit_fence.read().await)
+        };
         if implicit {
             self.txn = Some(Txn {
                 explicit: false,

@@ -773,6 +773,15 @@ impl Session {
             .collect();
         let mark = self.client.out.len();
         let started = Instant::now();
+        // A scatter read must not interleave with a cross-shard COMMIT PREPARED fan-out.
+        let scatter_read =
+            wrote.is_empty() && slots.iter().any(|s| matches!(s, Slot::ExecuteMulti { .. }));
+        let proxy = self.proxy.clone();
+        let fence = if scatter_read {
+            Some(proxy.commit_fence.read().await)
+        } else {
+            None
+        };
         let mut unavailable: Option<(usize, BackendError)> = None;
         for (shard, w) in works.iter_mut() {
             frontend::sync(&mut w.conn.conn().wbuf);
@@ -843,6 +852,7 @@ impl Session {
                 }
             }
         }
+        drop(fence);
         for (shard, mut w) in kept {
             if !ok || unavailable.is_some() {
                 let c = w.conn.conn();

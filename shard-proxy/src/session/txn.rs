@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// How long a cross-shard commit waits for running scatter reads before it goes ahead.
+const COMMIT_FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 use crate::backend::Pooled;
 use crate::proxy::Proxy;
 use crate::session::{ExecError, Session, Txn};
@@ -372,8 +375,22 @@ impl Session {
         if let Some(d) = hook("after-decision") {
             tokio::time::sleep(d).await;
         }
+        // Scatter readers see this commit on every shard or on none. Bounded: a scatter
+        // read that itself waits on a row lock of this transaction (SELECT … FOR UPDATE)
+        // must not deadlock the commit.
+        let fence = tokio::time::timeout(COMMIT_FENCE_WAIT, proxy.commit_fence.write())
+            .await
+            .ok();
+        if fence.is_none() {
+            tracing::warn!("commit fence not acquired in time; a concurrent scatter read may see this commit half done");
+        }
         let mut all = true;
-        for (mut conn, gid) in prepared {
+        for (i, (mut conn, gid)) in prepared.into_iter().enumerate() {
+            if i > 0 {
+                if let Some(d) = hook("between-commits") {
+                    tokio::time::sleep(d).await;
+                }
+            }
             match conn
                 .conn()
                 .simple_query(&format!("COMMIT PREPARED '{gid}'"))
@@ -387,6 +404,7 @@ impl Session {
                 }
             }
         }
+        drop(fence);
         if all {
             let _ = std::fs::remove_file(&decision);
         }
