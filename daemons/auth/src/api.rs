@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 
 use crate::keys::SigningKeys;
 use crate::users::{StoreError, User, Users};
-use crate::web::{self, problem, problem_with, FieldError, Resp};
+use taskflow_kit::web::{self, problem, problem_with, FieldError, Resp};
 
 /// Shared state of the request handlers.
 pub struct App {
@@ -381,7 +381,7 @@ impl App {
         let mut after: i64 = 0;
         let mut ids: Option<Vec<i64>> = None;
         let mut errors = Vec::new();
-        for (k, v) in query_pairs(req.uri().query().unwrap_or("")) {
+        for (k, v) in taskflow_kit::web::query_pairs(req.uri().query().unwrap_or("")) {
             match k.as_str() {
                 "limit" => match v.parse::<i64>() {
                     Ok(n) if (1..=500).contains(&n) => limit = n,
@@ -443,41 +443,6 @@ fn only(method: &Method, allowed: Method) -> Option<Resp> {
     Some(r)
 }
 
-/// Decodes `application/x-www-form-urlencoded` query pairs.
-pub fn query_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|s| !s.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,18 +456,5 @@ mod tests {
         ] {
             assert!(!valid_email(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn query_decoding() {
-        assert_eq!(
-            query_pairs("ids=1%2C2&limit=5&x"),
-            vec![
-                ("ids".to_owned(), "1,2".to_owned()),
-                ("limit".to_owned(), "5".to_owned()),
-                ("x".to_owned(), String::new())
-            ]
-        );
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

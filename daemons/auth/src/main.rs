@@ -16,7 +16,6 @@ mod api;
 mod config;
 mod keys;
 mod users;
-mod web;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,6 +24,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use taskflow_kit::http::Readiness;
+use taskflow_kit::web;
 use taskflow_kit::{Daemon, DaemonArgs};
 
 use crate::config::AuthConfig;

@@ -31,7 +31,7 @@ use crate::input::{self, Mode, Rejection, Valid};
 use crate::jwt::Verifier;
 use crate::kv::{Bucket, Kv, Limit};
 use crate::store::{self, ListFilter, Store, StoreError};
-use crate::web::{self, problem, problem_with, FieldError, Resp};
+use taskflow_kit::web::{self, problem, problem_with, FieldError, Resp};
 
 const OPENAPI: &str = include_str!("../openapi.json");
 

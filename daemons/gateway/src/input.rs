@@ -9,7 +9,7 @@
 use serde_json::{Map, Value};
 use taskflow_contracts::TaskStatus;
 
-use crate::web::FieldError;
+use taskflow_kit::web::FieldError;
 
 pub const MAX_TITLE: usize = 255;
 pub const MAX_DESCRIPTION: usize = 10_000;
@@ -286,7 +286,7 @@ pub fn parse_list_query(q: &str) -> Result<ListQuery, Vec<FieldError>> {
             None
         }
     };
-    for (k, v) in query_pairs(q) {
+    for (k, v) in taskflow_kit::web::query_pairs(q) {
         match k.as_str() {
             "performer_id" => out.performer_id = id(&v, "performer_id", &mut errs),
             "creator_id" => out.creator_id = id(&v, "creator_id", &mut errs),
@@ -315,41 +315,6 @@ pub fn parse_list_query(q: &str) -> Result<ListQuery, Vec<FieldError>> {
     } else {
         Err(errs)
     }
-}
-
-/// Decodes `application/x-www-form-urlencoded` query pairs.
-pub fn query_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|s| !s.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -21,7 +21,6 @@ mod jwt;
 mod kv;
 mod outbox;
 mod store;
-mod web;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,6 +33,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use taskflow_kit::http::Readiness;
+use taskflow_kit::web;
 use taskflow_kit::{Daemon, DaemonArgs, Lifecycle};
 
 use crate::config::GatewayConfig;

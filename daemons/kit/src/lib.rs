@@ -6,7 +6,8 @@
 //! - [`telemetry`]: journald when stdout is the journal, else text or JSON lines;
 //! - [`systemd`]: `READY=1`, `STATUS=`, `WATCHDOG=1`, `RELOADING=1`, `STOPPING=1`;
 //! - [`lifecycle`]: signals → bounded graceful shutdown and configuration reloads;
-//! - [`http`]: `/healthz`, `/readyz` and `/metrics` for daemons without a REST surface.
+//! - [`http`]: `/healthz`, `/readyz` and `/metrics` for daemons without a REST surface;
+//! - [`web`]: serve loop, problem+json, bounded bodies, JSON/query parsing for REST daemons.
 //!
 //! A daemon's `main` is one call to [`run`]; see its docs for the order of events.
 
@@ -18,6 +19,7 @@ pub mod postgres;
 pub mod secrets;
 pub mod systemd;
 pub mod telemetry;
+pub mod web;
 
 mod runner;
 

@@ -1,8 +1,15 @@
-//! HTTP plumbing of the gateway: the accept loop with graceful drain, JSON and
-//! `application/problem+json` responses, bounded body reading, and request metrics.
+//! HTTP plumbing shared by the daemons with a REST surface (gateway, auth): the accept
+//! loop with a graceful drain, JSON and `application/problem+json` (RFC 9457) responses,
+//! bounded body reading, JSON parsing whose errors name the offending field, query-string
+//! decoding, and request metrics.
 //!
-//! The same shape as the auth daemon's (a candidate for the kit); the gateway's routing
-//! and middleware live in `api`.
+//! Routing and middleware stay in each daemon: the gateway and the auth daemon have a
+//! handful of routes each, not enough to justify a framework, and they must not depend on
+//! each other.
+
+// A rejected request *is* its response: handlers return `Result<T, Resp>` and the error
+// side is only ever built once per failed request, so boxing it would buy nothing.
+#![allow(clippy::result_large_err)]
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,6 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +109,32 @@ pub async fn read_body(body: Incoming) -> Result<Bytes, Resp> {
             &format!("cannot read request body: {e}"),
         )),
     }
+}
+
+/// Parses JSON; a syntax or type error is a 400 naming the field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Resp> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." || path.is_empty() {
+            let msg = inner.to_string();
+            msg.split('`').nth(1).map(str::to_owned).unwrap_or_default()
+        } else {
+            path
+        };
+        let detail = if field.is_empty() {
+            format!("malformed JSON: {inner}")
+        } else {
+            format!("field `{field}`: {inner}")
+        };
+        let errors = if field.is_empty() {
+            vec![]
+        } else {
+            vec![FieldError::new(&field, inner.to_string())]
+        };
+        problem_with(StatusCode::BAD_REQUEST, &detail, &errors)
+    })
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,4 +218,31 @@ where
     drop(listener);
     tracing::info!("listener closed; draining connections");
     graceful.shutdown().await;
+}
+
+/// Decodes an `application/x-www-form-urlencoded` query string into pairs, in order.
+/// Malformed escapes are kept literally, as browsers do.
+pub fn query_pairs(q: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            query_pairs("ids=1%2C2&limit=5&x&name=J+D%C3%A9&&bad=%zz%4"),
+            vec![
+                ("ids".to_owned(), "1,2".to_owned()),
+                ("limit".to_owned(), "5".to_owned()),
+                ("x".to_owned(), String::new()),
+                ("name".to_owned(), "J Dé".to_owned()),
+                ("bad".to_owned(), "%zz%4".to_owned()),
+            ]
+        );
+    }
 }
