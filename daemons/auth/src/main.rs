@@ -66,10 +66,9 @@ async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
     let lifecycle = daemon.lifecycle.clone();
     drop(daemon.reloads);
 
-    let keys = config::secret_or_exit(
-        "jwt_private_key_file",
-        keys::SigningKeys::load(&cfg.jwt_private_key_file),
-    );
+    // Checked by `check_secrets` before start-up; an error here means the file changed since.
+    let keys = keys::SigningKeys::load(&cfg.jwt_private_key_file)
+        .map_err(|e| anyhow::anyhow!("jwt_private_key_file: {e}"))?;
     let mgr = deadpool_postgres::Manager::from_config(
         cfg.pg_config()?,
         tokio_postgres::NoTls,

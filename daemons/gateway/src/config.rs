@@ -126,7 +126,7 @@ impl DaemonConfig for GatewayConfig {
             return Err(ConfigError::invalid("auth_url", "must be an http(s) URL"));
         }
         // Secret files are read at start-up, not here (`--check-config` must work without
-        // them); a bad one still exits 78 naming its key, from `secret_or_exit`.
+        // them); a bad one still exits 78 naming its key, from `check_secrets` at start-up.
         if self.jwt_public_key_file.is_empty() {
             return Err(ConfigError::invalid(
                 "jwt_public_key_file",
@@ -219,31 +219,25 @@ impl DaemonConfig for GatewayConfig {
         }
         Ok(())
     }
-}
 
-/// Reads a secret-bearing setting at start-up; on failure exits with `EX_CONFIG` (78)
-/// naming the key, like any other configuration error.
-pub fn secret_or_exit<T, E: std::fmt::Display>(key: &str, r: Result<T, E>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let msg = ConfigError::invalid(key, e.to_string());
-            tracing::error!(error = %msg, "bad secret");
-            eprintln!("taskflow-gateway: {msg}");
-            std::process::exit(i32::from(taskflow_kit::EXIT_CONFIG));
-        }
+    /// At start-up (not `--check-config`): the secret files exist and parse.
+    fn check_secrets(&self) -> Result<(), ConfigError> {
+        self.pg_config()?;
+        crate::jwt::Verifier::load(&self.jwt_public_key_file)
+            .map_err(|e| ConfigError::invalid("jwt_public_key_file", e.to_string()))?;
+        Ok(())
     }
 }
 
 impl GatewayConfig {
-    pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
-        let mut cfg: tokio_postgres::Config = self.database_url.parse()?;
-        if let Some(f) = &self.database_password_file {
-            cfg.password(secret_or_exit(
-                "database_password_file",
-                taskflow_kit::secrets::read_secret(f),
-            ));
-        }
+    /// The database connection settings, with the password from its secret file.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let mut cfg = taskflow_kit::postgres::client_config(
+            &self.database_url,
+            "database_url",
+            self.database_password_file.as_deref(),
+            "database_password_file",
+        )?;
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(std::time::Duration::from_secs(5));
         }

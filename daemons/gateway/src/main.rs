@@ -136,10 +136,9 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
     drop(daemon.reloads);
     let readiness = Readiness::new();
 
-    let verifier = config::secret_or_exit(
-        "jwt_public_key_file",
-        jwt::Verifier::load(&cfg.jwt_public_key_file),
-    );
+    // Checked by `check_secrets` before start-up; an error here means the file changed since.
+    let verifier = jwt::Verifier::load(&cfg.jwt_public_key_file)
+        .map_err(|e| anyhow::anyhow!("jwt_public_key_file: {e}"))?;
     let mgr = deadpool_postgres::Manager::from_config(
         cfg.pg_config()?,
         tokio_postgres::NoTls,
