@@ -346,7 +346,13 @@ database_url = "postgres://taskflow@127.0.0.1:{proxy}/tasks"
 database_password_file = "{db_pw}"
 redis_url = "redis://127.0.0.1:{redis}"
 kafka_brokers = "127.0.0.1:{kafka}"
+outbox_shards = [{outbox_shards}]
 "#,
+        outbox_shards = SHARDS
+            .iter()
+            .map(|(name, _)| format!("\"{name}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
         gw = p("gateway"),
         auth = p("auth"),
         jwt = s("jwt-public.pem"),
