@@ -188,6 +188,8 @@ let
             database_password_file = "database-password";
             redis_url = "redis://redis:6379";
             kafka_brokers = "kafka:9092";
+            # The outbox relay polls each shard by name through the proxy.
+            outbox_shards = map (s: (shardEntry s).name) shards;
             # The load loop and the checks come from one IP and one user.
             rate_limit = {
               per_second = 100000;
