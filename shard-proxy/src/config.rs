@@ -245,6 +245,16 @@ impl DaemonConfig for ProxyConfig {
         &self.common
     }
 
+    /// At start-up and on reload (not `--check-config`): users' and the backend's password
+    /// files and the TLS files are readable.
+    fn check_secrets(&self) -> Result<(), ConfigError> {
+        use crate::proxy::{backend_password, build_tls, build_users, SetupError};
+        build_users(self).map_err(SetupError::into_config_error)?;
+        backend_password(self).map_err(SetupError::into_config_error)?;
+        build_tls(self).map_err(SetupError::into_config_error)?;
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.listen.port() == 0 {
             return Err(ConfigError::invalid("listen", "port must not be 0"));

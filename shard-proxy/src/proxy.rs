@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
+use taskflow_kit::config::ConfigError;
 
 use tokio::sync::watch;
 
@@ -120,6 +121,17 @@ pub struct ProxyStats {
     pub broadcasts: AtomicU64,
     pub two_phase: AtomicU64,
     pub errors: AtomicU64,
+}
+
+impl SetupError {
+    /// The same problem as a configuration error naming its key, for the kit's exit 78.
+    pub fn into_config_error(self) -> ConfigError {
+        match self {
+            SetupError::Config { key, message } => ConfigError::invalid(key, message),
+            SetupError::Secret { key, source } => ConfigError::invalid(key, source.to_string()),
+            other => ConfigError::Other(other.to_string()),
+        }
+    }
 }
 
 impl Proxy {
@@ -299,7 +311,7 @@ impl Proxy {
     }
 }
 
-fn build_users(config: &ProxyConfig) -> Result<HashMap<String, Verifier>, SetupError> {
+pub(crate) fn build_users(config: &ProxyConfig) -> Result<HashMap<String, Verifier>, SetupError> {
     let mut users = HashMap::new();
     for (i, u) in config.users.iter().enumerate() {
         let password = match (&u.password_file, &u.password) {
@@ -322,7 +334,7 @@ fn build_users(config: &ProxyConfig) -> Result<HashMap<String, Verifier>, SetupE
     Ok(users)
 }
 
-fn backend_password(config: &ProxyConfig) -> Result<Option<String>, SetupError> {
+pub(crate) fn backend_password(config: &ProxyConfig) -> Result<Option<String>, SetupError> {
     match &config.backend.password_file {
         None => Ok(None),
         Some(f) => taskflow_kit::secrets::read_secret(f)
@@ -399,7 +411,9 @@ fn build_topology(
     })
 }
 
-fn build_tls(config: &ProxyConfig) -> Result<Option<Arc<rustls::ServerConfig>>, SetupError> {
+pub(crate) fn build_tls(
+    config: &ProxyConfig,
+) -> Result<Option<Arc<rustls::ServerConfig>>, SetupError> {
     let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
         return Ok(None);
     };

@@ -100,16 +100,10 @@ impl DaemonConfig for AuthConfig {
 impl AuthConfig {
     /// The database connection settings, with the password from its secret file.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let mut cfg = taskflow_kit::postgres::client_config(
+        taskflow_kit::postgres::daemon_database(
             &self.database_url,
-            "database_url",
             self.database_password_file.as_deref(),
-            "database_password_file",
-        )?;
-        if cfg.get_connect_timeout().is_none() {
-            cfg.connect_timeout(std::time::Duration::from_secs(5));
-        }
-        cfg.application_name("taskflow-auth");
-        Ok(cfg)
+            "taskflow-auth",
+        )
     }
 }

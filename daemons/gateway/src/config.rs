@@ -232,17 +232,11 @@ impl DaemonConfig for GatewayConfig {
 impl GatewayConfig {
     /// The database connection settings, with the password from its secret file.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let mut cfg = taskflow_kit::postgres::client_config(
+        taskflow_kit::postgres::daemon_database(
             &self.database_url,
-            "database_url",
             self.database_password_file.as_deref(),
-            "database_password_file",
-        )?;
-        if cfg.get_connect_timeout().is_none() {
-            cfg.connect_timeout(std::time::Duration::from_secs(5));
-        }
-        cfg.application_name("taskflow-gateway");
-        Ok(cfg)
+            "taskflow-gateway",
+        )
     }
 }
 

@@ -6,6 +6,27 @@
 use crate::config::ConfigError;
 use crate::secrets;
 
+/// How long a connection attempt may take unless the URL says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The settings of a daemon's `database_url` + `database_password_file` keys: parses the URL
+/// (`postgres://user@host:port/db` or `key=value` form), adds the password read from the
+/// secret file if one is named, a 5 s connect timeout unless the URL sets one, and the
+/// daemon's name as `application_name` (so `SHOW CLIENTS` and `pg_stat_activity` tell who
+/// is who). Errors name the key they are about.
+pub fn daemon_database(
+    url: &str,
+    password_file: Option<&str>,
+    application_name: &str,
+) -> Result<tokio_postgres::Config, ConfigError> {
+    let mut cfg = client_config(url, "database_url", password_file, "database_password_file")?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    cfg.application_name(application_name);
+    Ok(cfg)
+}
+
 /// Parses `url` (`postgres://user@host:port/db` or `key=value` form) and adds the password
 /// read from `password_file`, if given. Errors name `url_key` / `password_key`.
 pub fn client_config(

@@ -111,4 +111,18 @@ impl DaemonConfig for NotifyConfig {
         }
         Ok(())
     }
+
+    /// At start-up (not `--check-config`): the secret files exist.
+    fn check_secrets(&self) -> Result<(), ConfigError> {
+        taskflow_kit::postgres::daemon_database(
+            &self.database_url,
+            self.database_password_file.as_deref(),
+            "taskflow-notify",
+        )?;
+        if let Some(file) = &self.smtp.password_file {
+            taskflow_kit::secrets::read_secret(file)
+                .map_err(|e| ConfigError::invalid("smtp.password_file", e.to_string()))?;
+        }
+        Ok(())
+    }
 }

@@ -46,11 +46,10 @@ pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot listen on metrics_listen {}", cfg.metrics_listen))?;
 
-    let pg = taskflow_kit::postgres::client_config(
+    let pg = taskflow_kit::postgres::daemon_database(
         &cfg.database_url,
-        "database_url",
         cfg.database_password_file.as_deref(),
-        "database_password_file",
+        "taskflow-notify",
     )?;
     let redis = redis::Client::open(cfg.redis_url.as_str()).context("redis_url")?;
     let mailer = Mailer::new(&cfg.smtp)?;

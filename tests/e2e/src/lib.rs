@@ -70,6 +70,36 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// A taskflow-notify configuration against the given dependencies, with the database
+    /// password (`taskflow`, the test clusters' role) in a secret file.
+    pub fn notify_config(
+        &self,
+        db_port: u16,
+        kafka: &str,
+        redis_url: &str,
+        smtp_port: u16,
+    ) -> PathBuf {
+        let pw = self.write("database-password", taskflow_test_support::PG_PASSWORD);
+        self.write(
+            "notify.toml",
+            &format!(
+                r#"metrics_listen = "127.0.0.1:{metrics}"
+database_url = "postgres://taskflow@127.0.0.1:{db_port}/auth"
+database_password_file = "{pw}"
+kafka_brokers = "{kafka}"
+redis_url = "{redis_url}"
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+"#,
+                metrics = taskflow_test_support::free_port().expect("port"),
+                pw = pw.display(),
+            ),
+        )
+    }
+}
+
 impl Default for Scratch {
     fn default() -> Self {
         Self::new()

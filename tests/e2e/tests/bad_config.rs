@@ -117,3 +117,24 @@ fn defaults_are_a_valid_configuration() {
         );
     }
 }
+
+#[test]
+fn a_missing_secret_file_names_its_key_at_start_but_not_in_check_config() {
+    let scratch = Scratch::new();
+    for (bin, key, toml) in [
+        ("taskflow-gateway", "database_password_file", "database_password_file = \"/nonexistent/pw\"\n"),
+        ("taskflow-auth", "database_password_file", "database_password_file = \"/nonexistent/pw\"\n"),
+        ("taskflow-notify", "database_password_file", "database_password_file = \"/nonexistent/pw\"\n"),
+        (
+            "taskflow-shard-proxy",
+            "backend.password_file",
+            "users = [{ name = \"taskflow\", password = \"dev\" }]\n[backend]\npassword_file = \"/nonexistent/pw\"\n",
+        ),
+    ] {
+        let cfg = scratch.write(&format!("{bin}.toml"), toml);
+        let path = cfg.to_str().expect("utf-8");
+        check(bin, &["--config", path], key);
+        let (code, out) = run_to_exit(bin, &["--config", path, "--check-config"]);
+        assert_eq!(code, Some(0), "{bin} --check-config must not read secrets: {out}");
+    }
+}

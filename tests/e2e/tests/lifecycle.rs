@@ -170,26 +170,11 @@ async fn notify_daemon_follows_the_systemd_contract() {
     let kafka = KafkaBroker::temp().await.expect("broker");
     let smtp = SmtpSink::temp().await.expect("smtp");
     let scratch = Scratch::new();
-    let pw = scratch.write("database-password", PG_PASSWORD);
-    let config = scratch.write(
-        "notify.toml",
-        &format!(
-            r#"metrics_listen = "127.0.0.1:{metrics}"
-database_url = "postgres://taskflow@127.0.0.1:{db}/auth"
-database_password_file = "{pw}"
-kafka_brokers = "{kafka}"
-redis_url = "{redis}"
-[smtp]
-host = "127.0.0.1"
-port = {smtp}
-"#,
-            metrics = free_port().expect("port"),
-            db = db.port(),
-            pw = pw.display(),
-            kafka = kafka.bootstrap(),
-            redis = redis.url(),
-            smtp = smtp.smtp_port(),
-        ),
+    let config = scratch.notify_config(
+        db.port(),
+        &kafka.bootstrap(),
+        &redis.url(),
+        smtp.smtp_port(),
     );
     let mut notify = Daemon::start("taskflow-notify", &config, &[]);
     notify
@@ -213,25 +198,11 @@ async fn a_daemon_waits_for_its_dependencies_before_ready() {
     let smtp = SmtpSink::temp().await.expect("smtp");
     let redis_port = free_port().expect("port");
     let scratch = Scratch::new();
-    let pw = scratch.write("database-password", PG_PASSWORD);
-    let config = scratch.write(
-        "notify.toml",
-        &format!(
-            r#"metrics_listen = "127.0.0.1:{metrics}"
-database_url = "postgres://taskflow@127.0.0.1:{db}/auth"
-database_password_file = "{pw}"
-kafka_brokers = "{kafka}"
-redis_url = "redis://127.0.0.1:{redis_port}"
-[smtp]
-host = "127.0.0.1"
-port = {smtp}
-"#,
-            metrics = free_port().expect("port"),
-            db = db.port(),
-            pw = pw.display(),
-            kafka = kafka.bootstrap(),
-            smtp = smtp.smtp_port(),
-        ),
+    let config = scratch.notify_config(
+        db.port(),
+        &kafka.bootstrap(),
+        &format!("redis://127.0.0.1:{redis_port}"),
+        smtp.smtp_port(),
     );
     let mut notify = Daemon::start("taskflow-notify", &config, &[]);
     let early = notify

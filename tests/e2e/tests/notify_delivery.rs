@@ -11,9 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use taskflow_contracts::{NotifyEvent, Task, TaskEvent, TaskEventType, TaskStatus};
 use taskflow_e2e::{Daemon, Scratch};
-use taskflow_test_support::{
-    free_port, KafkaBroker, PgCluster, RedisServer, SmtpSink, PG_PASSWORD,
-};
+use taskflow_test_support::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
 
 struct Stack {
     _db: PgCluster,
@@ -52,26 +50,11 @@ async fn start() -> Stack {
     kafka.create_topic("notify_events", 1).await.expect("topic");
     let smtp = SmtpSink::temp().await.expect("smtp");
     let scratch = Scratch::new();
-    let pw = scratch.write("database-password", PG_PASSWORD);
-    let config = scratch.write(
-        "notify.toml",
-        &format!(
-            r#"metrics_listen = "127.0.0.1:{metrics}"
-database_url = "postgres://taskflow@127.0.0.1:{db}/auth"
-database_password_file = "{pw}"
-kafka_brokers = "{kafka}"
-redis_url = "{redis}"
-[smtp]
-host = "127.0.0.1"
-port = {smtp}
-"#,
-            metrics = free_port().expect("port"),
-            db = db.port(),
-            pw = pw.display(),
-            kafka = kafka.bootstrap(),
-            redis = redis.url(),
-            smtp = smtp.smtp_port(),
-        ),
+    let config = scratch.notify_config(
+        db.port(),
+        &kafka.bootstrap(),
+        &redis.url(),
+        smtp.smtp_port(),
     );
     let mut notify = Daemon::start("taskflow-notify", &config, &[]);
     notify
