@@ -79,7 +79,8 @@ async fn serve(mut daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
             }
             reload = daemon.reloads.recv() => {
                 let Some(reload) = reload else { continue };
-                match proxy.apply(reload.config.clone()) {
+                let checked = proxy.check_ring_change(&reload.config).await;
+                match checked.and_then(|()| proxy.apply(reload.config.clone())) {
                     Ok(summary) => {
                         tracing::info!(%summary, "configuration reloaded");
                         reload.done(Ok(()));

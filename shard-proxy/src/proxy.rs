@@ -226,10 +226,64 @@ impl Proxy {
     }
 
     /// Re-reads the configuration file and environment (admin `RELOAD`).
-    pub fn reload_from_disk(&self) -> Result<String, SetupError> {
+    pub async fn reload_from_disk(&self) -> Result<String, SetupError> {
         let cfg: ProxyConfig = taskflow_kit::config::load(self.config_path.as_deref())
             .map_err(|e| SetupError::Load(e.to_string()))?;
+        self.check_ring_change(&cfg).await?;
         self.apply(cfg)
+    }
+
+    /// Refuses a configuration whose ring would re-route keys while a current shard holds
+    /// rows of a sharded table: without online migration those rows would become
+    /// unreachable. Shards may be added, removed or renamed freely while they are all empty
+    /// (a new deployment), and a shard's URL may change at any time.
+    pub async fn check_ring_change(&self, config: &ProxyConfig) -> Result<(), SetupError> {
+        let current = self.topology();
+        let mut old_names: Vec<&str> = current.ring.shards().iter().map(String::as_str).collect();
+        let mut new_names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
+        old_names.sort_unstable();
+        new_names.sort_unstable();
+        if old_names == new_names && current.ring.virtual_nodes() == config.ring.virtual_nodes {
+            return Ok(());
+        }
+        let probe = current
+            .sharded_tables
+            .iter()
+            .map(|t| format!("(SELECT 1 FROM \"{}\" LIMIT 1)", t.replace('"', "\"\"")))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let refuse = |message: String| SetupError::Config {
+            key: "shards".into(),
+            message,
+        };
+        for pool in &current.shards {
+            let mut conn = pool.get().await.map_err(|e| {
+                refuse(format!(
+                    "the shard list or ring changes which shard owns which performer_id; cannot check that {} holds no rows: {e}",
+                    pool.name
+                ))
+            })?;
+            let result = conn.conn().simple_query(&probe).await;
+            match result {
+                Ok(r) => {
+                    conn.release();
+                    if !r.rows.is_empty() {
+                        return Err(refuse(format!(
+                            "the shard list or ring changes which shard owns which performer_id, and {} holds rows that would become unreachable; online migration is not available in this version, so the ring stays as it is",
+                            pool.name
+                        )));
+                    }
+                }
+                Err(e) => {
+                    conn.discard();
+                    return Err(refuse(format!(
+                        "the shard list or ring changes which shard owns which performer_id; cannot check that {} holds no rows: {e}",
+                        pool.name
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Registers a new client; returns its id, the (pid, secret) it is told in

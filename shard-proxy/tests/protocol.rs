@@ -264,6 +264,33 @@ async fn reload_rereads_users_and_shards() {
         rows(&admin.simple_query("SHOW SHARDS").await.expect("shards")).len(),
         2
     );
+
+    // Once a shard holds rows, a shard list that would re-route keys is refused: without
+    // online migration those rows would become unreachable.
+    c.simple_query(
+        "INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, 1, 1, 'kept')",
+    )
+    .await
+    .expect("insert");
+    let mut one_shard = env.config.clone();
+    one_shard.shards.truncate(1);
+    let full = std::mem::replace(&mut env.config, one_shard);
+    std::fs::write(&path, env.config_toml("")).expect("write config");
+    env.config = full;
+    let err = admin
+        .simple_query("RELOAD")
+        .await
+        .expect_err("re-routing keys over data refused");
+    assert!(format!("{err:?}").contains("holds rows"), "{err:?}");
+    assert_eq!(
+        rows(&admin.simple_query("SHOW SHARDS").await.expect("shards")).len(),
+        2
+    );
+    let kept = c
+        .simple_query("SELECT title FROM tasks WHERE performer_id = 1")
+        .await
+        .expect("read");
+    assert_eq!(rows(&kept).len(), 1, "the row is still reachable");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,7 +270,7 @@ pub async fn execute(proxy: &Arc<Proxy>, stmt: &str) -> Answer {
             tracing::info!("resumed by admin console");
             Answer::Tag("RESUME".into())
         }
-        ["RELOAD"] => match proxy.reload_from_disk() {
+        ["RELOAD"] => match proxy.reload_from_disk().await {
             Ok(summary) => {
                 tracing::info!(%summary, "configuration reloaded by admin console");
                 Answer::Tag("RELOAD".into())
