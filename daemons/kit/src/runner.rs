@@ -142,6 +142,10 @@ where
             }
         }
     };
+    // Everything queued (STOPPING=1 above all) is sent before the process exits.
+    let flusher = notifier.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || flusher.flush(std::time::Duration::from_secs(1))).await;
     match result {
         Ok(()) => {
             tracing::info!("stopped");

@@ -23,6 +23,8 @@ enum Note {
     Reloading,
     Stopping,
     Watchdog,
+    /// Answered once every earlier note was sent.
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 /// Sends notifications without ever blocking; cheap to clone and share.
@@ -68,6 +70,10 @@ impl Notifier {
                             &[NotifyState::Stopping, NotifyState::Status("draining")],
                         ),
                         Note::Watchdog => sd_notify::notify(false, &[NotifyState::Watchdog]),
+                        Note::Flush(done) => {
+                            let _ = done.send(());
+                            Ok(())
+                        }
                     };
                     if let Err(e) = result {
                         tracing::warn!(error = %e, ?note, "sd_notify failed");
@@ -116,6 +122,16 @@ impl Notifier {
 
     pub fn watchdog(&self) {
         self.send(Note::Watchdog);
+    }
+
+    /// Waits (at most `timeout`) until every notification handed over so far was sent, so
+    /// `STOPPING=1` reaches the service manager before the process exits.
+    pub fn flush(&self, timeout: Duration) {
+        let Some(tx) = &self.tx else { return };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        if tx.send(Note::Flush(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(timeout);
+        }
     }
 
     /// The interval at which to ping the watchdog: half of `WATCHDOG_USEC`, as

@@ -152,7 +152,14 @@ impl Daemon {
                 }
             }
             status = self.child.wait() => {
-                panic!("{} exited ({status:?}) before {assignment}\n--- log ---\n{}", self.name, self.logs());
+                // Datagrams sent just before exit may still be queued on our socket.
+                let late = self
+                    .notify
+                    .wait_for_assignment(assignment, Duration::from_millis(500))
+                    .await;
+                if late.is_err() {
+                    panic!("{} exited ({status:?}) before {assignment}\n--- log ---\n{}", self.name, self.logs());
+                }
             }
         }
     }
