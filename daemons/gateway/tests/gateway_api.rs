@@ -7,12 +7,13 @@
 //! Needs the auth binary: `cargo build -p taskflow-auth` (or `make build`) first.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+mod common;
+use common::task_events;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::Message as _;
 use reqwest::Method as M;
 use serde_json::{json, Value};
 use taskflow_test_support::{
@@ -243,41 +244,6 @@ async fn count_tasks(infra: &Infra) -> i64 {
         .await
         .unwrap()
         .get(0)
-}
-
-/// All `task_events` currently in the broker, from the beginning.
-async fn task_events(bootstrap: &str) -> Vec<Value> {
-    let bootstrap = bootstrap.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..3 {
-            tpl.add_partition_offset("task_events", p, rdkafka::Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        let mut out = Vec::new();
-        let mut idle = 0;
-        while idle < 3 {
-            match consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) => {
-                    idle = 0;
-                    if let Some(p) = m.payload() {
-                        out.push(serde_json::from_slice(p).unwrap());
-                    }
-                }
-                Some(Err(_)) | None => idle += 1,
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
 }
 
 async fn wait_for_event(bootstrap: &str, kind: &str, task_id: i64) -> Value {

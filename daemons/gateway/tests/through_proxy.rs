@@ -7,6 +7,9 @@
 //! Needs the proxy and auth binaries: `cargo build -p taskflow-shard-proxy -p taskflow-auth`.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+mod common;
+use common::task_events;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -466,38 +469,7 @@ async fn run(strict: bool) {
     assert_eq!(unsent, 0, "outbox rows left unsent through the proxy");
     // Every write's event is in Kafka (none was stamped sent without being published).
     let bootstrap = kafka.bootstrap();
-    let events: Vec<Value> = tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer as _};
-        use rdkafka::Message as _;
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", "through-proxy-check")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..3 {
-            tpl.add_partition_offset("task_events", p, rdkafka::Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        let mut out = Vec::new();
-        let mut idle = 0;
-        while idle < 4 {
-            match consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) => {
-                    idle = 0;
-                    if let Some(p) = m.payload() {
-                        out.push(serde_json::from_slice(p).unwrap());
-                    }
-                }
-                _ => idle += 1,
-            }
-        }
-        out
-    })
-    .await
-    .unwrap();
+    let events: Vec<Value> = task_events(&bootstrap).await;
     for id in &ids {
         assert!(
             events

@@ -207,6 +207,25 @@ impl Daemon {
     }
 }
 
+/// A temporary PostgreSQL cluster with database `db` (`auth` or `tasks`) and its schema.
+pub async fn migrated_db(db: &str) -> taskflow_test_support::PgCluster {
+    let pg = taskflow_test_support::PgCluster::builder()
+        .database(db)
+        .start()
+        .await
+        .expect("PostgreSQL cluster");
+    let mut c = pg.client(db).await.expect("client");
+    let schema = if db == "auth" {
+        taskflow_migrations::Schema::Auth
+    } else {
+        taskflow_migrations::Schema::Shard
+    };
+    taskflow_migrations::apply(&mut c, schema)
+        .await
+        .expect("migrate");
+    pg
+}
+
 /// Runs `binary` with `args` to completion and returns (exit code, stderr + stdout).
 pub fn run_to_exit(binary: &str, args: &[&str]) -> (Option<i32>, String) {
     let bin = binary_path(binary).expect("binary (cargo build --workspace)");

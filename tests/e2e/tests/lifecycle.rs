@@ -11,32 +11,6 @@ use taskflow_test_support::{
     free_port, KafkaBroker, PgCluster, RedisServer, Shards, SmtpSink, PG_PASSWORD,
 };
 
-async fn migrated_auth_db() -> PgCluster {
-    let pg = PgCluster::builder()
-        .database("auth")
-        .start()
-        .await
-        .expect("auth db");
-    let mut c = pg.client("auth").await.expect("client");
-    taskflow_migrations::apply_auth(&mut c)
-        .await
-        .expect("migrate");
-    pg
-}
-
-async fn migrated_tasks_db() -> PgCluster {
-    let pg = PgCluster::builder()
-        .database("tasks")
-        .start()
-        .await
-        .expect("tasks db");
-    let mut c = pg.client("tasks").await.expect("client");
-    taskflow_migrations::apply_shard(&mut c)
-        .await
-        .expect("migrate");
-    pg
-}
-
 #[tokio::test]
 async fn shard_proxy_follows_the_systemd_contract() {
     let shards = Shards::start(3).await.expect("shards");
@@ -106,7 +80,7 @@ url = "postgres://taskflow@127.0.0.1:{auth}/auth"
 
 #[tokio::test]
 async fn auth_daemon_follows_the_systemd_contract() {
-    let db = migrated_auth_db().await;
+    let db = taskflow_e2e::migrated_db("auth").await;
     let scratch = Scratch::new();
     let (private, _public) = scratch.jwt_keys();
     let pw = scratch.write("database-password", PG_PASSWORD);
@@ -132,7 +106,7 @@ bcrypt_cost = 4
 
 #[tokio::test]
 async fn gateway_follows_the_systemd_contract() {
-    let db = migrated_tasks_db().await;
+    let db = taskflow_e2e::migrated_db("tasks").await;
     let redis = RedisServer::temp().await.expect("redis");
     let kafka = KafkaBroker::temp().await.expect("broker");
     let scratch = Scratch::new();
@@ -165,7 +139,7 @@ kafka_brokers = "{kafka}"
 
 #[tokio::test]
 async fn notify_daemon_follows_the_systemd_contract() {
-    let db = migrated_auth_db().await;
+    let db = taskflow_e2e::migrated_db("auth").await;
     let redis = RedisServer::temp().await.expect("redis");
     let kafka = KafkaBroker::temp().await.expect("broker");
     let smtp = SmtpSink::temp().await.expect("smtp");
@@ -193,7 +167,7 @@ async fn notify_daemon_follows_the_systemd_contract() {
 #[tokio::test]
 async fn a_daemon_waits_for_its_dependencies_before_ready() {
     // Redis is not there yet: the notify daemon must not claim READY until it is.
-    let db = migrated_auth_db().await;
+    let db = taskflow_e2e::migrated_db("auth").await;
     let kafka = KafkaBroker::temp().await.expect("broker");
     let smtp = SmtpSink::temp().await.expect("smtp");
     let redis_port = free_port().expect("port");

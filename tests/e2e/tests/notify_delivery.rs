@@ -23,15 +23,8 @@ struct Stack {
 }
 
 async fn start() -> Stack {
-    let db = PgCluster::builder()
-        .database("auth")
-        .start()
-        .await
-        .expect("auth db");
-    let mut c = db.client("auth").await.expect("client");
-    taskflow_migrations::apply_auth(&mut c)
-        .await
-        .expect("migrate");
+    let db = taskflow_e2e::migrated_db("auth").await;
+    let c = db.client("auth").await.expect("client");
     for (email, name) in [
         ("creator@example.com", "Creator"),
         ("performer@example.com", "Performer"),
