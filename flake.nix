@@ -149,7 +149,7 @@
             tansu
           ];
 
-          # Where test-support (and the dev stack built on it) looks for each server before
+          # Where localstack (and the dev stack built on it) looks for each server before
           # falling back to Debian's paths and $PATH: explicit, so the Debian layout it
           # probes first can never shadow nixpkgs' builds.
           serverEnv = {
@@ -164,9 +164,9 @@
           # the daemons and the broker are. `exec` so Ctrl-C reaches the supervisor directly
           # and nothing is left running behind it. Arguments go to taskflow-devstack
           # (`nix run . -- status`); none means `dev`.
-          # mailpit is on PATH as the SMTP sink (SMTP 1025, UI 8050); test-support still
+          # mailpit is on PATH as the SMTP sink (SMTP 1025, UI 8050); localstack still
           # starts maildev ($TASKFLOW_MAILDEV_BIN), which nixpkgs does not package, so the
-          # stack needs test-support to drive mailpit before its mail works under Nix.
+          # stack needs localstack to drive mailpit before its mail works under Nix.
           dev-stack = pkgs.writeShellApplication {
             name = "taskflow-dev-stack";
             runtimeInputs = stackServers ++ [
@@ -176,7 +176,7 @@
             text = ''
               ${lib.toShellVars serverEnv}
               export ${lib.concatStringsSep " " (lib.attrNames serverEnv)}
-              # The daemons: the supervisor's own variable, and test-support's.
+              # The daemons: the supervisor's own variable, and localstack's.
               export TASKFLOW_DEVSTACK_BIN_DIR=${taskflow}/bin
               export TASKFLOW_BIN_DIR=${taskflow}/bin
               if [ "$#" -eq 0 ]; then
@@ -250,16 +250,16 @@
 
           # The tests start real servers on free loopback ports (SPEC §8), found through
           # serverEnv: PostgreSQL 15, redis-server and the broker (nixpkgs' tansu, or one
-          # built from the pinned release) all run here. Known gap: test-support's SMTP sink
+          # built from the pinned release) all run here. Known gap: localstack's SMTP sink
           # is maildev (from npm), which nixpkgs does not package; mailpit is on PATH instead,
-          # so tests that need the sink fail here until test-support can drive mailpit.
+          # so tests that need the sink fail here until localstack can drive mailpit.
           nextest = craneLib.cargoNextest (
             commonArgs
             // t.serverEnv
             // {
               inherit cargoArtifacts;
               nativeBuildInputs = commonArgs.nativeBuildInputs ++ t.stackServers;
-              # Tests start the daemons themselves: test-support looks for them next to the
+              # Tests start the daemons themselves: localstack looks for them next to the
               # test executables (target/<profile>), where only packages with integration
               # tests would get their binaries built by nextest alone.
               buildPhaseCargoCommand = ''

@@ -1,8 +1,8 @@
 //! Migrations against real PostgreSQL: the first run creates the schema, a second run
 //! changes nothing (no migration applied, catalog identical).
 
+use taskflow_localstack::PgCluster;
 use taskflow_migrations::{apply_auth, apply_shard, versions, Schema};
-use taskflow_test_support::PgCluster;
 
 /// Every column, index and constraint of the public schema, as text, for comparison.
 async fn schema_fingerprint(client: &tokio_postgres::Client) -> Vec<String> {

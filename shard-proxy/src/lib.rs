@@ -1,21 +1,19 @@
-//! taskflow-shard-proxy: a PostgreSQL-wire proxy that routes every statement to the shard
-//! owning its `performer_id` on a consistent-hash ring, scatters and merges key-less reads,
-//! and commits cross-shard writes with two-phase commit.
+//! taskflow-shard-proxy: the runtime of the PostgreSQL-wire shard proxy — sockets, pools,
+//! sessions, two-phase commit, the admin console. What to do with each statement is decided
+//! by the pure [`proxy_core`] crate (ring, router, merge, wire codecs); this crate does it.
 //!
-//! Layering (see ARCHITECTURE.md): `frontend` (client side of the wire) → `router`
-//! (what a statement needs) → `backend` (server connections and pools). `ring`, `merge`
-//! and `admin` are rooms of their own; `ring` and `router` are pure logic with no I/O.
-//! `session` glues them per client; `proxy` holds what all sessions share.
+//! Layering (see ARCHITECTURE.md): `server` accepts a connection and hands it to `frontend`
+//! (handshake, TLS, authentication), which returns an authenticated client; `server` then
+//! dispatches it to a `session` (the `tasks`/`auth` databases) or to `admin`. Sessions use
+//! `backend` (server connections and pools) and the shared state in `proxy`.
+
+pub use proxy_core;
 
 pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod frontend;
-pub mod merge;
 pub mod metrics;
 pub mod proxy;
-pub mod ring;
-pub mod router;
 pub mod server;
 pub mod session;
-pub mod wire;

@@ -19,8 +19,8 @@ use crate::backend::Pool;
 use crate::config::{parse_backend_url, ProxyConfig};
 use crate::frontend::scram::Verifier;
 use crate::metrics::Metrics;
-use crate::ring::Ring;
-use crate::router::{Router, ShardingRules};
+use proxy_core::ring::Ring;
+use proxy_core::router::{Router, ShardingRules};
 
 /// Why a topology or user list could not be built from a configuration.
 #[derive(Debug, thiserror::Error)]

@@ -80,7 +80,7 @@ async fn scripted_psql_session_matches_one_database() {
         return;
     }
     let env = Env::start(3).await;
-    let reference = taskflow_test_support::PgCluster::builder()
+    let reference = taskflow_localstack::PgCluster::builder()
         .database("tasks")
         .start()
         .await

@@ -166,7 +166,7 @@ async fn rows_land_on_their_ring_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scatter_reads_equal_a_reference_database() {
     let env = Env::start(3).await;
-    let reference = taskflow_test_support::PgCluster::builder()
+    let reference = taskflow_localstack::PgCluster::builder()
         .database("tasks")
         .start()
         .await

@@ -181,7 +181,7 @@ async fn prepared_count(env: &Env) -> i64 {
 async fn two_phase_commit_survives_crashes_and_shard_failure() {
     let mut env = Env::start(3).await;
     env.stop_proxy().await;
-    let port = taskflow_test_support::free_port().expect("free port");
+    let port = taskflow_localstack::free_port().expect("free port");
     env.config.listen = format!("127.0.0.1:{port}").parse().expect("addr");
     let cfg = env.dir.path().join("proxy.toml");
     write_config(&env, &cfg);
@@ -289,7 +289,7 @@ async fn two_phase_commit_survives_crashes_and_shard_failure() {
 async fn a_moving_row_is_seen_exactly_once_by_scatter_reads() {
     let mut env = Env::start(3).await;
     env.stop_proxy().await;
-    let port = taskflow_test_support::free_port().expect("free port");
+    let port = taskflow_localstack::free_port().expect("free port");
     env.config.listen = format!("127.0.0.1:{port}").parse().expect("addr");
     let cfg = env.dir.path().join("proxy.toml");
     write_config(&env, &cfg);

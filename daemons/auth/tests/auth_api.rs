@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use taskflow_test_support::{free_port, AuthDb, NotifySocket};
+use taskflow_localstack::{free_port, AuthDb, NotifySocket};
 
 struct Proc(Child);
 

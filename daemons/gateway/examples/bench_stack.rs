@@ -1,7 +1,7 @@
 //! Starts a throwaway stack for `bench/wrk.sh`: PostgreSQL (auth + 3 shards behind the
 //! shard proxy, or one shard directly with `--direct`), Redis, the tansu broker, the auth
 //! daemon and a gateway with rate limits raised out of the way, all on free loopback
-//! ports (taskflow-test-support). It registers two users, logs in, creates one task, and
+//! ports (taskflow-localstack). It registers two users, logs in, creates one task, and
 //! writes `KEY=value` lines (BASE, TOKEN, TASK_ID, PERFORMER_ID) to the file named by its
 //! first argument. It then runs until SIGINT or SIGTERM, and tears
 //! everything down.
@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use taskflow_test_support::{binary_path, free_port, AuthDb, KafkaBroker, RedisServer, Shards};
+use taskflow_localstack::{binary_path, free_port, AuthDb, KafkaBroker, RedisServer, Shards};
 
 struct Proc(Child);
 

@@ -1,4 +1,4 @@
-//! The gateway end to end against real infrastructure started by taskflow-test-support:
+//! The gateway end to end against real infrastructure started by taskflow-localstack:
 //! PostgreSQL (auth DB + one task shard, until the shard proxy is usable), Redis, the
 //! tansu Kafka-API broker, and the real auth daemon.
 //!
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use reqwest::Method as M;
 use serde_json::{json, Value};
-use taskflow_test_support::{
+use taskflow_localstack::{
     binary_path, free_port, AuthDb, KafkaBroker, NotifySocket, PgCluster, RedisServer,
 };
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use taskflow_test_support::{binary_path, free_port, AuthDb, KafkaBroker, RedisServer, Shards};
+use taskflow_localstack::{binary_path, free_port, AuthDb, KafkaBroker, RedisServer, Shards};
 
 struct Proc(Child);
 

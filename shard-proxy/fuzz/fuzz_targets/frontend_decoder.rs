@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use taskflow_shard_proxy::frontend::codec::{decode_message, decode_startup, parse_sasl_initial, FrontendMessage};
+use taskflow_proxy_core::wire::frontend::{decode_message, decode_startup, parse_sasl_initial, FrontendMessage};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the mode; the rest is the stream.

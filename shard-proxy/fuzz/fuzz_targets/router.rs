@@ -12,9 +12,9 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use taskflow_shard_proxy::merge::{Column, Merger};
-use taskflow_shard_proxy::ring::Ring;
-use taskflow_shard_proxy::router::{Params, Router, ShardingRules, Target};
+use taskflow_proxy_core::merge::{Column, Merger};
+use taskflow_proxy_core::ring::Ring;
+use taskflow_proxy_core::router::{Params, Router, ShardingRules, Target};
 
 fn state() -> &'static (Router, Ring) {
     static STATE: OnceLock<(Router, Ring)> = OnceLock::new();

@@ -12,12 +12,12 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::frontend::codec::FrontendMessage;
 use crate::frontend::io::ClientError;
 use crate::frontend::Authenticated;
 use crate::proxy::Proxy;
-use crate::ring::Ring;
-use crate::wire::{self, sqlstate, ColumnDesc};
+use proxy_core::ring::Ring;
+use proxy_core::wire::frontend::FrontendMessage;
+use proxy_core::wire::{self, sqlstate, ColumnDesc};
 
 /// A result set: column names and text rows.
 pub struct Table {

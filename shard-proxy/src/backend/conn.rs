@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::BackendTarget;
-use crate::wire::{self, ErrorInfo, RawMsg};
+use proxy_core::wire::{self, ErrorInfo, RawMsg};
 
 /// Why talking to a backend failed.
 #[derive(Debug, thiserror::Error)]

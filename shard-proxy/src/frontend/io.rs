@@ -8,7 +8,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::codec::{self, DecodeError, Frame, Startup};
+use proxy_core::wire::frontend::{self, DecodeError, Frame, Startup};
 
 /// Any bidirectional byte stream (TCP or TLS over TCP).
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -55,10 +55,10 @@ impl ClientConn {
 
     async fn fill(&mut self) -> Result<bool, ClientError> {
         if self.rbuf.capacity() - self.rbuf.len() < 512 {
-            let want = codec::pending_len(&self.rbuf)
+            let want = frontend::pending_len(&self.rbuf)
                 .map(|l| l.saturating_sub(self.rbuf.len()))
                 .unwrap_or(0)
-                .clamp(4096, codec::MAX_MESSAGE_LEN);
+                .clamp(4096, frontend::MAX_MESSAGE_LEN);
             self.rbuf.reserve(want);
         }
         let n = self.stream.read_buf(&mut self.rbuf).await?;
@@ -68,7 +68,7 @@ impl ClientConn {
     /// Reads the startup packet. `Ok(None)` on a clean EOF before any byte.
     pub async fn read_startup(&mut self) -> Result<Option<Startup>, ClientError> {
         loop {
-            if let Some(s) = codec::decode_startup(&mut self.rbuf)? {
+            if let Some(s) = frontend::decode_startup(&mut self.rbuf)? {
                 return Ok(Some(s));
             }
             if !self.fill().await? {
@@ -84,7 +84,7 @@ impl ClientConn {
     /// Reads the next message. `Ok(None)` on a clean EOF between messages.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ClientError> {
         loop {
-            if let Some(f) = codec::decode_message(&mut self.rbuf)? {
+            if let Some(f) = frontend::decode_message(&mut self.rbuf)? {
                 if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
                     self.rbuf = BytesMut::new();
                 }
@@ -102,7 +102,7 @@ impl ClientConn {
 
     /// True if a complete message is already buffered (pipelined input).
     pub fn has_complete_frame(&self) -> bool {
-        codec::pending_len(&self.rbuf).is_some_and(|l| self.rbuf.len() >= l)
+        frontend::pending_len(&self.rbuf).is_some_and(|l| self.rbuf.len() >= l)
     }
 
     /// Writes all queued output.

@@ -6,7 +6,6 @@
 //! and is the same for every database; it must survive any byte sequence (errors become a
 //! FATAL ErrorResponse and a clean close, never a panic) and never log a password.
 
-pub mod codec;
 pub mod io;
 pub mod scram;
 
@@ -21,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::proxy::{ClientInfo, Proxy};
-use crate::wire::{self, sqlstate};
-use codec::{FrontendMessage, Startup};
 use io::{ClientConn, ClientError};
+use proxy_core::wire::frontend::{FrontendMessage, Startup};
+use proxy_core::wire::{self, sqlstate};
 
 /// How long a client may take from connect to ReadyForQuery.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -221,7 +220,7 @@ async fn authenticate(
     let Some(first) = read_password(conn).await? else {
         return Ok(false);
     };
-    let (mech, data) = match codec::parse_sasl_initial(first) {
+    let (mech, data) = match proxy_core::wire::frontend::parse_sasl_initial(first) {
         Ok(x) => x,
         Err(e) => {
             fatal(conn, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;

@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
 
-use super::sqltext::{copy_field, parse_copy_from, quote_literal, CopyFrom};
 use super::{ExecError, Session, Txn, Work};
-use crate::frontend::codec::FrontendMessage;
 use crate::frontend::io::ClientError;
-use crate::wire::{self, sqlstate};
+use proxy_core::sqltext::{copy_field, parse_copy_from, quote_literal, CopyFrom};
+use proxy_core::wire::frontend::FrontendMessage;
+use proxy_core::wire::{self, sqlstate};
 
 /// Bytes buffered per shard before a CopyData is sent.
 const CHUNK: usize = 64 * 1024;

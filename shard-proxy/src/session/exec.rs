@@ -1,7 +1,7 @@
 //! Running statements on backends and turning their answers into the client's answer.
 //!
 //! Why separate: relaying (one backend, bytes forwarded as they arrive, COPY sub-protocol
-//! included) and gathering (several backends, rows merged by [`crate::merge::Merger`],
+//! included) and gathering (several backends, rows merged by [`proxy_core::merge::Merger`],
 //! row counts summed) are the two ways every statement ends, in both protocols.
 
 use std::time::Instant;
@@ -11,12 +11,12 @@ use postgres_protocol::message::frontend;
 
 use super::{ExecError, Session, Txn, Work};
 use crate::backend::BackendError;
-use crate::frontend::codec::FrontendMessage;
 use crate::frontend::io::ClientError;
-use crate::merge::{Column, MergeSpec, Merger};
-use crate::router::{Analysis, Params, Target};
-use crate::session::sqltext::SetCommand;
-use crate::wire::{self, sqlstate, RawMsg};
+use proxy_core::merge::{Column, MergeSpec, Merger};
+use proxy_core::router::{Analysis, Params, Target};
+use proxy_core::sqltext::SetCommand;
+use proxy_core::wire::frontend::FrontendMessage;
+use proxy_core::wire::{self, sqlstate, RawMsg};
 
 /// What one backend returned for a statement run as part of a scatter/broadcast.
 #[derive(Debug, Default)]
@@ -278,7 +278,7 @@ impl Session {
             // transaction already holds) answers the same.
             targets = vec![self.default_shard()];
         }
-        if let crate::router::StatementKind::Copy { from_stdin } = analysis.kind {
+        if let proxy_core::router::StatementKind::Copy { from_stdin } = analysis.kind {
             if from_stdin && targets.len() > 1 && analysis.statement_count == 1 {
                 self.proxy.metrics.route("copy_split");
                 return self.copy_split(sql).await;

@@ -21,10 +21,10 @@ use postgres_protocol::message::frontend;
 use super::exec::{emit_merged, targets_of, RelayError, ShardResult};
 use super::{global_name, ExecError, Session, Stmt, Txn, Work};
 use crate::backend::BackendError;
-use crate::frontend::codec::{Bind, Frame, FrontendMessage};
-use crate::merge::MergeSpec;
-use crate::router::{Params, StatementKind, Target};
-use crate::wire::{self, sqlstate};
+use proxy_core::merge::MergeSpec;
+use proxy_core::router::{Params, StatementKind, Target};
+use proxy_core::wire::frontend::{Bind, Frame, FrontendMessage};
+use proxy_core::wire::{self, sqlstate};
 
 /// Where a bound portal runs.
 #[derive(Debug, Clone)]
@@ -1117,7 +1117,7 @@ fn strip_row_description(out: BytesMut) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::codec::decode_message;
+    use proxy_core::wire::frontend::decode_message;
 
     #[test]
     fn renames_and_subsets_binds() {

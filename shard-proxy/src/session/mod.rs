@@ -19,7 +19,7 @@
 pub mod copy;
 pub mod exec;
 pub mod extended;
-pub mod sqltext;
+
 pub mod txn;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,13 +31,13 @@ use postgres_protocol::message::frontend;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{PoolError, Pooled};
-use crate::frontend::codec::{DecodeError, FrontendMessage};
 use crate::frontend::io::{ClientConn, ClientError};
 use crate::frontend::Authenticated;
 use crate::proxy::{CancelSlot, CancelTarget, Proxy, Topology};
-use crate::router::{Analysis, StatementKind};
-use crate::wire::{self, sqlstate};
-use sqltext::SetCommand;
+use proxy_core::router::{Analysis, StatementKind};
+use proxy_core::sqltext::{self, SetCommand};
+use proxy_core::wire::frontend::{DecodeError, FrontendMessage};
+use proxy_core::wire::{self, sqlstate};
 
 /// A prepared statement as the client named it.
 #[derive(Debug)]
@@ -142,7 +142,7 @@ pub struct Session {
     pub portals: HashMap<String, extended::Portal>,
     pub txn: Option<Txn>,
     pub cancel_slot: CancelSlot,
-    pub pending: Vec<crate::frontend::codec::Frame>,
+    pub pending: Vec<proxy_core::wire::frontend::Frame>,
     /// After an error in extended mode, messages are discarded until Sync.
     pub skip_until_sync: bool,
 }

@@ -22,7 +22,7 @@ const COMMIT_FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 use crate::backend::Pooled;
 use crate::proxy::Proxy;
 use crate::session::{ExecError, Session, Txn};
-use crate::wire::{self, sqlstate};
+use proxy_core::wire::{self, sqlstate};
 
 /// Prefix of every prepared-transaction id the proxy creates.
 pub const GID_PREFIX: &str = "taskflow_";
@@ -75,7 +75,7 @@ pub fn gid_id(gid: &str) -> Option<&str> {
 
 impl Session {
     pub fn begin(&mut self, sql: &str) -> Result<(), ExecError> {
-        let tag = if super::sqltext::first_keyword(sql) == "START" {
+        let tag = if proxy_core::sqltext::first_keyword(sql) == "START" {
             "START TRANSACTION"
         } else {
             "BEGIN"
@@ -158,13 +158,13 @@ impl Session {
         _raw: Option<bytes::Bytes>,
         sql: &str,
     ) -> Result<(), ExecError> {
-        let is_rollback_to = super::sqltext::first_keyword(sql) == "ROLLBACK";
+        let is_rollback_to = proxy_core::sqltext::first_keyword(sql) == "ROLLBACK";
         let Some(t) = self.txn.as_mut().filter(|t| t.explicit) else {
             return Err(ExecError::sql(
                 sqlstate::NO_ACTIVE_TRANSACTION,
                 format!(
                     "{} can only be used in transaction blocks",
-                    super::sqltext::first_keyword(sql)
+                    proxy_core::sqltext::first_keyword(sql)
                 ),
             ));
         };
@@ -209,7 +209,7 @@ impl Session {
             t.failed = false;
         }
         let tag = tag.unwrap_or_else(|| {
-            match super::sqltext::first_keyword(&sql).as_str() {
+            match proxy_core::sqltext::first_keyword(&sql).as_str() {
                 "RELEASE" => "RELEASE",
                 "ROLLBACK" => "ROLLBACK",
                 _ => "SAVEPOINT",

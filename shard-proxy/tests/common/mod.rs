@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use taskflow_localstack::{AuthDb, Shards};
 use taskflow_shard_proxy::config::{ProxyConfig, ShardConfig, UserConfig};
-use taskflow_shard_proxy::ring::Ring;
+use taskflow_shard_proxy::proxy_core::ring::Ring;
 use taskflow_shard_proxy::server::{self, Running};
-use taskflow_test_support::{AuthDb, Shards};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 

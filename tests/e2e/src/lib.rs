@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use taskflow_test_support::{binary_path, NotifySocket};
+use taskflow_localstack::{binary_path, NotifySocket};
 
 /// Watchdog interval handed to daemons under test: they must ping every 0.3 s.
 pub const WATCHDOG_USEC: u64 = 600_000;
@@ -80,7 +80,7 @@ impl Scratch {
         redis_url: &str,
         smtp_port: u16,
     ) -> PathBuf {
-        let pw = self.write("database-password", taskflow_test_support::PG_PASSWORD);
+        let pw = self.write("database-password", taskflow_localstack::PG_PASSWORD);
         self.write(
             "notify.toml",
             &format!(
@@ -93,7 +93,7 @@ redis_url = "{redis_url}"
 host = "127.0.0.1"
 port = {smtp_port}
 "#,
-                metrics = taskflow_test_support::free_port().expect("port"),
+                metrics = taskflow_localstack::free_port().expect("port"),
                 pw = pw.display(),
             ),
         )
@@ -208,8 +208,8 @@ impl Daemon {
 }
 
 /// A temporary PostgreSQL cluster with database `db` (`auth` or `tasks`) and its schema.
-pub async fn migrated_db(db: &str) -> taskflow_test_support::PgCluster {
-    let pg = taskflow_test_support::PgCluster::builder()
+pub async fn migrated_db(db: &str) -> taskflow_localstack::PgCluster {
+    let pg = taskflow_localstack::PgCluster::builder()
         .database(db)
         .start()
         .await

@@ -87,7 +87,7 @@ fn a_missing_file_is_named() {
 #[test]
 fn a_bad_environment_override_names_its_key() {
     for (bin, key) in DAEMONS {
-        let bin_path = taskflow_test_support::binary_path(bin).expect("binary");
+        let bin_path = taskflow_localstack::binary_path(bin).expect("binary");
         let env = format!("TASKFLOW_{}", key.to_ascii_uppercase());
         let out = std::process::Command::new(bin_path)
             .arg("--check-config")

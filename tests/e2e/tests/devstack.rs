@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use taskflow_test_support::{binary_path, free_port, wait_until};
+use taskflow_localstack::{binary_path, free_port, wait_until};
 
 /// Service names of the stack (see tools/devstack/src/layout.rs) — each gets a free port.
 const SERVICES: [&str; 13] = [

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use taskflow_e2e::{Daemon, Scratch};
-use taskflow_test_support::{
+use taskflow_localstack::{
     free_port, KafkaBroker, PgCluster, RedisServer, Shards, SmtpSink, PG_PASSWORD,
 };
 
@@ -24,7 +24,7 @@ async fn shard_proxy_follows_the_systemd_contract() {
     let client_pw = scratch.write("proxy-password", "proxy-secret");
     let mut shard_entries = String::new();
     for (i, url) in shards.urls().iter().enumerate() {
-        // test-support's URLs carry the password; the proxy takes it from backend.password_file.
+        // localstack's URLs carry the password; the proxy takes it from backend.password_file.
         let port = shards.ports()[i];
         let _ = url;
         shard_entries.push_str(&format!(

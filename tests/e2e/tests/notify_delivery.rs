@@ -11,7 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use taskflow_contracts::{NotifyEvent, Task, TaskEvent, TaskEventType, TaskStatus};
 use taskflow_e2e::{Daemon, Scratch};
-use taskflow_test_support::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
+use taskflow_localstack::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
 
 struct Stack {
     _db: PgCluster,
@@ -96,7 +96,7 @@ async fn produce(kafka: &KafkaBroker, key: &str, payload: &[u8]) {
         .expect("produce");
 }
 
-fn recipients_of(mails: &[taskflow_test_support::ReceivedMail], title: &str) -> BTreeSet<String> {
+fn recipients_of(mails: &[taskflow_localstack::ReceivedMail], title: &str) -> BTreeSet<String> {
     mails
         .iter()
         .filter(|m| m.subject.contains(title))

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use taskflow_test_support::NotifySocket;
+use taskflow_localstack::NotifySocket;
 
 use crate::layout::Layout;
 

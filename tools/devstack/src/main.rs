@@ -2,7 +2,7 @@
 //!
 //! `dev` runs it in the foreground (prefixed logs, Ctrl-C stops everything); `up` runs the
 //! same supervisor in the background; `down`, `status`, `logs`, `db-reset` act on it through
-//! the state directory. Infrastructure processes come from `taskflow-test-support`, the same
+//! the state directory. Infrastructure processes come from `taskflow-localstack`, the same
 //! code the integration tests use, so the stack and the tests cannot drift apart.
 //!
 //! Lessons from other local-stack tools' users: one supervisor owns every process and stops

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
-use taskflow_test_support::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
+use taskflow_localstack::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::daemons::{binary, DaemonProcess};

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use redis::AsyncCommands;
-use taskflow_test_support::RedisServer;
+use taskflow_localstack::RedisServer;
 
 #[tokio::test]
 async fn set_get_flush_restart() {

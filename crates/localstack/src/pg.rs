@@ -247,7 +247,7 @@ fn quote_literal(value: &str) -> String {
 }
 
 const PG_HBA: &str = "\
-# Written by taskflow-test-support. Dev/test only.
+# Written by taskflow-localstack. Dev/test only.
 # TYPE  DATABASE  USER      ADDRESS        METHOD
 local   all       all                      trust
 host    all       postgres  127.0.0.1/32   trust
@@ -567,7 +567,7 @@ async fn connect(conn_str: &str) -> Result<Client> {
     let (client, conn) = tokio_postgres::connect(conn_str, NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "test-support postgres connection ended");
+            tracing::debug!(error = %e, "localstack postgres connection ended");
         }
     });
     Ok(client)

@@ -5,6 +5,8 @@
 //! shard). Those encoders, and the cheap tag+length framing used on the relay hot path,
 //! live here so every other module writes the same bytes.
 
+pub mod frontend;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::backend::Message;
 

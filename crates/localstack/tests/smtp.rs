@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use taskflow_test_support::SmtpSink;
+use taskflow_localstack::SmtpSink;
 
 async fn send(sink: &SmtpSink, to: &[&str], subject: &str, body: &str) {
     let mut builder = Message::builder()

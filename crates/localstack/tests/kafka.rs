@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use taskflow_test_support::KafkaBroker;
+use taskflow_localstack::KafkaBroker;
 
 async fn produce(broker: &KafkaBroker, topic: &str, key: &str, payload: &str) {
     let producer: FutureProducer = broker
@@ -27,7 +27,7 @@ async fn produce(broker: &KafkaBroker, topic: &str, key: &str, payload: &str) {
 async fn consume_one(broker: &KafkaBroker, topic: &str, partitions: i32) -> (String, String) {
     let consumer: StreamConsumer = broker
         .client_config()
-        .set("group.id", "test-support")
+        .set("group.id", "localstack")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .create()

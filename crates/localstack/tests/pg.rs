@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use taskflow_test_support::{AuthDb, PgCluster, Shards, PG_PASSWORD, PG_USER};
+use taskflow_localstack::{AuthDb, PgCluster, Shards, PG_PASSWORD, PG_USER};
 
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

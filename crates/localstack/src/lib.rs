@@ -1,4 +1,4 @@
-//! # taskflow-test-support — real infrastructure for tests and the local dev stack
+//! # taskflow-localstack — real infrastructure for tests and the local dev stack
 //!
 //! This crate's job is to start **real** infrastructure processes — PostgreSQL clusters,
 //! Redis, a Kafka-API broker (tansu), an SMTP sink (MailDev) — on loopback ports, and
@@ -13,8 +13,8 @@
 //! briefly, then SIGKILLs whatever is left, and reaps the process: no orphans.
 //!
 //! ```no_run
-//! # async fn demo() -> taskflow_test_support::Result<()> {
-//! use taskflow_test_support::{PgCluster, RedisServer};
+//! # async fn demo() -> taskflow_localstack::Result<()> {
+//! use taskflow_localstack::{PgCluster, RedisServer};
 //! let pg = PgCluster::builder().database("tasks").start().await?;
 //! let client = pg.client("tasks").await?;
 //! client.query_one("SELECT 1", &[]).await?;

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use taskflow_shard_proxy::ring::Ring;
+use taskflow_proxy_core::ring::Ring;
 
 /// `Ring::key_hash` for a few keys, edges included.
 const KEY_HASHES: [(i64, u64); 7] = [

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use taskflow_test_support::{binary_path, free_port, wait_until, wait_until_some, Error};
+use taskflow_localstack::{binary_path, free_port, wait_until, wait_until_some, Error};
 
 #[test]
 fn free_ports_are_never_repeated_and_bindable() {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use taskflow_test_support::NotifySocket;
+use taskflow_localstack::NotifySocket;
 
 #[tokio::test]
 async fn receives_and_waits_for_assignments() {
