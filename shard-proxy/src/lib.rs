@@ -15,5 +15,6 @@ pub mod config;
 pub mod frontend;
 pub mod metrics;
 pub mod proxy;
+pub mod scram;
 pub mod server;
 pub mod session;

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use taskflow_kit::http::Readiness;
 use taskflow_kit::{Daemon, DaemonArgs};
-use taskflow_shard_proxy::config::{parse_backend_url, ProxyConfig};
+use taskflow_shard_proxy::config::{BackendTarget, ProxyConfig};
 use tokio_util::sync::CancellationToken;
 
 const NAME: &str = "taskflow-shard-proxy";
@@ -79,8 +79,7 @@ async fn serve(mut daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
             }
             reload = daemon.reloads.recv() => {
                 let Some(reload) = reload else { continue };
-                let checked = proxy.check_ring_change(&reload.config).await;
-                match checked.and_then(|()| proxy.apply(reload.config.clone())) {
+                match proxy.reload(reload.config.clone()).await {
                     Ok(summary) => {
                         tracing::info!(%summary, "configuration reloaded");
                         reload.done(Ok(()));
@@ -144,7 +143,7 @@ async fn migrate(daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
         None => None,
     };
     let connect = |url: String, key: String| {
-        let target = parse_backend_url(&url).map_err(|m| anyhow::anyhow!("{key}: {m}"));
+        let target = BackendTarget::parse(&url).map_err(|m| anyhow::anyhow!("{key}: {m}"));
         let user = config.backend.user.clone();
         let password = password.clone();
         async move {

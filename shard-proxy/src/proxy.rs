@@ -1,45 +1,29 @@
-//! Process-wide state shared by every client session: the current topology (ring, pools,
-//! router), users, metrics, the cancel registry, and the PAUSE switch.
+//! Process-wide state shared by every client session: one atomic configuration snapshot
+//! (configuration, users, TLS, topology), metrics, the cancel registry, the PAUSE switch and
+//! the commit fence.
 //!
-//! Why one place: a reload (SIGHUP or admin `RELOAD`) must swap shards and users atomically
-//! for *new* transactions while transactions in flight finish on the topology they began
-//! with. Sessions take an `Arc<Topology>` snapshot per transaction; pools of shards whose
-//! name and URL did not change are carried over, so a reload does not drop connections.
+//! Why one snapshot: a reload (SIGHUP or admin `RELOAD`) builds the whole new state —
+//! users, TLS, shards, pools, ring, router — validates it, and swaps it in with one atomic
+//! pointer store, or not at all. A reader (a handshake, a transaction) loads one
+//! [`Snapshot`] and so can never see new users with old shards. Transactions in flight keep
+//! the topology they began with; pools of shards whose backend did not change are carried
+//! over, so a reload does not drop connections.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
-use taskflow_kit::config::ConfigError;
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::backend::Pool;
-use crate::config::{parse_backend_url, ProxyConfig};
-use crate::frontend::scram::Verifier;
+use crate::config::{resolve, BackendTarget, ProxyConfig, SetupError};
 use crate::metrics::Metrics;
+use crate::scram::{random_bytes, Verifier};
 use proxy_core::ring::Ring;
 use proxy_core::router::{Router, ShardingRules};
-
-/// Why a topology or user list could not be built from a configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error("configuration key `{key}`: {message}")]
-    Config { key: String, message: String },
-    #[error("cannot read secret for `{key}`: {source}")]
-    Secret {
-        key: String,
-        #[source]
-        source: taskflow_kit::secrets::SecretError,
-    },
-    #[error("ring: {0}")]
-    Ring(String),
-    #[error("TLS: {0}")]
-    Tls(String),
-    #[error("{0}")]
-    Load(String),
-}
 
 /// Shards, their pools, the ring and the router, as of one configuration.
 pub struct Topology {
@@ -62,6 +46,15 @@ impl Topology {
     pub fn all_pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.shards.iter().chain(std::iter::once(&self.auth))
     }
+}
+
+/// Everything a configuration determines, swapped as one value on reload.
+pub struct Snapshot {
+    pub config: Arc<ProxyConfig>,
+    /// Client logins by name.
+    pub users: HashMap<String, Verifier>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub topology: Arc<Topology>,
 }
 
 /// What `SHOW CLIENTS` lists.
@@ -89,16 +82,17 @@ pub struct CancelTarget {
 pub type CancelSlot = Arc<Mutex<Vec<CancelTarget>>>;
 
 pub struct Proxy {
-    pub config: RwLock<Arc<ProxyConfig>>,
+    snapshot: ArcSwap<Snapshot>,
+    /// Serialises reloads: each builds on the snapshot the previous one stored.
+    reload_lock: tokio::sync::Mutex<()>,
     pub config_path: Option<PathBuf>,
-    topology: RwLock<Arc<Topology>>,
-    users: RwLock<Arc<HashMap<String, Verifier>>>,
     pub metrics: Arc<Metrics>,
-    pub tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     pub clients: Mutex<HashMap<u64, ClientInfo>>,
     next_client: AtomicU64,
     next_pid: AtomicI32,
+    /// Keys the mock SCRAM salt of unknown user names (see [`Verifier::impossible`]).
+    mock_key: [u8; 32],
     /// `true` while PAUSEd: new transactions wait.
     pub paused: watch::Sender<bool>,
     pub started: Instant,
@@ -108,8 +102,8 @@ pub struct Proxy {
     /// Makes a cross-shard commit atomic to scatter readers: the `COMMIT PREPARED` fan-out
     /// holds it exclusively, a scatter read holds it shared. Without it a read running
     /// between two shards' `COMMIT PREPARED` sees a row moved between shards on neither
-    /// (or on both). Per process: several proxies in front of the same shards would need
-    /// a shared fence.
+    /// (or on both). Per process, and bounded (see `session::txn`): several proxies in
+    /// front of the same shards are not fenced against each other.
     pub commit_fence: tokio::sync::RwLock<()>,
 }
 
@@ -123,17 +117,6 @@ pub struct ProxyStats {
     pub errors: AtomicU64,
 }
 
-impl SetupError {
-    /// The same problem as a configuration error naming its key, for the kit's exit 78.
-    pub fn into_config_error(self) -> ConfigError {
-        match self {
-            SetupError::Config { key, message } => ConfigError::invalid(key, message),
-            SetupError::Secret { key, source } => ConfigError::invalid(key, source.to_string()),
-            other => ConfigError::Other(other.to_string()),
-        }
-    }
-}
-
 impl Proxy {
     /// Builds the proxy from a validated configuration (reads secrets and TLS files).
     pub fn new(
@@ -141,22 +124,20 @@ impl Proxy {
         config_path: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Proxy>, SetupError> {
-        let users = build_users(&config)?;
-        let topology = build_topology(&config, None, 1)?;
-        let tls = build_tls(&config)?;
+        let snapshot = build_snapshot(config, None)?;
+        let mock_key = random_bytes::<32>().map_err(|e| SetupError::Load(e.to_string()))?;
         let (paused, _) = watch::channel(false);
         Ok(Arc::new(Proxy {
-            state_dir: config.state_dir.clone(),
-            config: RwLock::new(Arc::new(config)),
+            state_dir: snapshot.config.state_dir.clone(),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            reload_lock: tokio::sync::Mutex::new(()),
             config_path,
-            topology: RwLock::new(Arc::new(topology)),
-            users: RwLock::new(Arc::new(users)),
             metrics,
-            tls: RwLock::new(tls),
             cancels: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(1),
             next_pid: AtomicI32::new(1),
+            mock_key,
             paused,
             started: Instant::now(),
             stats: ProxyStats::default(),
@@ -164,64 +145,51 @@ impl Proxy {
         }))
     }
 
+    /// The current configuration snapshot; everything in it belongs to one configuration.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The current topology (shorthand for `snapshot().topology`).
     pub fn topology(&self) -> Arc<Topology> {
-        match self.topology.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.snapshot.load().topology.clone()
     }
 
+    /// The current configuration (shorthand for `snapshot().config`).
     pub fn config(&self) -> Arc<ProxyConfig> {
-        match self.config.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+        self.snapshot.load().config.clone()
+    }
+
+    /// The verifier to run SCRAM against for `user` in `snapshot`: the user's own, or one
+    /// nobody can satisfy (with a salt stable per name) when the name is unknown.
+    pub fn verifier(&self, snapshot: &Snapshot, user: &str) -> (Verifier, bool) {
+        match snapshot.users.get(user) {
+            Some(v) => (v.clone(), true),
+            None => (Verifier::impossible(user, &self.mock_key), false),
         }
     }
 
-    pub fn verifier(&self, user: &str) -> Option<Verifier> {
-        let users = match self.users.read() {
-            Ok(u) => u.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        users.get(user).cloned()
-    }
-
-    pub fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        match self.tls.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Applies a new configuration: shards, users, pools and TLS. Listeners and the state
-    /// directory are fixed at start; changing them needs a restart (logged).
-    pub fn apply(&self, config: ProxyConfig) -> Result<String, SetupError> {
-        let old = self.config();
-        if old.listen != config.listen || old.metrics_listen != config.metrics_listen {
+    /// Replaces the configuration: builds and validates the complete new snapshot first,
+    /// then stores it in one step. On error the running state is untouched. A ring change
+    /// over shards that hold rows is refused. Listeners and the state directory are fixed
+    /// at start; changing them needs a restart (logged).
+    pub async fn reload(&self, config: ProxyConfig) -> Result<String, SetupError> {
+        let _serial = self.reload_lock.lock().await;
+        let current = self.snapshot();
+        if current.config.listen != config.listen
+            || current.config.metrics_listen != config.metrics_listen
+        {
             tracing::warn!("listen addresses changed: takes effect after a restart");
         }
-        let users = build_users(&config)?;
-        let current = self.topology();
-        let topology = build_topology(&config, Some(&current), current.generation + 1)?;
-        let tls = build_tls(&config)?;
+        self.check_ring_change(&config).await?;
+        let next = build_snapshot(config, Some(&current.topology))?;
         let summary = format!(
             "{} shard(s): {}; {} user(s)",
-            topology.shards.len(),
-            topology.ring.shards().join(", "),
-            users.len()
+            next.topology.shards.len(),
+            next.topology.ring.shards().join(", "),
+            next.users.len()
         );
-        if let Ok(mut u) = self.users.write() {
-            *u = Arc::new(users);
-        }
-        if let Ok(mut t) = self.topology.write() {
-            *t = Arc::new(topology);
-        }
-        if let Ok(mut t) = self.tls.write() {
-            *t = tls;
-        }
-        if let Ok(mut c) = self.config.write() {
-            *c = Arc::new(config);
-        }
+        self.snapshot.store(Arc::new(next));
         Ok(summary)
     }
 
@@ -229,15 +197,14 @@ impl Proxy {
     pub async fn reload_from_disk(&self) -> Result<String, SetupError> {
         let cfg: ProxyConfig = taskflow_kit::config::load(self.config_path.as_deref())
             .map_err(|e| SetupError::Load(e.to_string()))?;
-        self.check_ring_change(&cfg).await?;
-        self.apply(cfg)
+        self.reload(cfg).await
     }
 
     /// Refuses a configuration whose ring would re-route keys while a current shard holds
     /// rows of a sharded table: without online migration those rows would become
     /// unreachable. Shards may be added, removed or renamed freely while they are all empty
     /// (a new deployment), and a shard's URL may change at any time.
-    pub async fn check_ring_change(&self, config: &ProxyConfig) -> Result<(), SetupError> {
+    async fn check_ring_change(&self, config: &ProxyConfig) -> Result<(), SetupError> {
         let current = self.topology();
         let mut old_names: Vec<&str> = current.ring.shards().iter().map(String::as_str).collect();
         let mut new_names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
@@ -291,11 +258,14 @@ impl Proxy {
     pub fn register_client(&self, info: ClientInfo) -> (u64, i32, i32, CancelSlot) {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
-        let secret = i32::from_ne_bytes(
-            crate::frontend::scram::random_bytes()[..4]
-                .try_into()
-                .unwrap_or([7, 7, 7, 7]),
-        );
+        let secret = i32::from_ne_bytes(random_bytes::<4>().unwrap_or_else(|_| {
+            // No entropy source: a cancel key guessable from the clock is still unique
+            // enough to route cancels; authentication itself already failed without one.
+            (SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()))
+            .to_ne_bytes()
+        }));
         let slot: CancelSlot = Arc::new(Mutex::new(Vec::new()));
         if let Ok(mut c) = self.cancels.lock() {
             c.insert((pid, secret), slot.clone());
@@ -365,66 +335,49 @@ impl Proxy {
     }
 }
 
-pub(crate) fn build_users(config: &ProxyConfig) -> Result<HashMap<String, Verifier>, SetupError> {
-    let mut users = HashMap::new();
-    for (i, u) in config.users.iter().enumerate() {
-        let password = match (&u.password_file, &u.password) {
-            (Some(file), _) => {
-                taskflow_kit::secrets::read_secret(file).map_err(|source| SetupError::Secret {
-                    key: format!("users[{i}].password_file"),
-                    source,
-                })?
-            }
-            (None, Some(p)) => p.clone(),
-            (None, None) => {
-                return Err(SetupError::Config {
-                    key: format!("users[{i}].password_file"),
-                    message: "missing".into(),
-                })
-            }
-        };
-        users.insert(u.name.clone(), Verifier::from_password(&password));
-    }
-    Ok(users)
+/// Resolves `config`'s files and builds its topology: the whole state of one configuration.
+fn build_snapshot(
+    config: ProxyConfig,
+    previous: Option<&Topology>,
+) -> Result<Snapshot, SetupError> {
+    let resolved = resolve(&config)?;
+    let generation = previous.map_or(1, |p| p.generation + 1);
+    let topology = build_topology(
+        &config,
+        resolved.backend_password.as_deref(),
+        previous,
+        generation,
+    )?;
+    Ok(Snapshot {
+        config: Arc::new(config),
+        users: resolved.users,
+        tls: resolved.tls,
+        topology: Arc::new(topology),
+    })
 }
 
-pub(crate) fn backend_password(config: &ProxyConfig) -> Result<Option<String>, SetupError> {
-    match &config.backend.password_file {
-        None => Ok(None),
-        Some(f) => taskflow_kit::secrets::read_secret(f)
-            .map(Some)
-            .map_err(|source| SetupError::Secret {
-                key: "backend.password_file".into(),
-                source,
-            }),
-    }
-}
-
+/// Builds the topology of `config`, carrying over the pools of `previous` whose backend did
+/// not change (so a reload drops no connection).
 fn build_topology(
     config: &ProxyConfig,
+    password: Option<&str>,
     previous: Option<&Topology>,
     generation: u64,
 ) -> Result<Topology, SetupError> {
-    let password = backend_password(config)?;
     let make_pool = |name: &str, url: &str, key: String| -> Result<Arc<Pool>, SetupError> {
         if let Some(prev) = previous.and_then(|p| p.all_pools().find(|p| p.name == name).cloned()) {
-            if prev.same_backend(
-                url,
-                &config.backend.user,
-                password.as_deref(),
-                config.pool.size,
-            ) {
+            if prev.same_backend(url, &config.backend.user, password, config.pool.size) {
                 return Ok(prev);
             }
         }
         let target =
-            parse_backend_url(url).map_err(|message| SetupError::Config { key, message })?;
+            BackendTarget::parse(url).map_err(|message| SetupError::Config { key, message })?;
         Ok(Pool::new(
             name.to_owned(),
             url.to_owned(),
             target,
             config.backend.user.clone(),
-            password.clone(),
+            password.map(str::to_owned),
             config.pool.size,
             config.pool.connect_timeout(),
         ))
@@ -463,38 +416,4 @@ fn build_topology(
         sharded_database: config.sharding.database.clone(),
         sharded_tables: config.sharding.tables.clone(),
     })
-}
-
-pub(crate) fn build_tls(
-    config: &ProxyConfig,
-) -> Result<Option<Arc<rustls::ServerConfig>>, SetupError> {
-    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
-        return Ok(None);
-    };
-    let cert_pem = std::fs::read(cert)
-        .map_err(|e| SetupError::Tls(format!("tls.cert_file {}: {e}", cert.display())))?;
-    let key_pem =
-        taskflow_kit::secrets::read_secret_bytes(&key.to_string_lossy()).map_err(|source| {
-            SetupError::Secret {
-                key: "tls.key_file".into(),
-                source,
-            }
-        })?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| SetupError::Tls(format!("tls.cert_file: {e}")))?;
-    if certs.is_empty() {
-        return Err(SetupError::Tls("tls.cert_file holds no certificate".into()));
-    }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| SetupError::Tls(format!("tls.key_file: {e}")))?
-        .ok_or_else(|| SetupError::Tls("tls.key_file holds no private key".into()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| SetupError::Tls(e.to_string()))?;
-    Ok(Some(Arc::new(cfg)))
 }

@@ -1,5 +1,10 @@
-//! Starting and stopping the proxy as a whole: in-doubt recovery, the client listener,
-//! and background maintenance (pool gauges, shard health, periodic 2PC resolution).
+//! Starting and stopping the proxy as a whole: in-doubt recovery, the client listener and
+//! the dispatch of each authenticated client (to a session or the admin console), and
+//! background maintenance (pool gauges, shard health, periodic 2PC resolution).
+//!
+//! Why dispatch lives here: `frontend` only establishes who a client is, `session` and
+//! `admin` only serve one; the module that knows all three is the one above them, so none
+//! of them calls up into another.
 //!
 //! Why in the library rather than `main`: integration tests start the real proxy in-process
 //! on a free port with the same code path the binary uses; `main` only adds the systemd
@@ -8,16 +13,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, SetupError};
+use crate::frontend::io::ClientError;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, SetupError};
+use crate::proxy::{ClientInfo, Proxy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -101,7 +107,7 @@ pub async fn start(
             source,
         })?;
     let tracker = TaskTracker::new();
-    tokio::spawn(crate::frontend::serve(
+    tokio::spawn(accept_loop(
         proxy.clone(),
         listener,
         shutdown.clone(),
@@ -118,6 +124,64 @@ pub async fn start(
         },
         registry,
     ))
+}
+
+/// Accepts clients until `shutdown`; each runs in its own task tracked by `tracker`.
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let proxy = proxy.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = serve_client(proxy, tcp, addr, shutdown).await {
+                tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+}
+
+/// One client from its first byte to its last: handshake, registration (for `SHOW CLIENTS`
+/// and cancel requests), then the admin console or a session.
+async fn serve_client(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let Some(auth) = crate::frontend::accept(&proxy, tcp).await? else {
+        return Ok(());
+    };
+    let (id, pid, secret, cancel_slot) = proxy.register_client(ClientInfo {
+        id: 0,
+        user: auth.user.clone(),
+        database: auth.database.clone(),
+        addr: addr.to_string(),
+        application_name: auth.application_name(),
+        connected_at: SystemTime::now(),
+        tls: auth.tls,
+    });
+    let result = if auth.database == "admin" {
+        crate::admin::run(proxy.clone(), auth, pid, secret, shutdown).await
+    } else {
+        crate::session::run(proxy.clone(), auth, id, pid, secret, cancel_slot, shutdown).await
+    };
+    proxy.unregister_client(id, pid, secret);
+    result
 }
 
 /// Every 5 s: pool gauges and health probes of unhealthy shards; every 30 s: 2PC resolution.

@@ -1,60 +1,30 @@
-//! The client side of the wire: accepting connections, SSLRequest/TLS, startup, SCRAM
-//! authentication and cancel requests; then handing the connection to a
-//! [`crate::session::Session`] (databases `tasks` and `auth`) or the admin console.
+//! The client side of the wire up to authentication: SSLRequest/TLS, the startup packet,
+//! SCRAM-SHA-256 and cancel requests. [`handshake`] returns an [`Authenticated`] client;
+//! what happens next (a session or the admin console) is `server`'s decision, not ours.
 //!
 //! Why separate from sessions: everything before ReadyForQuery is about *who* the client is
 //! and is the same for every database; it must survive any byte sequence (errors become a
 //! FATAL ErrorResponse and a clean close, never a panic) and never log a password.
+//!
+//! The handshake reads one configuration [`Snapshot`]: TLS, the database check and the
+//! user's verifier all come from the same configuration, even while a reload runs.
 
 pub mod io;
-pub mod scram;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::net::TcpStream;
 
-use crate::proxy::{ClientInfo, Proxy};
+use crate::proxy::Proxy;
+use crate::scram;
 use io::{ClientConn, ClientError};
 use proxy_core::wire::frontend::{FrontendMessage, Startup};
 use proxy_core::wire::{self, sqlstate};
 
 /// How long a client may take from connect to ReadyForQuery.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Accepts clients until `shutdown`; each runs in its own task tracked by `tracker`.
-pub async fn serve(
-    proxy: Arc<Proxy>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
-        let proxy = proxy.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            if let Err(e) = handle_client(proxy, tcp, addr, shutdown).await {
-                tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
-            }
-        });
-    }
-}
 
 /// What the handshake established.
 pub struct Authenticated {
@@ -65,50 +35,36 @@ pub struct Authenticated {
     pub tls: bool,
 }
 
-async fn handle_client(
-    proxy: Arc<Proxy>,
-    tcp: TcpStream,
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<(), ClientError> {
+/// Runs the handshake on a new TCP connection within [`HANDSHAKE_TIMEOUT`]. `Ok(None)`: the
+/// connection was a cancel request, closed early, failed authentication (the client was
+/// told why), or took too long.
+pub async fn accept(proxy: &Proxy, tcp: TcpStream) -> Result<Option<Authenticated>, ClientError> {
     let _ = tcp.set_nodelay(true);
     let conn = ClientConn::new(Box::new(tcp));
-    let auth = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&proxy, conn)).await {
-        Ok(Ok(Some(a))) => a,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Ok(()),
-    };
-    let app = auth
-        .params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let (id, pid, secret, cancel_slot) = proxy.register_client(ClientInfo {
-        id: 0,
-        user: auth.user.clone(),
-        database: auth.database.clone(),
-        addr: addr.to_string(),
-        application_name: app,
-        connected_at: SystemTime::now(),
-        tls: auth.tls,
-    });
-    let result = if auth.database == "admin" {
-        crate::admin::run(proxy.clone(), auth, pid, secret, shutdown).await
-    } else {
-        crate::session::run(proxy.clone(), auth, id, pid, secret, cancel_slot, shutdown).await
-    };
-    proxy.unregister_client(id, pid, secret);
-    result
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(proxy, conn)).await {
+        Ok(result) => result,
+        Err(_) => Ok(None),
+    }
+}
+
+impl Authenticated {
+    /// The `application_name` startup parameter, or empty.
+    pub fn application_name(&self) -> String {
+        self.params
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// Runs SSL negotiation, startup and authentication. `Ok(None)`: the connection was a
 /// cancel request or closed early; nothing more to do.
 async fn handshake(
-    proxy: &Arc<Proxy>,
+    proxy: &Proxy,
     mut conn: ClientConn,
 ) -> Result<Option<Authenticated>, ClientError> {
+    let snapshot = proxy.snapshot();
     let mut tls = false;
     let params = loop {
         let startup = match conn.read_startup().await {
@@ -122,8 +78,7 @@ async fn handshake(
         };
         match startup {
             Startup::SslRequest if !tls => {
-                let cfg = proxy.tls_config();
-                match cfg {
+                match snapshot.tls.clone() {
                     Some(cfg) => {
                         if conn.has_buffered_input() {
                             // Bytes after SSLRequest before the handshake: refuse (CVE-2021-23214 class).
@@ -184,8 +139,7 @@ async fn handshake(
         .await;
         return Ok(None);
     }
-    let topo = proxy.topology();
-    if database != "admin" && database != "auth" && database != topo.sharded_database {
+    if database != "admin" && database != "auth" && database != snapshot.topology.sharded_database {
         fatal(
             &mut conn,
             sqlstate::INVALID_CATALOG_NAME,
@@ -194,7 +148,8 @@ async fn handshake(
         .await;
         return Ok(None);
     }
-    if !authenticate(proxy, &mut conn, &user).await? {
+    let (verifier, known) = proxy.verifier(&snapshot, &user);
+    if !authenticate(&mut conn, &user, verifier, known).await? {
         return Ok(None);
     }
     Ok(Some(Authenticated {
@@ -208,12 +163,11 @@ async fn handshake(
 
 /// SCRAM-SHA-256. Returns false (after telling the client) when authentication fails.
 async fn authenticate(
-    proxy: &Arc<Proxy>,
     conn: &mut ClientConn,
     user: &str,
+    verifier: scram::Verifier,
+    known: bool,
 ) -> Result<bool, ClientError> {
-    let known = proxy.verifier(user);
-    let verifier = known.clone().unwrap_or_else(scram::Verifier::impossible);
     let failed = format!("password authentication failed for user \"{user}\"");
     wire::auth_sasl(&mut conn.out, &["SCRAM-SHA-256"]);
     conn.flush().await?;
@@ -249,7 +203,7 @@ async fn authenticate(
         return Ok(false);
     };
     match exchange.finish(&fin) {
-        Ok(server_final) if known.is_some() => {
+        Ok(server_final) if known => {
             wire::auth_sasl_final(&mut conn.out, server_final.as_bytes());
             wire::auth_ok(&mut conn.out);
             Ok(true)

@@ -40,29 +40,43 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-/// 16 random bytes from the OS (via uuid's v4 generator, which uses getrandom).
-pub fn random_bytes() -> [u8; 16] {
-    *uuid::Uuid::new_v4().as_bytes()
+/// `N` random bytes from the operating system's CSPRNG.
+///
+/// Why it may fail: `getrandom` reports an error only when the OS has no entropy source at
+/// all (no `getrandom(2)`, no `/dev/urandom`); a proxy cannot authenticate anyone safely on
+/// such a machine, so callers treat it as fatal for the exchange at hand.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], ScramError> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).map_err(|e| ScramError::Entropy(e.to_string()))?;
+    Ok(buf)
 }
 
 impl Verifier {
     /// Derives a verifier from a password with a fresh random salt.
-    pub fn from_password(password: &str) -> Verifier {
-        Self::derive(password.as_bytes(), &random_bytes(), ITERATIONS)
+    pub fn from_password(password: &str) -> Result<Verifier, ScramError> {
+        Ok(Self::derive(
+            password.as_bytes(),
+            &random_bytes::<16>()?,
+            ITERATIONS,
+        ))
     }
 
-    /// A verifier nobody can satisfy, for unknown users.
-    pub fn impossible() -> Verifier {
+    /// A verifier nobody can satisfy, for a user name that does not exist.
+    ///
+    /// Why the salt is derived, not random: a fresh salt per attempt would tell a prober
+    /// which names exist (a real user's salt never changes). Like PostgreSQL's
+    /// `scram_mock_salt`, the salt is a hash of the name and a secret `mock_key` that lives
+    /// as long as the process, so repeated attempts for one unknown name see one salt.
+    pub fn impossible(user: &str, mock_key: &[u8; 32]) -> Verifier {
+        let mut h = Sha256::new();
+        h.update(mock_key);
+        h.update(user.as_bytes());
+        let digest: [u8; 32] = h.finalize().into();
         Verifier {
-            salt: random_bytes().to_vec(),
+            salt: digest[..16].to_vec(),
             iterations: ITERATIONS,
-            stored_key: random_bytes()
-                .iter()
-                .chain(random_bytes().iter())
-                .copied()
-                .collect::<Vec<u8>>()
-                .try_into()
-                .unwrap_or([1; 32]),
+            // No password has this StoredKey: it is a keyed hash, not H(ClientKey).
+            stored_key: hmac(mock_key, &digest),
             server_key: [0; 32],
         }
     }
@@ -91,6 +105,8 @@ pub enum ScramError {
     ChannelBinding,
     #[error("password authentication failed")]
     BadProof,
+    #[error("no entropy source: {0}")]
+    Entropy(String),
 }
 
 /// State between the server-first and client-final messages.
@@ -130,13 +146,7 @@ impl ServerExchange {
             .find_map(|a| a.strip_prefix("r="))
             .filter(|n| !n.is_empty() && n.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b','))
             .ok_or(ScramError::Malformed("missing client nonce"))?;
-        let server_nonce = B64.encode(
-            random_bytes()
-                .iter()
-                .chain(random_bytes()[..2].iter())
-                .copied()
-                .collect::<Vec<u8>>(),
-        );
+        let server_nonce = B64.encode(random_bytes::<18>()?);
         let nonce = format!("{client_nonce}{server_nonce}");
         let server_first = format!(
             "r={nonce},s={},i={}",
@@ -211,7 +221,7 @@ mod tests {
 
     #[test]
     fn accepts_postgres_protocol_client() {
-        let verifier = Verifier::from_password("s3cret");
+        let verifier = Verifier::from_password("s3cret").expect("entropy");
         let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
         let (ex, server_first) = ServerExchange::start(verifier, client.message()).expect("first");
         client
@@ -225,7 +235,7 @@ mod tests {
 
     #[test]
     fn rejects_wrong_password() {
-        let verifier = Verifier::from_password("right");
+        let verifier = Verifier::from_password("right").expect("entropy");
         let mut client = ScramSha256::new(b"wrong", ChannelBinding::unsupported());
         let (ex, server_first) = ServerExchange::start(verifier, client.message()).expect("first");
         client
@@ -236,9 +246,22 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        let v = Verifier::impossible();
+        let v = Verifier::impossible("nobody", &[9; 32]);
         assert!(ServerExchange::start(v.clone(), b"\xff\xfe").is_err());
         assert!(ServerExchange::start(v.clone(), b"n,,").is_err());
         assert!(ServerExchange::start(v, b"p=tls-server-end-point,,n=,r=abc").is_err());
+    }
+
+    /// An unknown name gets the same salt on every attempt (a per-attempt salt would reveal
+    /// that the name does not exist), and different names get different salts.
+    #[test]
+    fn unknown_user_salt_is_stable_per_name() {
+        let key = [3; 32];
+        let a1 = Verifier::impossible("mallory", &key);
+        let a2 = Verifier::impossible("mallory", &key);
+        let b = Verifier::impossible("trudy", &key);
+        assert_eq!(a1.salt, a2.salt);
+        assert_ne!(a1.salt, b.salt);
+        assert_eq!(a1.salt.len(), 16);
     }
 }

@@ -1,0 +1,219 @@
+//! The proxy's configuration (`docs/configuration.md`, section taskflow-shard-proxy).
+//!
+//! Why its own module: the key names are a contract with operators and the NixOS module, so
+//! they live in one typed struct that the kit loads (TOML + `TASKFLOW_` overrides) and that
+//! [`DaemonConfig::validate`] checks, naming the offending key on every error.
+
+mod resolve;
+mod target;
+mod validate;
+
+pub use resolve::{resolve, Resolved, SetupError};
+pub use target::BackendTarget;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use taskflow_kit::config::{CommonConfig, ConfigError, DaemonConfig};
+
+/// Top-level configuration of `taskflow-shard-proxy`.
+///
+/// No `deny_unknown_fields`: the kit refuses unknown keys in the *file* itself (naming
+/// them) and only warns about unknown `TASKFLOW_*` environment variables, which other
+/// tools share.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ProxyConfig {
+    #[serde(flatten)]
+    pub common: CommonConfig,
+    /// PostgreSQL wire listener.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// Durable proxy state (2PC decisions, migration progress).
+    pub state_dir: PathBuf,
+    /// Client logins (SCRAM-SHA-256).
+    pub users: Vec<UserConfig>,
+    pub tls: TlsConfig,
+    pub pool: PoolConfig,
+    pub ring: RingConfig,
+    pub sharding: ShardingConfig,
+    pub backend: BackendConfig,
+    pub auth_database: AuthDatabaseConfig,
+    pub shards: Vec<ShardConfig>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            common: CommonConfig::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
+            state_dir: PathBuf::from("/var/lib/taskflow-shard-proxy"),
+            users: vec![UserConfig {
+                name: "taskflow".into(),
+                password_file: Some("proxy-password".into()),
+                password: None,
+            }],
+            tls: TlsConfig::default(),
+            pool: PoolConfig::default(),
+            ring: RingConfig::default(),
+            sharding: ShardingConfig::default(),
+            backend: BackendConfig::default(),
+            auth_database: AuthDatabaseConfig::default(),
+            shards: Vec::new(),
+        }
+    }
+}
+
+/// One client login.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct UserConfig {
+    pub name: String,
+    /// A secret file holding the password (absolute, or a name in `$CREDENTIALS_DIRECTORY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Inline password: accepted for development only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TlsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct PoolConfig {
+    /// Server connections per shard.
+    pub size: usize,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: 20,
+            connect_timeout_secs: 5,
+        }
+    }
+}
+
+impl PoolConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RingConfig {
+    pub virtual_nodes: u32,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig { virtual_nodes: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ShardingConfig {
+    pub database: String,
+    pub tables: Vec<String>,
+    pub key_column: String,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig {
+            database: "tasks".into(),
+            tables: vec!["tasks".into(), "task_observers".into(), "outbox".into()],
+            key_column: "performer_id".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct BackendConfig {
+    pub user: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            user: "taskflow".into(),
+            password_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AuthDatabaseConfig {
+    pub url: String,
+}
+
+impl Default for AuthDatabaseConfig {
+    fn default() -> Self {
+        AuthDatabaseConfig {
+            url: "postgres://taskflow@127.0.0.1:5435/auth".into(),
+        }
+    }
+}
+
+/// One named shard.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ShardConfig {
+    pub name: String,
+    pub url: String,
+}
+
+impl DaemonConfig for ProxyConfig {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+
+    /// At start-up and on reload (not `--check-config`): users' and the backend's password
+    /// files and the TLS files are readable — by resolving them exactly as the runtime will.
+    fn check_secrets(&self) -> Result<(), ConfigError> {
+        resolve(self)
+            .map(drop)
+            .map_err(SetupError::into_config_error)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        validate::validate(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_keys() {
+        let mut c = ProxyConfig::default();
+        c.shards.push(ShardConfig {
+            name: "shard 1".into(),
+            url: "postgres://h/db".into(),
+        });
+        let e = c.validate().expect_err("bad name");
+        assert!(e.to_string().contains("shards[0].name"), "{e}");
+        c.shards[0].name = "shard-1".into();
+        c.shards[0].url = "nope".into();
+        let e = c.validate().expect_err("bad url");
+        assert!(e.to_string().contains("shards[0].url"), "{e}");
+    }
+}

@@ -1,0 +1,155 @@
+//! Validation of a [`ProxyConfig`], one section at a time, naming the offending key on
+//! every error (the kit turns it into exit 78 with that key).
+
+use std::collections::HashSet;
+
+use taskflow_kit::config::ConfigError;
+
+use super::{BackendTarget, ProxyConfig};
+
+/// Checks every section; the first problem found wins.
+pub(super) fn validate(c: &ProxyConfig) -> Result<(), ConfigError> {
+    if c.listen.port() == 0 {
+        return Err(ConfigError::invalid("listen", "port must not be 0"));
+    }
+    users(c)?;
+    tls(c)?;
+    limits(c)?;
+    sharding(c)?;
+    backends(c)
+}
+
+fn users(c: &ProxyConfig) -> Result<(), ConfigError> {
+    if c.users.is_empty() {
+        return Err(ConfigError::invalid(
+            "users",
+            "at least one user is required",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, u) in c.users.iter().enumerate() {
+        if u.name.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("users[{i}].name"),
+                "must not be empty",
+            ));
+        }
+        if !seen.insert(u.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("users[{i}].name"),
+                format!("duplicate user `{}`", u.name),
+            ));
+        }
+        match (&u.password_file, &u.password) {
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    format!("users[{i}].password_file"),
+                    "each user needs password_file (or password, dev only)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("users[{i}].password"),
+                    "set either password_file or password, not both",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn tls(c: &ProxyConfig) -> Result<(), ConfigError> {
+    match (&c.tls.cert_file, &c.tls.key_file) {
+        (Some(_), None) => Err(ConfigError::invalid(
+            "tls.key_file",
+            "required when tls.cert_file is set",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "tls.cert_file",
+            "required when tls.key_file is set",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn limits(c: &ProxyConfig) -> Result<(), ConfigError> {
+    if c.pool.size == 0 || c.pool.size > 10_000 {
+        return Err(ConfigError::invalid(
+            "pool.size",
+            "must be between 1 and 10000",
+        ));
+    }
+    if c.pool.connect_timeout_secs == 0 {
+        return Err(ConfigError::invalid(
+            "pool.connect_timeout_secs",
+            "must be at least 1",
+        ));
+    }
+    if c.ring.virtual_nodes == 0 || c.ring.virtual_nodes > 65_536 {
+        return Err(ConfigError::invalid(
+            "ring.virtual_nodes",
+            "must be between 1 and 65536",
+        ));
+    }
+    Ok(())
+}
+
+fn sharding(c: &ProxyConfig) -> Result<(), ConfigError> {
+    let db = &c.sharding.database;
+    if db.is_empty() || db == "admin" || db == "auth" {
+        return Err(ConfigError::invalid(
+            "sharding.database",
+            "must be a non-empty name other than `admin` and `auth`",
+        ));
+    }
+    if c.sharding.tables.is_empty() {
+        return Err(ConfigError::invalid(
+            "sharding.tables",
+            "must name at least one table",
+        ));
+    }
+    if c.sharding.key_column.is_empty() {
+        return Err(ConfigError::invalid(
+            "sharding.key_column",
+            "must not be empty",
+        ));
+    }
+    Ok(())
+}
+
+fn backends(c: &ProxyConfig) -> Result<(), ConfigError> {
+    if c.backend.user.is_empty() {
+        return Err(ConfigError::invalid("backend.user", "must not be empty"));
+    }
+    BackendTarget::parse(&c.auth_database.url)
+        .map_err(|m| ConfigError::invalid("auth_database.url", m))?;
+    let mut names = HashSet::new();
+    for (i, s) in c.shards.iter().enumerate() {
+        if s.name.is_empty() || s.name.len() > 40 {
+            return Err(ConfigError::invalid(
+                format!("shards[{i}].name"),
+                "must be 1 to 40 characters",
+            ));
+        }
+        if !s
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            return Err(ConfigError::invalid(
+                format!("shards[{i}].name"),
+                "may contain only ASCII letters, digits, `-` and `_`",
+            ));
+        }
+        if !names.insert(s.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("shards[{i}].name"),
+                format!("duplicate shard `{}`", s.name),
+            ));
+        }
+        BackendTarget::parse(&s.url)
+            .map_err(|m| ConfigError::invalid(format!("shards[{i}].url"), m))?;
+    }
+    Ok(())
+}
