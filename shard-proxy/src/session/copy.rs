@@ -54,15 +54,7 @@ impl Session {
             })?;
         let implicit = self.txn.is_none();
         if implicit {
-            self.txn = Some(Txn {
-                explicit: false,
-                begin_sql: "BEGIN".into(),
-                conns: Default::default(),
-                writes: Default::default(),
-                failed: false,
-                savepoints: Vec::new(),
-                topo: self.topo.clone(),
-            });
+            self.txn = Some(Txn::implicit(self.topo.clone()));
         }
         // CopyInResponse: text format, every column text.
         let mut resp = BytesMut::new();

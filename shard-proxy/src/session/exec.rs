@@ -347,15 +347,7 @@ impl Session {
             Some(proxy.commit_fence.read().await)
         };
         if implicit {
-            self.txn = Some(Txn {
-                explicit: false,
-                begin_sql: "BEGIN".into(),
-                conns: Default::default(),
-                writes: Default::default(),
-                failed: false,
-                savepoints: Vec::new(),
-                topo: self.topo.clone(),
-            });
+            self.txn = Some(Txn::implicit(self.topo.clone()));
         }
         let mut works = Vec::with_capacity(sqls.len());
         let mut failure = None;

@@ -97,6 +97,30 @@ pub struct Txn {
     pub topo: Arc<Topology>,
 }
 
+impl Txn {
+    /// A transaction the client opened with `begin_sql` (`BEGIN`, `START TRANSACTION …`).
+    pub fn explicit(begin_sql: String, topo: Arc<Topology>) -> Txn {
+        Txn {
+            explicit: true,
+            begin_sql,
+            conns: BTreeMap::new(),
+            writes: BTreeSet::new(),
+            failed: false,
+            savepoints: Vec::new(),
+            topo,
+        }
+    }
+
+    /// The proxy's own transaction around an autocommit write that spans shards; it is
+    /// committed (2PC) or rolled back when the statement ends.
+    pub fn implicit(topo: Arc<Topology>) -> Txn {
+        Txn {
+            explicit: false,
+            ..Txn::explicit("BEGIN".into(), topo)
+        }
+    }
+}
+
 /// Why a statement could not run (rendered to the client as an ErrorResponse).
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -490,13 +514,10 @@ impl Session {
                 writes.insert(work.shard);
             }
             self.txn = Some(Txn {
-                explicit: true,
-                begin_sql: "BEGIN".into(),
                 conns,
                 writes,
                 failed: status == b'E',
-                savepoints: Vec::new(),
-                topo: self.topo.clone(),
+                ..Txn::explicit("BEGIN".into(), self.topo.clone())
             });
             return;
         }

@@ -94,15 +94,10 @@ impl Session {
             .stats
             .transactions
             .fetch_add(1, Ordering::Relaxed);
-        self.txn = Some(Txn {
-            explicit: true,
-            begin_sql: sql.trim().trim_end_matches(';').to_owned(),
-            conns: Default::default(),
-            writes: Default::default(),
-            failed: false,
-            savepoints: Vec::new(),
-            topo: self.topo.clone(),
-        });
+        self.txn = Some(Txn::explicit(
+            sql.trim().trim_end_matches(';').to_owned(),
+            self.topo.clone(),
+        ));
         wire::command_complete(&mut self.client.out, tag);
         Ok(())
     }

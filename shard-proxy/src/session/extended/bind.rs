@@ -1,0 +1,156 @@
+//! Planning a client's Bind: route the portal, then bind it on every backend it runs on.
+
+use std::sync::Arc;
+
+use postgres_protocol::message::frontend;
+use proxy_core::merge::MergeSpec;
+use proxy_core::wire::frontend::Bind;
+use proxy_core::wire::{self, sqlstate};
+
+use super::encode::{rename_bind, subset_bind};
+use super::{local, local_error, Expect, Plan, Portal, PortalRoute, Slot};
+use crate::session::{ExecError, Session, Stmt, Txn};
+
+/// Per-shard SQL of a multi-row INSERT split by shard: (shard, SQL, kept parameters).
+type PerShardSql = [(usize, String, Vec<usize>)];
+
+impl Session {
+    /// Routes the Bind and queues it on its backend(s); the portal remembers the route for
+    /// Describe and Execute. True: stop planning.
+    pub(super) async fn plan_bind(
+        &mut self,
+        plan: &mut Plan,
+        b: &Bind,
+        raw: &[u8],
+    ) -> Result<bool, ExecError> {
+        let Some(stmt) = self.stmts.get(&b.statement).cloned() else {
+            plan.slots.push(local_error(
+                sqlstate::UNDEFINED_PREPARED_STATEMENT,
+                &format!("prepared statement \"{}\" does not exist", b.statement),
+            ));
+            return Ok(true);
+        };
+        if let Err(e) = self.check_not_failed() {
+            plan.slots
+                .push(local_error(sqlstate::IN_FAILED_TRANSACTION, &e.to_string()));
+            return Ok(true);
+        }
+        let route = match self.route_bind(&stmt, b) {
+            Ok(r) => r,
+            Err(slot) => {
+                plan.slots.push(*slot);
+                return Ok(true);
+            }
+        };
+        match &route {
+            PortalRoute::Special => plan.slots.push(local(wire::bind_complete)),
+            PortalRoute::One(shard) => {
+                self.ensure_prepared(plan, *shard, &stmt).await?;
+                let w = self.work(plan, *shard).await?;
+                w.conn
+                    .conn()
+                    .wbuf
+                    .extend_from_slice(&rename_bind(b, raw, &stmt.global));
+                plan.slots.push(Slot::Forward {
+                    shard: *shard,
+                    expect: Expect::Bind,
+                });
+            }
+            PortalRoute::Multi {
+                targets,
+                merge,
+                per_shard_sql,
+                is_write,
+            } => {
+                if *is_write && self.txn.is_none() && targets.len() > 1 {
+                    // Autocommit write over several shards: an implicit transaction,
+                    // committed (2PC) after the batch.
+                    self.txn = Some(Txn::implicit(self.topo.clone()));
+                    self.client.hold_output = true;
+                }
+                let bound = BindOn {
+                    b,
+                    raw,
+                    stmt: &stmt,
+                    merge: merge.as_ref(),
+                    per_shard_sql: per_shard_sql.as_deref(),
+                };
+                self.bind_multi(plan, targets, &bound).await?;
+            }
+        }
+        self.portals
+            .insert(b.portal.clone(), Portal { stmt, route });
+        Ok(false)
+    }
+
+    /// Binds on every target: a split INSERT's own SQL and parameters, a scatter read's
+    /// rewritten SQL, or the statement itself; answered by one BindComplete when all succeed.
+    async fn bind_multi(
+        &mut self,
+        plan: &mut Plan,
+        targets: &[usize],
+        bound: &BindOn<'_>,
+    ) -> Result<(), ExecError> {
+        let mut reads = Vec::with_capacity(targets.len());
+        for &t in targets {
+            let split = bound
+                .per_shard_sql
+                .and_then(|v| v.iter().find(|(s, _, _)| *s == t));
+            let rewrite = bound.merge.and_then(|m| m.shard_sql.as_deref());
+            if let Some((_, sql, keep)) = split {
+                let types = bound.stmt.param_types();
+                let sub_types: Vec<u32> = keep
+                    .iter()
+                    .map(|&k| types.get(k).copied().unwrap_or(0))
+                    .collect();
+                let bind = subset_bind(bound.b, "", keep);
+                self.bind_unnamed(plan, t, sql, sub_types, &bind).await?;
+            } else if let Some(sql) = rewrite {
+                let bind = rename_bind(bound.b, bound.raw, "");
+                let types = bound.stmt.types.clone();
+                self.bind_unnamed(plan, t, sql, types, &bind).await?;
+            } else {
+                self.ensure_prepared(plan, t, bound.stmt).await?;
+                let w = self.work(plan, t).await?;
+                let bind = rename_bind(bound.b, bound.raw, &bound.stmt.global);
+                w.conn.conn().wbuf.extend_from_slice(&bind);
+            }
+            reads.push((t, Expect::Bind));
+        }
+        let mut ok = bytes::BytesMut::new();
+        wire::bind_complete(&mut ok);
+        plan.slots.push(Slot::AllOk { reads, ok });
+        Ok(())
+    }
+
+    /// Parses `sql` as the unnamed statement on `shard` (its ParseComplete suppressed),
+    /// then queues `bind` against it.
+    async fn bind_unnamed(
+        &mut self,
+        plan: &mut Plan,
+        shard: usize,
+        sql: &str,
+        types: Vec<u32>,
+        bind: &[u8],
+    ) -> Result<(), ExecError> {
+        let w = self.work(plan, shard).await?;
+        let c = w.conn.conn();
+        frontend::parse("", sql, types, &mut c.wbuf)
+            .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
+        c.wbuf.extend_from_slice(bind);
+        plan.slots.push(Slot::Suppress {
+            shard,
+            expect: Expect::Parse { global: None },
+        });
+        Ok(())
+    }
+}
+
+/// A Bind being spread over several shards, with what its route decided.
+struct BindOn<'a> {
+    b: &'a Bind,
+    raw: &'a [u8],
+    stmt: &'a Arc<Stmt>,
+    merge: Option<&'a MergeSpec>,
+    per_shard_sql: Option<&'a PerShardSql>,
+}

@@ -1,0 +1,120 @@
+//! Where a bound portal runs: one shard, several (scatter read, broadcast write, split
+//! INSERT), or the proxy itself (transaction control).
+//!
+//! Why at Bind: only the Bind carries the parameter values the sharding key is read from.
+//! The router's plan is computed once here and kept in the portal's [`PortalRoute`], so the
+//! Bind that follows uses the same per-shard SQL the route was decided by.
+
+use proxy_core::router::{Analysis, Params, StatementKind, Target};
+use proxy_core::wire::frontend::Bind;
+use proxy_core::wire::sqlstate;
+
+use super::{boxed_error, is_special, PortalRoute, Slot};
+use crate::session::exec::targets_of;
+use crate::session::{Session, Stmt};
+
+impl Session {
+    /// Routes a Bind; `Err` carries a ready-made error slot.
+    pub(super) fn route_bind(&self, stmt: &Stmt, b: &Bind) -> Result<PortalRoute, Box<Slot>> {
+        if self.passthrough {
+            return Ok(PortalRoute::One(0));
+        }
+        let Some(analysis) = &stmt.analysis else {
+            return Ok(PortalRoute::One(self.default_shard()));
+        };
+        if is_special(&analysis.kind) {
+            return Ok(PortalRoute::Special);
+        }
+        match &analysis.kind {
+            StatementKind::Set | StatementKind::Show => {
+                return Ok(PortalRoute::One(self.default_shard()))
+            }
+            StatementKind::Unparsed(reason) => return self.route_unparsed(stmt, analysis, reason),
+            _ => {}
+        }
+        self.route_planned(stmt, analysis, b)
+    }
+
+    /// A statement the router could not parse: a shard hint decides, else the default
+    /// shard — unless it names a sharded table, which would silently read one shard.
+    fn route_unparsed(
+        &self,
+        stmt: &Stmt,
+        analysis: &Analysis,
+        reason: &str,
+    ) -> Result<PortalRoute, Box<Slot>> {
+        if let Some(h) = analysis.hint.as_deref().or(self.shard_hint.as_deref()) {
+            return self
+                .topo
+                .ring
+                .index_of(h)
+                .map(PortalRoute::One)
+                .ok_or_else(|| {
+                    boxed_error(
+                        sqlstate::INVALID_CATALOG_NAME,
+                        &format!("unknown shard \"{h}\""),
+                    )
+                });
+        }
+        let lower = stmt.sql.to_ascii_lowercase();
+        if !lower.contains("pg_catalog")
+            && self
+                .topo
+                .sharded_tables
+                .iter()
+                .any(|t| lower.contains(&t.to_ascii_lowercase()))
+        {
+            return Err(boxed_error(
+                sqlstate::SYNTAX_ERROR,
+                &format!("the shard proxy cannot route this statement ({reason}); add /* shard=<name> */ or SET taskflow.shard"),
+            ));
+        }
+        Ok(PortalRoute::One(self.default_shard()))
+    }
+
+    /// A parsed statement: the router's plan with this Bind's parameters.
+    fn route_planned(
+        &self,
+        stmt: &Stmt,
+        analysis: &Analysis,
+        b: &Bind,
+    ) -> Result<PortalRoute, Box<Slot>> {
+        let values: Vec<Option<&[u8]>> = b.params.iter().map(|p| p.as_deref()).collect();
+        let types = stmt.param_types();
+        let params = Params {
+            values: &values,
+            formats: &b.param_formats,
+            types: &types,
+        };
+        let topo = self.txn.as_ref().map(|t| &t.topo).unwrap_or(&self.topo);
+        let plan = analysis
+            .plan(&topo.ring, &params, self.shard_hint.as_deref())
+            .map_err(|e| boxed_error(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string()))?;
+        if !analysis.touches_sharded
+            && !analysis.is_write
+            && plan.merge.is_none()
+            && matches!(plan.target, Target::One(_))
+        {
+            return Ok(PortalRoute::One(self.default_shard()));
+        }
+        let targets = targets_of(&plan.target, topo.shards.len());
+        if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
+            return Ok(PortalRoute::One(targets[0]));
+        }
+        if let StatementKind::Copy { .. } = analysis.kind {
+            return Err(boxed_error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a COPY that spans shards needs the simple query protocol (or a /* shard=<name> */ hint)",
+            ));
+        }
+        Ok(PortalRoute::Multi {
+            targets: match &plan.per_shard_sql {
+                Some(per) => per.iter().map(|(s, _, _)| *s).collect(),
+                None => targets,
+            },
+            merge: plan.merge,
+            per_shard_sql: plan.per_shard_sql,
+            is_write: analysis.is_write,
+        })
+    }
+}
