@@ -76,8 +76,8 @@ impl std::fmt::Debug for BackendConn {
 }
 
 impl BackendConn {
-    /// Connects, authenticates (SCRAM-SHA-256, MD5 refused, cleartext only if asked) and waits
-    /// for the first ReadyForQuery.
+    /// Connects, authenticates (SCRAM-SHA-256; MD5 or cleartext if the server asks for
+    /// them) and waits for the first ReadyForQuery.
     pub async fn connect(
         target: &BackendTarget,
         user: &str,
@@ -120,94 +120,59 @@ impl BackendConn {
             &mut conn.wbuf,
         )?;
         conn.flush().await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut auth = ClientAuth {
+            user,
+            password,
+            scram: None,
+        };
         loop {
             let msg = conn.read_msg().await?;
-            match msg.parse()? {
-                Message::AuthenticationOk => {}
-                Message::AuthenticationCleartextPassword => {
-                    let pw = password.ok_or_else(|| {
-                        BackendError::Auth("server asked for a password; none configured".into())
-                    })?;
-                    frontend::password_message(pw.as_bytes(), &mut conn.wbuf)?;
-                    conn.flush().await?;
-                }
-                Message::AuthenticationMd5Password(body) => {
-                    let pw = password.ok_or_else(|| {
-                        BackendError::Auth("server asked for a password; none configured".into())
-                    })?;
-                    let hashed = postgres_protocol::authentication::md5_hash(
-                        user.as_bytes(),
-                        pw.as_bytes(),
-                        body.salt(),
-                    );
-                    frontend::password_message(hashed.as_bytes(), &mut conn.wbuf)?;
-                    conn.flush().await?;
-                }
-                Message::AuthenticationSasl(body) => {
-                    let pw = password.ok_or_else(|| {
-                        BackendError::Auth("server asked for a password; none configured".into())
-                    })?;
-                    let mut mechs = body.mechanisms();
-                    let mut ok = false;
-                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs)? {
-                        if m == "SCRAM-SHA-256" {
-                            ok = true;
-                        }
-                    }
-                    if !ok {
-                        return Err(BackendError::Auth("server offers no SCRAM-SHA-256".into()));
-                    }
-                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut conn.wbuf)?;
-                    conn.flush().await?;
-                    scram = Some(s);
-                }
-                Message::AuthenticationSaslContinue(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| BackendError::Protocol("unexpected SASL continue".into()))?;
-                    s.update(body.data())
-                        .map_err(|e| BackendError::Auth(e.to_string()))?;
-                    frontend::sasl_response(s.message(), &mut conn.wbuf)?;
-                    conn.flush().await?;
-                }
-                Message::AuthenticationSaslFinal(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| BackendError::Protocol("unexpected SASL final".into()))?;
-                    s.finish(body.data())
-                        .map_err(|e| BackendError::Auth(e.to_string()))?;
-                }
-                Message::ParameterStatus(body) => {
-                    conn.params
-                        .push((body.name()?.to_owned(), body.value()?.to_owned()));
-                }
-                Message::BackendKeyData(body) => {
-                    conn.pid = body.process_id();
-                    conn.secret = body.secret_key();
-                }
-                Message::ReadyForQuery(body) => {
-                    conn.status = body.status();
-                    return Ok(conn);
-                }
-                Message::ErrorResponse(_) => {
-                    let info = wire::error_info(msg.body());
-                    return Err(if info.code.starts_with("28") {
-                        BackendError::Auth(info.message)
-                    } else {
-                        BackendError::Server(info)
-                    });
-                }
-                Message::NoticeResponse(_) => {}
-                _ => {
+            if conn.startup_message(&msg, &mut auth).await? {
+                return Ok(conn);
+            }
+        }
+    }
+
+    /// Handles one message of the startup phase; true at the first ReadyForQuery.
+    async fn startup_message(
+        &mut self,
+        msg: &RawMsg,
+        auth: &mut ClientAuth<'_>,
+    ) -> Result<bool, BackendError> {
+        match msg.parse()? {
+            Message::AuthenticationOk => {}
+            Message::ParameterStatus(body) => {
+                self.params
+                    .push((body.name()?.to_owned(), body.value()?.to_owned()));
+            }
+            Message::BackendKeyData(body) => {
+                self.pid = body.process_id();
+                self.secret = body.secret_key();
+            }
+            Message::ReadyForQuery(body) => {
+                self.status = body.status();
+                return Ok(true);
+            }
+            Message::ErrorResponse(_) => {
+                let info = wire::error_info(msg.body());
+                return Err(if info.code.starts_with("28") {
+                    BackendError::Auth(info.message)
+                } else {
+                    BackendError::Server(info)
+                });
+            }
+            Message::NoticeResponse(_) => {}
+            other => {
+                if !auth.answer(other, &mut self.wbuf)? {
                     return Err(BackendError::Protocol(format!(
                         "unexpected message {:?} during startup",
                         char::from(msg.tag)
-                    )))
+                    )));
                 }
+                self.flush().await?;
             }
         }
+        Ok(false)
     }
 
     /// Reads one message.
@@ -299,5 +264,73 @@ impl BackendConn {
     pub async fn terminate(mut self) {
         frontend::terminate(&mut self.wbuf);
         let _ = tokio::time::timeout(Duration::from_millis(200), self.flush()).await;
+    }
+}
+
+/// The proxy's side of a backend's authentication request: SCRAM-SHA-256 (through
+/// `postgres-protocol`), or MD5 and cleartext when the server asks for them (PostgreSQL's
+/// `pg_hba.conf` decides which; the proxy sends nothing a server did not ask for).
+struct ClientAuth<'a> {
+    user: &'a str,
+    password: Option<&'a str>,
+    scram: Option<ScramSha256>,
+}
+
+impl ClientAuth<'_> {
+    fn password(&self) -> Result<&str, BackendError> {
+        self.password.ok_or_else(|| {
+            BackendError::Auth("server asked for a password; none configured".into())
+        })
+    }
+
+    /// Writes the answer to an authentication message into `out`. `Ok(false)`: not an
+    /// authentication message.
+    fn answer(&mut self, msg: Message, out: &mut BytesMut) -> Result<bool, BackendError> {
+        match msg {
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(self.password()?.as_bytes(), out)?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let hashed = postgres_protocol::authentication::md5_hash(
+                    self.user.as_bytes(),
+                    self.password()?.as_bytes(),
+                    body.salt(),
+                );
+                frontend::password_message(hashed.as_bytes(), out)?;
+            }
+            Message::AuthenticationSasl(body) => {
+                let mut mechs = body.mechanisms();
+                let mut offered = false;
+                while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs)? {
+                    offered |= m == "SCRAM-SHA-256";
+                }
+                if !offered {
+                    return Err(BackendError::Auth("server offers no SCRAM-SHA-256".into()));
+                }
+                let s =
+                    ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), out)?;
+                self.scram = Some(s);
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| BackendError::Protocol("unexpected SASL continue".into()))?;
+                s.update(body.data())
+                    .map_err(|e| BackendError::Auth(e.to_string()))?;
+                frontend::sasl_response(s.message(), out)?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| BackendError::Protocol("unexpected SASL final".into()))?;
+                s.finish(body.data())
+                    .map_err(|e| BackendError::Auth(e.to_string()))?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 }

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Snapshot};
 use crate::scram;
 use io::{ClientConn, ClientError};
 use proxy_core::wire::frontend::{FrontendMessage, Startup};
@@ -65,89 +65,12 @@ async fn handshake(
     mut conn: ClientConn,
 ) -> Result<Option<Authenticated>, ClientError> {
     let snapshot = proxy.snapshot();
-    let mut tls = false;
-    let params = loop {
-        let startup = match conn.read_startup().await {
-            Ok(Some(s)) => s,
-            Ok(None) => return Ok(None),
-            Err(ClientError::Decode(e)) => {
-                fatal(&mut conn, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
-                return Err(ClientError::Decode(e));
-            }
-            Err(e) => return Err(e),
-        };
-        match startup {
-            Startup::SslRequest if !tls => {
-                match snapshot.tls.clone() {
-                    Some(cfg) => {
-                        if conn.has_buffered_input() {
-                            // Bytes after SSLRequest before the handshake: refuse (CVE-2021-23214 class).
-                            return Ok(None);
-                        }
-                        conn.stream.write_all(b"S").await?;
-                        let stream = std::mem::replace(
-                            &mut conn.stream,
-                            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
-                        );
-                        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                        let tls_stream = acceptor.accept(stream).await?;
-                        conn.stream = Box::new(tls_stream);
-                        tls = true;
-                    }
-                    None => conn.stream.write_all(b"N").await?,
-                }
-            }
-            Startup::GssEncRequest => conn.stream.write_all(b"N").await?,
-            Startup::SslRequest => {
-                fatal(
-                    &mut conn,
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "duplicate SSLRequest",
-                )
-                .await;
-                return Ok(None);
-            }
-            Startup::Cancel {
-                process_id,
-                secret_key,
-            } => {
-                forward_cancel(proxy, process_id, secret_key).await;
-                return Ok(None);
-            }
-            Startup::Startup { params } => break params,
-        }
-    };
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        fatal(
-            &mut conn,
-            sqlstate::INVALID_AUTHORIZATION,
-            "no PostgreSQL user name specified in startup packet",
-        )
-        .await;
+    let Some((params, tls)) = negotiate(proxy, &snapshot, &mut conn).await? else {
         return Ok(None);
     };
-    let database = get("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| user.clone());
-    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
-        fatal(
-            &mut conn,
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "replication connections are not supported by the shard proxy",
-        )
-        .await;
+    let Some((user, database)) = check_startup(&snapshot, &mut conn, &params).await else {
         return Ok(None);
-    }
-    if database != "admin" && database != "auth" && database != snapshot.topology.sharded_database {
-        fatal(
-            &mut conn,
-            sqlstate::INVALID_CATALOG_NAME,
-            &format!("database \"{database}\" does not exist"),
-        )
-        .await;
-        return Ok(None);
-    }
+    };
     let (verifier, known) = proxy.verifier(&snapshot, &user);
     if !authenticate(&mut conn, &user, verifier, known).await? {
         return Ok(None);
@@ -159,6 +82,113 @@ async fn handshake(
         params,
         tls,
     }))
+}
+
+/// Startup parameters of a client.
+type StartupParams = Vec<(String, String)>;
+
+/// Reads packets until the StartupMessage, answering SSLRequest (TLS if configured) and
+/// GSSENCRequest (refused), and forwarding a CancelRequest. Returns the startup parameters
+/// and whether TLS is on; `None` when there is nothing more to do.
+async fn negotiate(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    conn: &mut ClientConn,
+) -> Result<Option<(StartupParams, bool)>, ClientError> {
+    let mut tls = false;
+    loop {
+        let startup = match conn.read_startup().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(None),
+            Err(ClientError::Decode(e)) => {
+                fatal(conn, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
+                return Err(ClientError::Decode(e));
+            }
+            Err(e) => return Err(e),
+        };
+        match startup {
+            Startup::SslRequest if !tls => match snapshot.tls.clone() {
+                Some(cfg) => {
+                    if conn.has_buffered_input() {
+                        // Bytes after SSLRequest before the handshake: refuse (CVE-2021-23214 class).
+                        return Ok(None);
+                    }
+                    start_tls(conn, cfg).await?;
+                    tls = true;
+                }
+                None => conn.stream.write_all(b"N").await?,
+            },
+            Startup::GssEncRequest => conn.stream.write_all(b"N").await?,
+            Startup::SslRequest => {
+                fatal(conn, sqlstate::PROTOCOL_VIOLATION, "duplicate SSLRequest").await;
+                return Ok(None);
+            }
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                forward_cancel(proxy, process_id, secret_key).await;
+                return Ok(None);
+            }
+            Startup::Startup { params } => return Ok(Some((params, tls))),
+        }
+    }
+}
+
+/// Answers `S` and runs the TLS handshake on the client's stream.
+async fn start_tls(
+    conn: &mut ClientConn,
+    cfg: std::sync::Arc<rustls::ServerConfig>,
+) -> Result<(), ClientError> {
+    conn.stream.write_all(b"S").await?;
+    let stream = std::mem::replace(
+        &mut conn.stream,
+        Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
+    );
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    conn.stream = Box::new(acceptor.accept(stream).await?);
+    Ok(())
+}
+
+/// The user and database of a StartupMessage, if the proxy serves them (else the client
+/// is told why, and `None`).
+async fn check_startup(
+    snapshot: &Snapshot,
+    conn: &mut ClientConn,
+    params: &StartupParams,
+) -> Option<(String, String)> {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        fatal(
+            conn,
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+        return None;
+    };
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        fatal(
+            conn,
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported by the shard proxy",
+        )
+        .await;
+        return None;
+    }
+    if database != "admin" && database != "auth" && database != snapshot.topology.sharded_database {
+        fatal(
+            conn,
+            sqlstate::INVALID_CATALOG_NAME,
+            &format!("database \"{database}\" does not exist"),
+        )
+        .await;
+        return None;
+    }
+    Some((user, database))
 }
 
 /// SCRAM-SHA-256. Returns false (after telling the client) when authentication fails.

@@ -21,6 +21,50 @@ use proxy_core::wire::{self, sqlstate};
 /// Bytes buffered per shard before a CopyData is sent.
 const CHUNK: usize = 64 * 1024;
 
+/// Where the reader is in the client's lines.
+struct Lines {
+    /// The CSV header line, repeated to every shard's COPY.
+    header: Option<Vec<u8>>,
+    /// The next line is the header.
+    header_next: bool,
+    line_no: u64,
+    /// `\\.` was seen (text format): the rest is ignored.
+    ended: bool,
+}
+
+impl Lines {
+    /// Consumes one line; true when it is a data row (not the header or end marker).
+    fn is_row(&mut self, body: &[u8], csv: bool) -> bool {
+        if self.ended {
+            return false;
+        }
+        if !csv && body == b"\\." {
+            self.ended = true;
+            return false;
+        }
+        self.line_no += 1;
+        if self.header_next {
+            self.header_next = false;
+            self.header = Some(body.to_vec());
+            return false;
+        }
+        true
+    }
+}
+
+/// CopyInResponse: text format, every column text.
+fn copy_in_response(columns: usize) -> BytesMut {
+    let mut resp = BytesMut::new();
+    resp.put_u8(b'G');
+    resp.put_i32(4 + 1 + 2 + 2 * columns as i32);
+    resp.put_u8(0);
+    resp.put_i16(columns as i16);
+    for _ in 0..columns {
+        resp.put_i16(0);
+    }
+    resp
+}
+
 struct ShardCopy {
     work: Work,
     buf: BytesMut,
@@ -56,16 +100,9 @@ impl Session {
         if implicit {
             self.txn = Some(Txn::implicit(self.topo.clone()));
         }
-        // CopyInResponse: text format, every column text.
-        let mut resp = BytesMut::new();
-        resp.put_u8(b'G');
-        resp.put_i32(4 + 1 + 2 + 2 * columns.len() as i32);
-        resp.put_u8(0);
-        resp.put_i16(columns.len() as i16);
-        for _ in &columns {
-            resp.put_i16(0);
-        }
-        self.client.out.extend_from_slice(&resp);
+        self.client
+            .out
+            .extend_from_slice(&copy_in_response(columns.len()));
         self.client
             .flush()
             .await
@@ -91,26 +128,8 @@ impl Session {
                 Ok(())
             }
             Err(e) => {
-                for (_, mut c) in std::mem::take(&mut copies) {
-                    let conn = c.work.conn.conn();
-                    let ok = frontend::copy_fail("COPY aborted by the shard proxy", &mut conn.wbuf)
-                        .is_ok()
-                        && conn.flush().await.is_ok()
-                        && matches!(
-                            conn.collect_until_ready().await,
-                            Ok(_) | Err(crate::backend::BackendError::Server(_))
-                        );
-                    if ok {
-                        self.put_back(c.work, true);
-                    } else {
-                        self.discard(c.work);
-                    }
-                }
-                if implicit {
-                    self.abort_txn().await;
-                } else if let Some(t) = &mut self.txn {
-                    t.failed = true;
-                }
+                self.abort_copies(std::mem::take(&mut copies)).await;
+                self.fail_txn(implicit).await;
                 Err(e)
             }
         }
@@ -194,6 +213,24 @@ impl Session {
         Ok(ShardCopy { work, buf })
     }
 
+    /// Ends every shard's COPY with CopyFail; clean backends go back to their pools.
+    async fn abort_copies(&mut self, copies: BTreeMap<usize, ShardCopy>) {
+        for (_, mut c) in copies {
+            let conn = c.work.conn.conn();
+            let ok = frontend::copy_fail("COPY aborted by the shard proxy", &mut conn.wbuf).is_ok()
+                && conn.flush().await.is_ok()
+                && matches!(
+                    conn.collect_until_ready().await,
+                    Ok(_) | Err(crate::backend::BackendError::Server(_))
+                );
+            if ok {
+                self.put_back(c.work, true);
+            } else {
+                self.discard(c.work);
+            }
+        }
+    }
+
     async fn copy_rows(
         &mut self,
         sql: &str,
@@ -202,35 +239,14 @@ impl Session {
         copies: &mut BTreeMap<usize, ShardCopy>,
     ) -> Result<(), ExecError> {
         let mut pending = BytesMut::new();
-        let mut header: Option<Vec<u8>> = None;
-        let mut first = spec.header;
-        let mut line_no = 0u64;
-        let mut ended = false;
+        let mut lines = Lines {
+            header: None,
+            header_next: spec.header,
+            line_no: 0,
+            ended: false,
+        };
         loop {
-            let frame = match self.client.read_frame().await? {
-                Some(f) => f,
-                None => return Err(ExecError::Client(ClientError::Truncated)),
-            };
-            let done = match frame.msg {
-                FrontendMessage::CopyData(d) => {
-                    pending.extend_from_slice(&d);
-                    false
-                }
-                FrontendMessage::CopyDone => true,
-                FrontendMessage::CopyFail(msg) => {
-                    return Err(ExecError::sql(
-                        sqlstate::QUERY_CANCELED,
-                        format!("COPY from stdin failed: {msg}"),
-                    ));
-                }
-                FrontendMessage::Flush | FrontendMessage::Sync => false,
-                _ => {
-                    return Err(ExecError::sql(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "unexpected message type during COPY from stdin",
-                    ));
-                }
-            };
+            let done = self.next_copy_data(&mut pending).await?;
             if done && !pending.is_empty() && !pending.ends_with(b"\n") {
                 pending.put_u8(b'\n');
             }
@@ -238,17 +254,7 @@ impl Session {
                 let line = pending.split_to(pos + 1);
                 let body = line.strip_suffix(b"\n").unwrap_or(&line);
                 let body = body.strip_suffix(b"\r").unwrap_or(body);
-                if ended {
-                    continue;
-                }
-                if !spec.csv && body == b"\\." {
-                    ended = true;
-                    continue;
-                }
-                line_no += 1;
-                if first {
-                    first = false;
-                    header = Some(body.to_vec());
+                if !lines.is_row(body, spec.csv) {
                     continue;
                 }
                 let key = match copy_field(body, key_index, spec.csv, spec.delimiter) {
@@ -258,38 +264,78 @@ impl Session {
                 let Some(key) = key else {
                     return Err(ExecError::sql(
                         "22P02",
-                        format!("COPY line {line_no}: the shard key column must hold a bigint"),
+                        format!(
+                            "COPY line {}: the shard key column must hold a bigint",
+                            lines.line_no
+                        ),
                     ));
                 };
-                let topo = self
-                    .txn
-                    .as_ref()
-                    .map(|t| t.topo.clone())
-                    .unwrap_or_else(|| self.topo.clone());
-                let shard = topo.ring.shard_for(key);
-                let c = match copies.entry(shard) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(self.open_copy(shard, sql, header.as_deref()).await?)
-                    }
-                };
-                {
-                    c.buf.extend_from_slice(body);
-                    c.buf.put_u8(b'\n');
-                    if c.buf.len() >= CHUNK {
-                        let name = topo
-                            .shards
-                            .get(shard)
-                            .map(|p| p.name.clone())
-                            .unwrap_or_default();
-                        send_chunk(&name, c).await?;
-                    }
-                }
+                self.copy_row(sql, lines.header.as_deref(), key, body, copies)
+                    .await?;
             }
             if done {
                 return Ok(());
             }
         }
+    }
+
+    /// Appends the client's next CopyData to `pending`; true at CopyDone.
+    async fn next_copy_data(&mut self, pending: &mut BytesMut) -> Result<bool, ExecError> {
+        let frame = match self.client.read_frame().await? {
+            Some(f) => f,
+            None => return Err(ExecError::Client(ClientError::Truncated)),
+        };
+        match frame.msg {
+            FrontendMessage::CopyData(d) => {
+                pending.extend_from_slice(&d);
+                Ok(false)
+            }
+            FrontendMessage::CopyDone => Ok(true),
+            FrontendMessage::CopyFail(msg) => Err(ExecError::sql(
+                sqlstate::QUERY_CANCELED,
+                format!("COPY from stdin failed: {msg}"),
+            )),
+            FrontendMessage::Flush | FrontendMessage::Sync => Ok(false),
+            _ => Err(ExecError::sql(
+                sqlstate::PROTOCOL_VIOLATION,
+                "unexpected message type during COPY from stdin",
+            )),
+        }
+    }
+
+    /// Sends one row to the shard that owns `key`, opening that shard's COPY on its first
+    /// row and flushing its buffer every [`CHUNK`] bytes.
+    async fn copy_row(
+        &mut self,
+        sql: &str,
+        header: Option<&[u8]>,
+        key: i64,
+        body: &[u8],
+        copies: &mut BTreeMap<usize, ShardCopy>,
+    ) -> Result<(), ExecError> {
+        let topo = self
+            .txn
+            .as_ref()
+            .map(|t| t.topo.clone())
+            .unwrap_or_else(|| self.topo.clone());
+        let shard = topo.ring.shard_for(key);
+        let c = match copies.entry(shard) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(self.open_copy(shard, sql, header).await?)
+            }
+        };
+        c.buf.extend_from_slice(body);
+        c.buf.put_u8(b'\n');
+        if c.buf.len() >= CHUNK {
+            let name = topo
+                .shards
+                .get(shard)
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            send_chunk(&name, c).await?;
+        }
+        Ok(())
     }
 
     /// Sends the rest and CopyDone to every shard; returns the total row count.

@@ -13,7 +13,7 @@ use super::{ExecError, Session, Txn, Work};
 use crate::backend::BackendError;
 use crate::frontend::io::ClientError;
 use proxy_core::merge::{Column, MergeSpec, Merger};
-use proxy_core::router::{Analysis, Params, Target};
+use proxy_core::router::{Analysis, Params, Plan, Target};
 use proxy_core::sqltext::SetCommand;
 use proxy_core::wire::frontend::FrontendMessage;
 use proxy_core::wire::{self, sqlstate, RawMsg};
@@ -49,6 +49,26 @@ impl From<BackendError> for RelayError {
 impl From<std::io::Error> for RelayError {
     fn from(e: std::io::Error) -> Self {
         RelayError::Client(ClientError::Io(e))
+    }
+}
+
+/// Why a COPY that is not `FROM STDIN` cannot span shards.
+const COPY_NEEDS_A_SHARD: &str =
+    "COPY on the sharded database needs a shard: add /* shard=<name> */ or SET taskflow.shard";
+
+/// The statement each target runs: a split INSERT's own SQL per shard, else the scatter
+/// rewrite (LIMIT push-down, hidden columns) or the statement itself on every target.
+fn per_shard_statements(plan: &Plan, targets: &[usize], sql: &str) -> Vec<(usize, String)> {
+    match &plan.per_shard_sql {
+        Some(per) => per.iter().map(|(s, q, _)| (*s, q.clone())).collect(),
+        None => {
+            let q = plan
+                .merge
+                .as_ref()
+                .and_then(|m| m.shard_sql.clone())
+                .unwrap_or_else(|| sql.to_owned());
+            targets.iter().map(|&t| (t, q.clone())).collect()
+        }
     }
 }
 
@@ -286,7 +306,7 @@ impl Session {
             if targets.len() != 1 {
                 return Err(ExecError::sql(
                     sqlstate::FEATURE_NOT_SUPPORTED,
-                    "COPY on the sharded database needs a shard: add /* shard=<name> */ or SET taskflow.shard",
+                    COPY_NEEDS_A_SHARD,
                 ));
             }
         }
@@ -303,32 +323,21 @@ impl Session {
                 "a multi-statement query must stay on one shard; send the statements separately",
             ));
         }
-        let sqls: Vec<(usize, String)> = match &plan.per_shard_sql {
-            Some(per) => per.iter().map(|(s, q, _)| (*s, q.clone())).collect(),
-            None => {
-                let q = plan
-                    .merge
-                    .as_ref()
-                    .and_then(|m| m.shard_sql.clone())
-                    .unwrap_or_else(|| sql.to_owned());
-                targets.iter().map(|&t| (t, q.clone())).collect()
-            }
-        };
-        if analysis.is_write {
-            self.proxy
-                .stats
-                .broadcasts
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.proxy.metrics.route("broadcast");
-        } else {
-            self.proxy
-                .stats
-                .scatter_reads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.proxy.metrics.route("scatter");
-        }
+        let sqls = per_shard_statements(&plan, &targets, sql);
+        self.count_multi(analysis.is_write);
         self.run_multi_simple(sqls, plan.merge.as_ref(), analysis.is_write)
             .await
+    }
+
+    /// Counts a statement that runs on several shards, in `SHOW STATS` and the metrics.
+    fn count_multi(&self, is_write: bool) {
+        let (counter, route) = if is_write {
+            (&self.proxy.stats.broadcasts, "broadcast")
+        } else {
+            (&self.proxy.stats.scatter_reads, "scatter")
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.proxy.metrics.route(route);
     }
 
     /// Runs per-shard SQL on several backends and writes one merged answer.
@@ -349,9 +358,53 @@ impl Session {
         if implicit {
             self.txn = Some(Txn::implicit(self.topo.clone()));
         }
+        let works = match self.queue_on_all(&sqls).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.fail_txn(implicit).await;
+                return Err(e);
+            }
+        };
+        let (results, unavailable) = self.collect_all(works, is_write).await;
+        if let Some(e) = unavailable {
+            self.fail_txn(implicit).await;
+            return Err(e);
+        }
+        if let Some(err) = results.iter().find_map(|r| r.error.clone()) {
+            self.fail_txn(implicit).await;
+            self.client.out.extend_from_slice(&err);
+            return Ok(());
+        }
+        let mut out = BytesMut::new();
+        for n in results.iter().flat_map(|r| &r.notices) {
+            out.extend_from_slice(n);
+        }
+        emit_merged(&mut out, &results, merge)?;
+        if implicit {
+            if let Some(t) = self.txn.take() {
+                self.finish_commit(t).await?;
+            }
+        }
+        self.client.out.extend_from_slice(&out);
+        Ok(())
+    }
+
+    /// After a failed statement: the proxy's implicit transaction is rolled back; a
+    /// client's transaction is marked failed (it must ROLLBACK).
+    pub(super) async fn fail_txn(&mut self, implicit: bool) {
+        if implicit {
+            self.abort_txn().await;
+        } else if let Some(t) = &mut self.txn {
+            t.failed = true;
+        }
+    }
+
+    /// Acquires a backend per shard and queues its query (nothing is sent yet). On failure
+    /// every backend taken so far is discarded.
+    async fn queue_on_all(&mut self, sqls: &[(usize, String)]) -> Result<Vec<Work>, ExecError> {
         let mut works = Vec::with_capacity(sqls.len());
         let mut failure = None;
-        for (shard, q) in &sqls {
+        for (shard, q) in sqls {
             match self.acquire(*shard).await {
                 Ok(mut w) => {
                     if let Err(e) = frontend::query(q, &mut w.conn.conn().wbuf) {
@@ -365,23 +418,31 @@ impl Session {
                 }
             }
         }
-        if let Some(e) = failure {
-            for w in works {
-                // Nothing was sent yet: internal queries are still queued; drop them.
-                self.discard_quietly(w);
+        match failure {
+            None => Ok(works),
+            Some(e) => {
+                for w in works {
+                    // Nothing was sent yet: internal queries are still queued; drop them.
+                    self.discard_quietly(w);
+                }
+                Err(e)
             }
-            if implicit {
-                self.abort_txn().await;
-            }
-            return Err(e);
         }
+    }
+
+    /// Sends every queued query, then reads each shard's whole result. Backends that
+    /// answered go back to their pools; the first that failed is returned as the error.
+    async fn collect_all(
+        &mut self,
+        mut works: Vec<Work>,
+        is_write: bool,
+    ) -> (Vec<ShardResult>, Option<ExecError>) {
         let started = Instant::now();
         for w in works.iter_mut() {
             let _ = w.conn.conn().flush().await;
         }
         let mut results = Vec::with_capacity(works.len());
         let mut unavailable = None;
-        let mut kept = Vec::with_capacity(works.len());
         for mut w in works {
             let r = async {
                 Self::drain_skips(&mut w).await?;
@@ -395,55 +456,20 @@ impl Session {
                         .metrics
                         .query(&name, started.elapsed().as_secs_f64());
                     results.push(r);
-                    kept.push(w);
+                    self.put_back(w, is_write);
                 }
                 Err(e) => {
                     let shard = self.shard_name(w.shard);
                     self.proxy.metrics.error(&shard, "backend");
                     w.conn.discard();
-                    if unavailable.is_none() {
-                        unavailable = Some(ExecError::Unavailable {
-                            shard,
-                            message: e.to_string(),
-                        });
-                    }
+                    unavailable.get_or_insert(ExecError::Unavailable {
+                        shard,
+                        message: e.to_string(),
+                    });
                 }
             }
         }
-        for w in kept {
-            self.put_back(w, is_write);
-        }
-        if let Some(e) = unavailable {
-            if implicit {
-                self.abort_txn().await;
-            } else if let Some(t) = &mut self.txn {
-                t.failed = true;
-            }
-            return Err(e);
-        }
-        if let Some(err) = results.iter().find_map(|r| r.error.clone()) {
-            if implicit {
-                self.abort_txn().await;
-            } else if let Some(t) = &mut self.txn {
-                t.failed = true;
-            }
-            self.client.out.extend_from_slice(&err);
-            return Ok(());
-        }
-        let mut out = BytesMut::new();
-        for r in &results {
-            for n in &r.notices {
-                out.extend_from_slice(n);
-            }
-        }
-        emit_merged(&mut out, &results, merge)?;
-        if implicit {
-            if let Some(t) = self.txn.take() {
-                self.finish_commit(t).await?;
-            }
-        }
-        self.client.out.extend_from_slice(&out);
-        Ok(())
+        (results, unavailable)
     }
 
     /// Drops a backend that has unsent or unread work.

@@ -19,6 +19,7 @@
 pub mod copy;
 pub mod exec;
 pub mod extended;
+mod simple;
 
 pub mod txn;
 
@@ -34,9 +35,9 @@ use crate::backend::{PoolError, Pooled};
 use crate::frontend::io::{ClientConn, ClientError};
 use crate::frontend::Authenticated;
 use crate::proxy::{CancelSlot, CancelTarget, Proxy, Topology};
-use proxy_core::router::{Analysis, StatementKind};
+use proxy_core::router::Analysis;
 use proxy_core::sqltext::{self, SetCommand};
-use proxy_core::wire::frontend::{DecodeError, FrontendMessage};
+use proxy_core::wire::frontend::{DecodeError, Frame, FrontendMessage};
 use proxy_core::wire::{self, sqlstate};
 
 /// A prepared statement as the client named it.
@@ -142,13 +143,21 @@ impl ExecError {
         }
     }
 
-    fn code(&self) -> &'static str {
+    /// The SQLSTATE the client receives.
+    pub fn code(&self) -> &'static str {
         match self {
             ExecError::Unavailable { .. } | ExecError::Pool(_) => sqlstate::CONNECTION_FAILURE,
             ExecError::Sql { code, .. } => code,
             ExecError::Client(_) => sqlstate::PROTOCOL_VIOLATION,
         }
     }
+}
+
+/// Whether the session goes on after a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
 }
 
 /// The per-client state machine.
@@ -310,69 +319,77 @@ impl Session {
                 // New transactions see the newest topology.
                 self.topo = self.proxy.topology();
             }
-            match frame.msg {
-                FrontendMessage::Query(ref sql) => {
-                    let sql = sql.clone();
-                    self.pending.clear();
-                    self.skip_until_sync = false;
-                    self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
-                    self.simple_query(Some(frame.raw.clone()), &sql).await?;
-                    let st = self.status();
-                    wire::ready_for_query(&mut self.client.out, st);
-                    self.client.flush().await?;
-                }
-                FrontendMessage::Terminate => return Ok(()),
-                FrontendMessage::Parse { .. }
-                | FrontendMessage::Bind(_)
-                | FrontendMessage::Describe { .. }
-                | FrontendMessage::Execute { .. }
-                | FrontendMessage::Close { .. } => {
-                    if self.pending.len() > 10_000 {
-                        self.protocol_violation(&DecodeError::Malformed(
-                            "pipeline",
-                            "more than 10000 messages without Sync",
-                        ))
-                        .await;
-                        return Ok(());
-                    }
-                    self.pending.push(frame);
-                }
-                FrontendMessage::Flush => {
-                    self.flush_pending().await?;
-                }
-                FrontendMessage::Sync => {
-                    self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
-                    self.sync().await?;
-                    let st = self.status();
-                    wire::ready_for_query(&mut self.client.out, st);
-                    self.client.flush().await?;
-                }
-                FrontendMessage::CopyData(_)
-                | FrontendMessage::CopyDone
-                | FrontendMessage::CopyFail(_) => {
-                    // Outside COPY these are ignored, as PostgreSQL does.
-                }
-                FrontendMessage::Password(_) => {
-                    self.protocol_violation(&DecodeError::Malformed(
-                        "password",
-                        "unexpected after authentication",
-                    ))
-                    .await;
-                    return Ok(());
-                }
-                FrontendMessage::FunctionCall => {
-                    wire::error(
-                        &mut self.client.out,
-                        "ERROR",
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        "the fast-path function call protocol is not supported by the shard proxy",
-                    );
-                    let st = self.status();
-                    wire::ready_for_query(&mut self.client.out, st);
-                    self.client.flush().await?;
-                }
+            if self.handle_frame(frame).await? == Flow::Stop {
+                return Ok(());
             }
         }
+    }
+
+    /// Handles one client message.
+    async fn handle_frame(&mut self, frame: Frame) -> Result<Flow, ClientError> {
+        match frame.msg {
+            FrontendMessage::Query(ref sql) => {
+                let sql = sql.clone();
+                self.pending.clear();
+                self.skip_until_sync = false;
+                self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
+                self.simple_query(Some(frame.raw.clone()), &sql).await?;
+                self.ready_for_query().await?;
+            }
+            FrontendMessage::Terminate => return Ok(Flow::Stop),
+            FrontendMessage::Parse { .. }
+            | FrontendMessage::Bind(_)
+            | FrontendMessage::Describe { .. }
+            | FrontendMessage::Execute { .. }
+            | FrontendMessage::Close { .. } => {
+                if self.pending.len() > 10_000 {
+                    self.protocol_violation(&DecodeError::Malformed(
+                        "pipeline",
+                        "more than 10000 messages without Sync",
+                    ))
+                    .await;
+                    return Ok(Flow::Stop);
+                }
+                self.pending.push(frame);
+            }
+            FrontendMessage::Flush => self.flush_pending().await?,
+            FrontendMessage::Sync => {
+                self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
+                self.sync().await?;
+                self.ready_for_query().await?;
+            }
+            FrontendMessage::CopyData(_)
+            | FrontendMessage::CopyDone
+            | FrontendMessage::CopyFail(_) => {
+                // Outside COPY these are ignored, as PostgreSQL does.
+            }
+            FrontendMessage::Password(_) => {
+                self.protocol_violation(&DecodeError::Malformed(
+                    "password",
+                    "unexpected after authentication",
+                ))
+                .await;
+                return Ok(Flow::Stop);
+            }
+            FrontendMessage::FunctionCall => {
+                wire::error(
+                    &mut self.client.out,
+                    "ERROR",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "the fast-path function call protocol is not supported by the shard proxy",
+                );
+                self.ready_for_query().await?;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Writes ReadyForQuery with the session's transaction status, and flushes.
+    async fn ready_for_query(&mut self) -> Result<(), ClientError> {
+        let st = self.status();
+        wire::ready_for_query(&mut self.client.out, st);
+        self.client.flush().await?;
+        Ok(())
     }
 
     async fn protocol_violation(&mut self, e: &DecodeError) {
@@ -564,154 +581,6 @@ impl Session {
                 }
             }
         })
-    }
-
-    async fn simple_query_inner(&mut self, raw: Option<Bytes>, sql: &str) -> Result<(), ExecError> {
-        let kw = sqltext::first_keyword(sql);
-        // Statements the proxy keeps itself in both databases.
-        match kw.as_str() {
-            "" => {
-                wire::empty_query(&mut self.client.out);
-                return Ok(());
-            }
-            "PREPARE" => {
-                if let Some(p) = sqltext::parse_prepare(sql) {
-                    if self.sql_prepared.contains_key(&p.name) {
-                        return Err(ExecError::sql(
-                            sqlstate::DUPLICATE_PREPARED_STATEMENT,
-                            format!("prepared statement \"{}\" already exists", p.name),
-                        ));
-                    }
-                    self.sql_prepared.insert(p.name.clone(), p);
-                    wire::command_complete(&mut self.client.out, "PREPARE");
-                    return Ok(());
-                }
-            }
-            "EXECUTE" => {
-                if let Some((name, args)) = sqltext::parse_execute(sql) {
-                    let p = self.sql_prepared.get(&name).ok_or_else(|| {
-                        ExecError::sql(
-                            sqlstate::UNDEFINED_PREPARED_STATEMENT,
-                            format!("prepared statement \"{name}\" does not exist"),
-                        )
-                    })?;
-                    let body = sqltext::substitute(&p.body, &args, &p.types).ok_or_else(|| {
-                        ExecError::sql(
-                            sqlstate::SYNTAX_ERROR,
-                            format!("wrong number of parameters for prepared statement \"{name}\""),
-                        )
-                    })?;
-                    return self
-                        .simple_query(None, &body)
-                        .await
-                        .map_err(ExecError::Client);
-                }
-            }
-            "DEALLOCATE" => {
-                if let Some(target) = sqltext::parse_deallocate(sql) {
-                    match target {
-                        None => {
-                            self.sql_prepared.clear();
-                            wire::command_complete(&mut self.client.out, "DEALLOCATE ALL");
-                        }
-                        Some(name) => {
-                            if self.sql_prepared.remove(&name).is_none() {
-                                return Err(ExecError::sql(
-                                    sqlstate::UNDEFINED_PREPARED_STATEMENT,
-                                    format!("prepared statement \"{name}\" does not exist"),
-                                ));
-                            }
-                            wire::command_complete(&mut self.client.out, "DEALLOCATE");
-                        }
-                    }
-                    return Ok(());
-                }
-            }
-            _ => {}
-        }
-        if self.passthrough {
-            let set = if kw == "SET" || kw == "RESET" {
-                sqltext::parse_set(sql)
-            } else {
-                None
-            };
-            self.run_single(0, raw, sql, false, set).await?;
-            return Ok(());
-        }
-        let analysis = self.topo.router.analyze(sql);
-        if analysis.statement_count > 1 {
-            return self.run_routed_simple(raw, sql, &analysis).await;
-        }
-        match &analysis.kind {
-            StatementKind::Empty => {
-                wire::empty_query(&mut self.client.out);
-                Ok(())
-            }
-            StatementKind::Begin => self.begin(sql),
-            StatementKind::Commit => self.commit().await,
-            StatementKind::Rollback => self.rollback_cmd(sql).await,
-            StatementKind::Savepoint => self.savepoint(raw, sql).await,
-            StatementKind::SetShard(name) => {
-                match name {
-                    Some(n) if self.topo.ring.index_of(n).is_none() => {
-                        return Err(ExecError::sql(
-                            sqlstate::INVALID_CATALOG_NAME,
-                            format!("unknown shard \"{n}\""),
-                        ));
-                    }
-                    _ => self.shard_hint = name.clone(),
-                }
-                wire::command_complete(&mut self.client.out, "SET");
-                Ok(())
-            }
-            StatementKind::Set => {
-                let set = sqltext::parse_set(sql);
-                let shard = self.default_shard();
-                self.run_single(shard, raw, sql, false, set)
-                    .await
-                    .map(|_| ())
-            }
-            StatementKind::Show => {
-                let shard = self.default_shard();
-                self.run_single(shard, raw, sql, false, None)
-                    .await
-                    .map(|_| ())
-            }
-            StatementKind::Unparsed(reason) => {
-                let lower = sql.to_ascii_lowercase();
-                // Catalog queries (psql's \d) name tables only as data: any shard answers.
-                let mentions_sharded = !lower.contains("pg_catalog")
-                    && self
-                        .topo
-                        .sharded_tables
-                        .iter()
-                        .any(|t| lower.contains(&t.to_ascii_lowercase()));
-                if let Some(hint) = analysis.hint.clone().or_else(|| self.shard_hint.clone()) {
-                    let shard = self.topo.ring.index_of(&hint).ok_or_else(|| {
-                        ExecError::sql(
-                            sqlstate::INVALID_CATALOG_NAME,
-                            format!("unknown shard \"{hint}\""),
-                        )
-                    })?;
-                    return self
-                        .run_single(shard, raw, sql, true, None)
-                        .await
-                        .map(|_| ());
-                }
-                if mentions_sharded {
-                    return Err(ExecError::sql(
-                        sqlstate::SYNTAX_ERROR,
-                        format!("the shard proxy cannot route this statement ({reason}); add /* shard=<name> */ or SET taskflow.shard"),
-                    ));
-                }
-                // Catalog queries and the like: any shard answers the same.
-                let shard = self.default_shard();
-                self.run_single(shard, raw, sql, false, None)
-                    .await
-                    .map(|_| ())
-            }
-            _ => self.run_routed_simple(raw, sql, &analysis).await,
-        }
     }
 
     /// The shard for statements that do not touch sharded data.

@@ -35,41 +35,16 @@ impl Session {
         self.route_planned(stmt, analysis, b)
     }
 
-    /// A statement the router could not parse: a shard hint decides, else the default
-    /// shard — unless it names a sharded table, which would silently read one shard.
+    /// A statement the router could not parse: routed as in the simple protocol.
     fn route_unparsed(
         &self,
         stmt: &Stmt,
         analysis: &Analysis,
         reason: &str,
     ) -> Result<PortalRoute, Box<Slot>> {
-        if let Some(h) = analysis.hint.as_deref().or(self.shard_hint.as_deref()) {
-            return self
-                .topo
-                .ring
-                .index_of(h)
-                .map(PortalRoute::One)
-                .ok_or_else(|| {
-                    boxed_error(
-                        sqlstate::INVALID_CATALOG_NAME,
-                        &format!("unknown shard \"{h}\""),
-                    )
-                });
-        }
-        let lower = stmt.sql.to_ascii_lowercase();
-        if !lower.contains("pg_catalog")
-            && self
-                .topo
-                .sharded_tables
-                .iter()
-                .any(|t| lower.contains(&t.to_ascii_lowercase()))
-        {
-            return Err(boxed_error(
-                sqlstate::SYNTAX_ERROR,
-                &format!("the shard proxy cannot route this statement ({reason}); add /* shard=<name> */ or SET taskflow.shard"),
-            ));
-        }
-        Ok(PortalRoute::One(self.default_shard()))
+        self.route_unparsed_sql(analysis.hint.as_deref(), &stmt.sql, reason)
+            .map(|(shard, _)| PortalRoute::One(shard))
+            .map_err(|e| boxed_error(e.code(), &e.to_string()))
     }
 
     /// A parsed statement: the router's plan with this Bind's parameters.

@@ -1,0 +1,100 @@
+//! The admin console's command language: a handful of fixed phrases, matched word by word,
+//! case-insensitively.
+//!
+//! Why not the SQL parser: none of these is SQL, and a fixed list of phrases needs no
+//! grammar — only a clear error naming what exists.
+
+use proxy_core::wire::sqlstate;
+
+/// One admin command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    ShowShards,
+    ShowRing,
+    ShowPools,
+    ShowClients,
+    ShowStats,
+    /// `SHOW SHARD FOR <key>`: which shard owns a `performer_id`.
+    ShowShardFor(i64),
+    Pause,
+    Resume,
+    Reload,
+}
+
+/// Why a line is not a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("invalid key {0}: expected a bigint")]
+    BadKey(String),
+    #[error("online migration is not available in this version")]
+    NotAvailable,
+    #[error("unknown admin command \"{0}\"; try SHOW SHARDS | RING | POOLS | CLIENTS | STATS, SHOW SHARD FOR <key>, PAUSE, RESUME, RELOAD")]
+    Unknown(String),
+}
+
+impl CommandError {
+    /// The SQLSTATE the client receives.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::NotAvailable => sqlstate::FEATURE_NOT_SUPPORTED,
+            CommandError::BadKey(_) | CommandError::Unknown(_) => sqlstate::SYNTAX_ERROR,
+        }
+    }
+}
+
+impl Command {
+    /// Reads one statement (without its `;`).
+    pub fn parse(stmt: &str) -> Result<Command, CommandError> {
+        let words: Vec<String> = stmt
+            .split_whitespace()
+            .map(|w| w.to_ascii_uppercase())
+            .collect();
+        let w: Vec<&str> = words.iter().map(String::as_str).collect();
+        Ok(match w.as_slice() {
+            ["SHOW", "SHARDS"] => Command::ShowShards,
+            ["SHOW", "RING"] => Command::ShowRing,
+            ["SHOW", "POOLS"] => Command::ShowPools,
+            ["SHOW", "CLIENTS"] => Command::ShowClients,
+            ["SHOW", "STATS"] => Command::ShowStats,
+            ["SHOW", "SHARD", "FOR", key] => key
+                .trim_matches('\'')
+                .parse::<i64>()
+                .map(Command::ShowShardFor)
+                .map_err(|_| CommandError::BadKey((*key).to_owned()))?,
+            ["PAUSE"] => Command::Pause,
+            ["RESUME"] => Command::Resume,
+            ["RELOAD"] => Command::Reload,
+            ["SHOW", "MIGRATIONS"] | ["ADD", "SHARD", ..] => {
+                return Err(CommandError::NotAvailable)
+            }
+            _ => return Err(CommandError::Unknown(stmt.to_owned())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_command_in_any_case() {
+        assert_eq!(Command::parse("show shards"), Ok(Command::ShowShards));
+        assert_eq!(Command::parse("  SHOW   Ring "), Ok(Command::ShowRing));
+        assert_eq!(
+            Command::parse("show shard for '42'"),
+            Ok(Command::ShowShardFor(42))
+        );
+        assert_eq!(Command::parse("pause"), Ok(Command::Pause));
+    }
+
+    #[test]
+    fn refuses_clearly() {
+        assert_eq!(
+            Command::parse("SHOW SHARD FOR x"),
+            Err(CommandError::BadKey("X".into()))
+        );
+        let e = Command::parse("DROP TABLE tasks").expect_err("unknown");
+        assert!(e.to_string().contains("try SHOW SHARDS"), "{e}");
+        assert_eq!(e.code(), sqlstate::SYNTAX_ERROR);
+    }
+}

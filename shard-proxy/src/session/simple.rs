@@ -1,0 +1,188 @@
+//! One statement of the simple query protocol: what the proxy answers itself (SQL-level
+//! `PREPARE`/`EXECUTE`/`DEALLOCATE`, transaction control, `SET taskflow.shard`) and where
+//! the rest runs.
+//!
+//! Why SQL-level prepared statements are kept here: backends are shared between clients,
+//! so a `PREPARE` on one would be missing on the next; the proxy keeps the text and runs
+//! `EXECUTE` as the substituted statement.
+
+use bytes::Bytes;
+use proxy_core::router::StatementKind;
+use proxy_core::sqltext;
+use proxy_core::wire::{self, sqlstate};
+
+use super::{ExecError, Session};
+
+impl Session {
+    /// Handles one simple-protocol query string (without writing ReadyForQuery).
+    pub(super) async fn simple_query_inner(
+        &mut self,
+        raw: Option<Bytes>,
+        sql: &str,
+    ) -> Result<(), ExecError> {
+        let kw = sqltext::first_keyword(sql);
+        if let Some(done) = self.sql_level_statement(&kw, sql).await {
+            return done;
+        }
+        if self.passthrough {
+            let set = if kw == "SET" || kw == "RESET" {
+                sqltext::parse_set(sql)
+            } else {
+                None
+            };
+            self.run_single(0, raw, sql, false, set).await?;
+            return Ok(());
+        }
+        let analysis = self.topo.router.analyze(sql);
+        if analysis.statement_count > 1 {
+            return self.run_routed_simple(raw, sql, &analysis).await;
+        }
+        match &analysis.kind {
+            StatementKind::Empty => {
+                wire::empty_query(&mut self.client.out);
+                Ok(())
+            }
+            StatementKind::Begin => self.begin(sql),
+            StatementKind::Commit => self.commit().await,
+            StatementKind::Rollback => self.rollback_cmd(sql).await,
+            StatementKind::Savepoint => self.savepoint(raw, sql).await,
+            StatementKind::SetShard(name) => self.set_shard(name.clone()),
+            StatementKind::Set => {
+                let set = sqltext::parse_set(sql);
+                let shard = self.default_shard();
+                self.run_single(shard, raw, sql, false, set).await.map(drop)
+            }
+            StatementKind::Show => {
+                let shard = self.default_shard();
+                self.run_single(shard, raw, sql, false, None)
+                    .await
+                    .map(drop)
+            }
+            StatementKind::Unparsed(reason) => {
+                let (shard, hinted) =
+                    self.route_unparsed_sql(analysis.hint.as_deref(), sql, reason)?;
+                self.run_single(shard, raw, sql, hinted, None)
+                    .await
+                    .map(drop)
+            }
+            _ => self.run_routed_simple(raw, sql, &analysis).await,
+        }
+    }
+
+    /// Where a statement the router could not parse runs: the shard a hint names (`true`:
+    /// hinted), else any shard — unless it names a sharded table, which would silently read
+    /// only one shard's rows.
+    pub(super) fn route_unparsed_sql(
+        &self,
+        hint: Option<&str>,
+        sql: &str,
+        reason: &str,
+    ) -> Result<(usize, bool), ExecError> {
+        if let Some(hint) = hint.or(self.shard_hint.as_deref()) {
+            let shard = self.topo.ring.index_of(hint).ok_or_else(|| {
+                ExecError::sql(
+                    sqlstate::INVALID_CATALOG_NAME,
+                    format!("unknown shard \"{hint}\""),
+                )
+            })?;
+            return Ok((shard, true));
+        }
+        let lower = sql.to_ascii_lowercase();
+        // Catalog queries (psql's \d) name tables only as data: any shard answers.
+        let mentions_sharded = !lower.contains("pg_catalog")
+            && self
+                .topo
+                .sharded_tables
+                .iter()
+                .any(|t| lower.contains(&t.to_ascii_lowercase()));
+        if mentions_sharded {
+            return Err(ExecError::sql(
+                sqlstate::SYNTAX_ERROR,
+                format!("the shard proxy cannot route this statement ({reason}); add /* shard=<name> */ or SET taskflow.shard"),
+            ));
+        }
+        Ok((self.default_shard(), false))
+    }
+
+    /// `SET taskflow.shard = name` (or `DEFAULT`): the session's shard hint.
+    fn set_shard(&mut self, name: Option<String>) -> Result<(), ExecError> {
+        if let Some(n) = &name {
+            if self.topo.ring.index_of(n).is_none() {
+                return Err(ExecError::sql(
+                    sqlstate::INVALID_CATALOG_NAME,
+                    format!("unknown shard \"{n}\""),
+                ));
+            }
+        }
+        self.shard_hint = name;
+        wire::command_complete(&mut self.client.out, "SET");
+        Ok(())
+    }
+
+    /// The empty statement and SQL-level `PREPARE`/`EXECUTE`/`DEALLOCATE`, which the proxy
+    /// answers itself in every database; `None` for anything else.
+    async fn sql_level_statement(&mut self, kw: &str, sql: &str) -> Option<Result<(), ExecError>> {
+        match kw {
+            "" => {
+                wire::empty_query(&mut self.client.out);
+                Some(Ok(()))
+            }
+            "PREPARE" => sqltext::parse_prepare(sql).map(|p| self.sql_prepare(p)),
+            "EXECUTE" => match sqltext::parse_execute(sql) {
+                Some((name, args)) => Some(self.sql_execute(&name, &args).await),
+                None => None,
+            },
+            "DEALLOCATE" => sqltext::parse_deallocate(sql).map(|t| self.sql_deallocate(t)),
+            _ => None,
+        }
+    }
+
+    fn sql_prepare(&mut self, p: sqltext::SqlPrepare) -> Result<(), ExecError> {
+        if self.sql_prepared.contains_key(&p.name) {
+            return Err(ExecError::sql(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!("prepared statement \"{}\" already exists", p.name),
+            ));
+        }
+        self.sql_prepared.insert(p.name.clone(), p);
+        wire::command_complete(&mut self.client.out, "PREPARE");
+        Ok(())
+    }
+
+    async fn sql_execute(&mut self, name: &str, args: &[String]) -> Result<(), ExecError> {
+        let p = self.sql_prepared.get(name).ok_or_else(|| {
+            ExecError::sql(
+                sqlstate::UNDEFINED_PREPARED_STATEMENT,
+                format!("prepared statement \"{name}\" does not exist"),
+            )
+        })?;
+        let body = sqltext::substitute(&p.body, args, &p.types).ok_or_else(|| {
+            ExecError::sql(
+                sqlstate::SYNTAX_ERROR,
+                format!("wrong number of parameters for prepared statement \"{name}\""),
+            )
+        })?;
+        self.simple_query(None, &body)
+            .await
+            .map_err(ExecError::Client)
+    }
+
+    fn sql_deallocate(&mut self, target: Option<String>) -> Result<(), ExecError> {
+        match target {
+            None => {
+                self.sql_prepared.clear();
+                wire::command_complete(&mut self.client.out, "DEALLOCATE ALL");
+            }
+            Some(name) => {
+                if self.sql_prepared.remove(&name).is_none() {
+                    return Err(ExecError::sql(
+                        sqlstate::UNDEFINED_PREPARED_STATEMENT,
+                        format!("prepared statement \"{name}\" does not exist"),
+                    ));
+                }
+                wire::command_complete(&mut self.client.out, "DEALLOCATE");
+            }
+        }
+        Ok(())
+    }
+}
