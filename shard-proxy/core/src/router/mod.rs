@@ -11,7 +11,7 @@
 //!    (PgDog measured 28–49 % of throughput lost to parsing) and applications repeat the
 //!    same statements.
 //! 2. [`Analysis::plan`] is cheap and runs per execution: it binds `$n` keys from the Bind
-//!    parameters (text or binary), hashes keys on the [`Ring`], and returns a [`Plan`]:
+//!    parameters (text or binary), hashes keys on the [`Ring`](crate::ring::Ring), and returns a [`Plan`]:
 //!    one shard, several, or all, plus per-shard SQL for a multi-row INSERT whose rows
 //!    belong to different shards.
 //!
@@ -54,18 +54,21 @@
 //! This module is pure logic: no I/O, no async.
 
 mod analyze;
+mod expr;
+mod params;
+mod plan;
 mod scatter;
+mod split;
 mod text;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use crate::merge::MergeSpec;
-use crate::ring::Ring;
 
 /// Which tables are sharded and by which column (from `[sharding]` in the config).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +157,7 @@ pub struct Params<'a> {
     pub types: &'a [u32],
 }
 
-/// Where a statement goes. Indexes are into [`Ring::shards`].
+/// Where a statement goes. Indexes are into [`Ring::shards`](crate::ring::Ring::shards).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// Exactly this shard.
@@ -290,335 +293,6 @@ impl Analysis {
     pub fn refusal(&self) -> Option<&RouteError> {
         self.detail.refusal.as_ref()
     }
-
-    /// Decides where this statement goes for one execution.
-    ///
-    /// `session_shard` is the session's `SET taskflow.shard` value, if any.
-    pub fn plan(
-        &self,
-        ring: &Ring,
-        params: &Params,
-        session_shard: Option<&str>,
-    ) -> Result<Plan, RouteError> {
-        let forced = match (&self.hint, session_shard) {
-            (Some(h), _) => Some(h.as_str()),
-            (None, Some(s)) if !matches!(self.kind, StatementKind::SetShard(_)) => Some(s),
-            _ => None,
-        };
-        if let Some(name) = forced {
-            let idx = ring
-                .index_of(name)
-                .ok_or_else(|| RouteError::UnknownShard(name.to_string()))?;
-            return Ok(Plan::to(Target::One(idx)));
-        }
-        if let Some(err) = &self.detail.refusal {
-            return Err(err.clone());
-        }
-        match &self.kind {
-            StatementKind::Empty | StatementKind::Show => {
-                if self.touches_sharded {
-                    self.plan_keyed(ring, params)
-                } else {
-                    Ok(Plan::to(Target::One(0)))
-                }
-            }
-            StatementKind::Begin
-            | StatementKind::Commit
-            | StatementKind::Rollback
-            | StatementKind::Savepoint
-            | StatementKind::SetShard(_)
-            | StatementKind::Set
-            | StatementKind::Prepare
-            | StatementKind::Deallocate
-            | StatementKind::Utility
-                if !self.detail.multi =>
-            {
-                Ok(Plan::to(Target::All))
-            }
-            StatementKind::Execute if !self.detail.multi => Err(RouteError::Unsupported(
-                "SQL-level EXECUTE: the proxy can't see which shard the prepared statement's \
-                 key points to; use the extended protocol (Parse/Bind) or a /* shard=<name> */ hint"
-                    .into(),
-            )),
-            StatementKind::Unparsed(msg) => Err(RouteError::Unsupported(format!(
-                "the proxy could not parse this statement ({msg}); route it explicitly with \
-                 /* shard=<name> */ or SET taskflow.shard"
-            ))),
-            StatementKind::Copy { from_stdin } if !self.detail.multi => {
-                if *from_stdin {
-                    // Rows come later; the wire layer splits them by key column.
-                    Ok(Plan::to(Target::All))
-                } else if self.touches_sharded {
-                    self.plan_keyed(ring, params)
-                } else {
-                    Ok(Plan::to(Target::One(0)))
-                }
-            }
-            _ => {
-                if !self.touches_sharded {
-                    return Ok(Plan::to(if self.is_write || self.detail.broadcast {
-                        Target::All
-                    } else {
-                        Target::One(0)
-                    }));
-                }
-                self.plan_keyed(ring, params)
-            }
-        }
-    }
-
-    /// Routing of a statement that touches a sharded table, by its keys.
-    fn plan_keyed(&self, ring: &Ring, params: &Params) -> Result<Plan, RouteError> {
-        let read = !self.is_write;
-        match &self.keys {
-            KeyExpr::None => {
-                if self.detail.multi {
-                    return Err(RouteError::Unsupported(
-                        "a query string with several statements must give the shard key in \
-                         every statement that uses a sharded table (or a /* shard=<name> */ \
-                         hint); send them one at a time"
-                            .into(),
-                    ));
-                }
-                if self.detail.single_shard_read {
-                    if self.is_write {
-                        return Err(RouteError::Unsupported(
-                            "EXPLAIN ANALYZE of a write without the shard key would run it on \
-                             one shard only; add the key or a /* shard=<name> */ hint"
-                                .into(),
-                        ));
-                    }
-                    return Ok(Plan::to(Target::One(0)));
-                }
-                if read {
-                    self.scatter(Target::All, params)
-                } else {
-                    // UPDATE/DELETE without key: broadcast.
-                    Ok(Plan::to(Target::All))
-                }
-            }
-            KeyExpr::Any(values) => {
-                let mut shards = BTreeSet::new();
-                for v in values {
-                    if let Some(key) = resolve(*v, params)? {
-                        shards.insert(ring.shard_for(key));
-                    }
-                }
-                if let Some((new_key, moving)) = &self.detail.key_update {
-                    return plan_key_update(ring, params, *new_key, moving, &shards);
-                }
-                let shards: Vec<usize> = shards.into_iter().collect();
-                let target = match shards.as_slice() {
-                    // Every key is NULL: nothing can match; any one shard answers.
-                    [] => Target::One(0),
-                    [one] => Target::One(*one),
-                    _ => Target::Many(shards),
-                };
-                match target {
-                    Target::Many(_) if self.detail.multi => Err(RouteError::Unsupported(
-                        "the statements of this query string route to different shards; \
-                         send them one at a time"
-                            .into(),
-                    )),
-                    Target::Many(_) if read && !self.detail.single_shard_read => {
-                        self.scatter(target, params)
-                    }
-                    Target::Many(ref s) if self.detail.single_shard_read => {
-                        if self.is_write {
-                            return Err(RouteError::Unsupported(
-                                "EXPLAIN ANALYZE of a write spanning several shards".into(),
-                            ));
-                        }
-                        Ok(Plan::to(Target::One(s[0])))
-                    }
-                    t => Ok(Plan::to(t)),
-                }
-            }
-            KeyExpr::PerRow(values) => {
-                let mut per_row = Vec::with_capacity(values.len());
-                for (row, v) in values.iter().enumerate() {
-                    match resolve(*v, params)? {
-                        Some(key) => per_row.push(ring.shard_for(key)),
-                        None => {
-                            let index = match v {
-                                KeyValue::Param(i) => *i,
-                                KeyValue::Literal(_) => 0,
-                            };
-                            return Err(RouteError::BadKeyParam {
-                                index,
-                                reason: format!("NULL shard key in row {} of the INSERT", row + 1),
-                            });
-                        }
-                    }
-                }
-                let distinct: BTreeSet<usize> = per_row.iter().copied().collect();
-                let shards: Vec<usize> = distinct.into_iter().collect();
-                match shards.as_slice() {
-                    [] => Ok(Plan::to(Target::One(0))),
-                    [one] => Ok(Plan::to(Target::One(*one))),
-                    _ => {
-                        if self.detail.multi {
-                            return Err(RouteError::Unsupported(
-                                "a multi-row INSERT in a multi-statement query string whose \
-                                 rows belong to different shards; send it on its own"
-                                    .into(),
-                            ));
-                        }
-                        let template = self.detail.insert.as_ref().ok_or_else(|| {
-                            RouteError::Unsupported("cannot split this INSERT by shard".into())
-                        })?;
-                        let per_shard = analyze::split_insert(template, &per_row, &shards)?;
-                        Ok(Plan {
-                            target: Target::Many(shards),
-                            per_shard_sql: Some(per_shard),
-                            scatter_read: false,
-                            merge: None,
-                        })
-                    }
-                }
-            }
-        }
-    }
-
-    fn scatter(&self, target: Target, params: &Params) -> Result<Plan, RouteError> {
-        if let Some(why) = &self.detail.scatter_refusal {
-            return Err(RouteError::Unsupported(why.clone()));
-        }
-        let mut spec = self.merge.clone().unwrap_or_default();
-        if let Some(limit) = self.detail.limit {
-            spec.limit = resolve_count(limit, params, "LIMIT")?;
-        }
-        if let Some(offset) = self.detail.offset {
-            spec.offset = resolve_count(offset, params, "OFFSET")?.unwrap_or(0);
-        }
-        Ok(Plan {
-            target,
-            per_shard_sql: None,
-            scatter_read: true,
-            merge: Some(spec),
-        })
-    }
-}
-
-/// An UPDATE setting the key: allowed only when the new key lands on the row's shard.
-fn plan_key_update(
-    ring: &Ring,
-    params: &Params,
-    new_key: KeyValue,
-    moving: &RouteError,
-    shards: &BTreeSet<usize>,
-) -> Result<Plan, RouteError> {
-    let Some(new_key) = resolve(new_key, params)? else {
-        return Err(moving.clone());
-    };
-    let dest = ring.shard_for(new_key);
-    match shards.iter().copied().collect::<Vec<_>>().as_slice() {
-        [only] if *only == dest => Ok(Plan::to(Target::One(dest))),
-        _ => Err(moving.clone()),
-    }
-}
-
-impl Plan {
-    fn to(target: Target) -> Plan {
-        Plan {
-            target,
-            per_shard_sql: None,
-            scatter_read: false,
-            merge: None,
-        }
-    }
-}
-
-/// The key a [`KeyValue`] stands for in this execution (`None` = NULL).
-fn resolve(v: KeyValue, params: &Params) -> Result<Option<i64>, RouteError> {
-    match v {
-        KeyValue::Literal(k) => Ok(Some(k)),
-        KeyValue::Param(i) => params.key(i),
-    }
-}
-
-fn resolve_count(c: Count, params: &Params, what: &str) -> Result<Option<u64>, RouteError> {
-    match c {
-        Count::Literal(n) => Ok(Some(n)),
-        Count::Param(i) => match params.key(i) {
-            Ok(None) => Ok(None),
-            Ok(Some(n)) => u64::try_from(n)
-                .map(Some)
-                .map_err(|_| RouteError::Unsupported(format!("negative {what}"))),
-            Err(RouteError::BadKeyParam { index, reason }) => Err(RouteError::Unsupported(
-                format!("{what} parameter ${} is unusable: {reason}", index + 1),
-            )),
-            Err(e) => Err(e),
-        },
-    }
-}
-
-const OID_INT8: u32 = 20;
-const OID_INT2: u32 = 21;
-const OID_INT4: u32 = 23;
-const OID_TEXT: u32 = 25;
-const OID_NUMERIC: u32 = 1700;
-const OID_VARCHAR: u32 = 1043;
-const OID_UNKNOWN: u32 = 705;
-
-impl Params<'_> {
-    /// Decodes parameter `index` as an integer shard key: `Ok(None)` for NULL.
-    ///
-    /// Text format: a decimal integer (surrounding blanks allowed). Binary: big-endian
-    /// int2/int4/int8 by type OID (21/23/20); with no type, by length (2, 4, 8 bytes);
-    /// text-typed binary parameters are their UTF-8 text.
-    pub fn key(&self, index: usize) -> Result<Option<i64>, RouteError> {
-        let bad = |reason: String| RouteError::BadKeyParam { index, reason };
-        let value = self.values.get(index).ok_or_else(|| {
-            bad(format!(
-                "the statement has {} parameters",
-                self.values.len()
-            ))
-        })?;
-        let Some(bytes) = value else {
-            return Ok(None);
-        };
-        let format = match self.formats {
-            [] => 0,
-            [one] => *one,
-            many => *many
-                .get(index)
-                .ok_or_else(|| bad("no format code for it in Bind".into()))?,
-        };
-        let oid = self.types.get(index).copied().unwrap_or(0);
-        let parse_text = |b: &[u8]| -> Result<Option<i64>, RouteError> {
-            let s = std::str::from_utf8(b).map_err(|_| bad("text value is not UTF-8".into()))?;
-            s.trim_matches(|c: char| c.is_ascii_whitespace())
-                .parse::<i64>()
-                .map(Some)
-                .map_err(|_| bad(format!("{s:?} is not a bigint")))
-        };
-        match format {
-            0 => parse_text(bytes),
-            1 => match (oid, bytes.len()) {
-                (OID_INT8, 8) | (0, 8) => Ok(Some(i64::from_be_bytes(arr(bytes)))),
-                (OID_INT4, 4) | (0, 4) => Ok(Some(i64::from(i32::from_be_bytes(arr(bytes))))),
-                (OID_INT2, 2) | (0, 2) => Ok(Some(i64::from(i16::from_be_bytes(arr(bytes))))),
-                (OID_TEXT | OID_VARCHAR | OID_UNKNOWN, _) => parse_text(bytes),
-                (OID_INT8 | OID_INT4 | OID_INT2 | 0, n) => Err(bad(format!(
-                    "binary integer of type OID {oid} has {n} bytes"
-                ))),
-                (OID_NUMERIC, _) => Err(bad(
-                    "binary numeric is not accepted as a shard key; send it as int8 or text".into(),
-                )),
-                (other, _) => Err(bad(format!(
-                    "binary parameter of type OID {other} can't be a bigint shard key"
-                ))),
-            },
-            other => Err(bad(format!("unknown format code {other}"))),
-        }
-    }
-}
-
-fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
-    let mut out = [0u8; N];
-    out.copy_from_slice(&b[..N]);
-    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -778,7 +452,7 @@ impl Router {
             );
         }
         let simple = ops <= FAST_PATH_OPERATORS;
-        let ctx = analyze::Ctx {
+        let ctx = expr::Ctx {
             tables: &self.tables,
             key_column: &self.key_column,
             keep_ast: simple,
