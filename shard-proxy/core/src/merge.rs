@@ -1022,99 +1022,17 @@ pub struct Merger {
 
 impl Merger {
     /// `columns` is the shard RowDescription (hidden columns included).
+    ///
+    /// Never fails: a spec that doesn't fit the columns (a router bug, or shards whose
+    /// schemas differ) is kept and reported by the first [`Merger::push`] or
+    /// [`Merger::finish`], where the caller already handles merge errors.
     pub fn new(spec: &MergeSpec, columns: Vec<Column>) -> Merger {
-        let width = columns.len();
-        let mut init_error = None;
-        let visible = match width.checked_sub(spec.hidden_columns) {
-            Some(v) => v,
-            None => {
-                init_error = Some(MergeError::Spec(format!(
-                    "{} hidden columns but rows have only {width}",
-                    spec.hidden_columns
-                )));
-                0
-            }
-        };
-        let order: Vec<Key> = spec
-            .order_by
-            .iter()
-            .map(|k| Key {
-                column: if spec.order_by_hidden {
-                    visible + k.column
-                } else {
-                    k.column
-                },
-                descending: k.descending,
-                nulls_first: k.nulls_first,
-            })
-            .collect();
-        let mut check = |what: &str, idx: usize| {
-            if idx >= width && init_error.is_none() {
-                init_error = Some(MergeError::Spec(format!(
-                    "{what} refers to column {idx}, rows have {width}"
-                )));
-            }
-        };
-        for k in &order {
-            check("ORDER BY", k.column);
-        }
-        for &g in &spec.group_by {
-            check("GROUP BY", g);
-        }
-        if !spec.aggregates.is_empty() {
-            if spec.aggregates.len() != width {
-                init_error.get_or_insert(MergeError::Spec(format!(
-                    "{} aggregate entries for {width} columns",
-                    spec.aggregates.len()
-                )));
-            }
-            for (i, a) in spec.aggregates.iter().enumerate() {
-                let oid = columns.get(i).map_or(0, |c| c.type_oid);
-                match *a {
-                    ColumnMerge::Avg { sum_col, count_col } => {
-                        let bad = |c: usize, want: ColumnMerge| {
-                            spec.aggregates.get(c) != Some(&want) || c >= width
-                        };
-                        if bad(sum_col, ColumnMerge::Sum) || bad(count_col, ColumnMerge::Count) {
-                            init_error.get_or_insert(MergeError::Spec(format!(
-                                "avg column {i} needs a sum and a count column"
-                            )));
-                        }
-                        if !matches!(oid, NUMERIC | FLOAT8 | FLOAT4) {
-                            init_error.get_or_insert(MergeError::UnsupportedType {
-                                op: "avg",
-                                type_oid: oid,
-                            });
-                        }
-                    }
-                    ColumnMerge::Count if !is_int(oid) => {
-                        init_error.get_or_insert(MergeError::UnsupportedType {
-                            op: "count",
-                            type_oid: oid,
-                        });
-                    }
-                    ColumnMerge::Sum
-                        if !(is_int(oid) || matches!(oid, NUMERIC | FLOAT4 | FLOAT8)) =>
-                    {
-                        init_error.get_or_insert(MergeError::UnsupportedType {
-                            op: "sum",
-                            type_oid: oid,
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            for &g in &spec.group_by {
-                if spec.aggregates.get(g) != Some(&ColumnMerge::Key) {
-                    init_error.get_or_insert(MergeError::Spec(format!(
-                        "GROUP BY column {g} is an aggregate"
-                    )));
-                }
-            }
-        }
+        let visible = columns.len().checked_sub(spec.hidden_columns);
+        let order = order_keys(spec, visible.unwrap_or(0));
+        let init_error = check_spec(spec, &columns, visible, &order).err();
         Merger {
             columns,
-            visible,
+            visible: visible.unwrap_or(0),
             order,
             limit: spec.limit,
             offset: spec.offset,
@@ -1426,6 +1344,104 @@ impl Merger {
             }
         }
     }
+}
+
+/// The sort keys as shard-row column indexes: with [`MergeSpec::order_by_hidden`] they
+/// count from the first hidden column, which only the row width tells.
+fn order_keys(spec: &MergeSpec, visible: usize) -> Vec<Key> {
+    spec.order_by
+        .iter()
+        .map(|k| Key {
+            column: if spec.order_by_hidden {
+                visible + k.column
+            } else {
+                k.column
+            },
+            descending: k.descending,
+            nulls_first: k.nulls_first,
+        })
+        .collect()
+}
+
+/// Whether `spec` fits rows shaped like `columns` (`visible`: the width without hidden
+/// columns, `None` if there are fewer columns than hidden ones): the first mismatch.
+fn check_spec(
+    spec: &MergeSpec,
+    columns: &[Column],
+    visible: Option<usize>,
+    order: &[Key],
+) -> Result<(), MergeError> {
+    let width = columns.len();
+    if visible.is_none() {
+        return Err(MergeError::Spec(format!(
+            "{} hidden columns but rows have only {width}",
+            spec.hidden_columns
+        )));
+    }
+    let in_range = |what: &str, idx: usize| {
+        if idx >= width {
+            return Err(MergeError::Spec(format!(
+                "{what} refers to column {idx}, rows have {width}"
+            )));
+        }
+        Ok(())
+    };
+    for k in order {
+        in_range("ORDER BY", k.column)?;
+    }
+    for &g in &spec.group_by {
+        in_range("GROUP BY", g)?;
+    }
+    if spec.aggregates.is_empty() {
+        return Ok(());
+    }
+    if spec.aggregates.len() != width {
+        return Err(MergeError::Spec(format!(
+            "{} aggregate entries for {width} columns",
+            spec.aggregates.len()
+        )));
+    }
+    for (i, a) in spec.aggregates.iter().enumerate() {
+        check_aggregate(&spec.aggregates, i, *a, columns[i].type_oid)?;
+    }
+    for &g in &spec.group_by {
+        if spec.aggregates.get(g) != Some(&ColumnMerge::Key) {
+            return Err(MergeError::Spec(format!(
+                "GROUP BY column {g} is an aggregate"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether column `i`'s merge `a` can be computed over values of type `oid` (and an avg's
+/// helper columns are a sum and a count).
+fn check_aggregate(
+    aggregates: &[ColumnMerge],
+    i: usize,
+    a: ColumnMerge,
+    oid: u32,
+) -> Result<(), MergeError> {
+    let unsupported = |op| Err(MergeError::UnsupportedType { op, type_oid: oid });
+    match a {
+        ColumnMerge::Avg { sum_col, count_col } => {
+            let bad = |c: usize, want: ColumnMerge| aggregates.get(c) != Some(&want);
+            if bad(sum_col, ColumnMerge::Sum) || bad(count_col, ColumnMerge::Count) {
+                return Err(MergeError::Spec(format!(
+                    "avg column {i} needs a sum and a count column"
+                )));
+            }
+            if !matches!(oid, NUMERIC | FLOAT8 | FLOAT4) {
+                return unsupported("avg");
+            }
+        }
+        ColumnMerge::Count if !is_int(oid) => return unsupported("count"),
+        ColumnMerge::Sum if !(is_int(oid) || matches!(oid, NUMERIC | FLOAT4 | FLOAT8)) => {
+            return unsupported("sum")
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn accs_kind(aggs: &[ColumnMerge], i: usize) -> ColumnMerge {
