@@ -54,6 +54,7 @@
 //! This module is pure logic: no I/O, no async.
 
 mod analyze;
+mod cache;
 mod expr;
 mod params;
 mod plan;
@@ -64,9 +65,10 @@ mod text;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use cache::AnalysisCache;
 
 pub use crate::merge::MergeSpec;
 
@@ -302,23 +304,9 @@ impl Analysis {
 pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
 /// Default bound on the memory the cache holds (SQL texts and analyses), in bytes.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
-const CACHE_SEGMENTS: usize = 16;
 /// Longest SQL text cached (longer ones, e.g. bulk INSERTs with literals, are analysed
 /// every time: they rarely repeat and would crowd out the statements that do).
 const MAX_CACHED_SQL: usize = 16 * 1024;
-
-#[derive(Debug)]
-struct Entry {
-    analysis: Arc<Analysis>,
-    last_used: AtomicU64,
-    bytes: usize,
-}
-
-#[derive(Debug, Default)]
-struct Segment {
-    map: HashMap<Box<str>, Entry>,
-    bytes: usize,
-}
 
 /// Parses statements and caches their [`Analysis`] by SQL text. `Send + Sync`: one router
 /// serves every session.
@@ -328,10 +316,8 @@ pub struct Router {
     /// Lowercased sharded table names.
     tables: Vec<String>,
     key_column: String,
-    segments: Vec<RwLock<Segment>>,
-    per_segment: usize,
-    bytes_per_segment: usize,
-    clock: AtomicU64,
+    /// `None`: caching disabled.
+    cache: Option<AnalysisCache>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -348,19 +334,15 @@ impl Router {
         Router::with_cache_limits(rules, capacity, DEFAULT_CACHE_BYTES)
     }
 
-    /// A router caching up to about `capacity` analyses holding about `bytes` of memory.
+    /// A router caching up to about `capacity` analyses holding about `bytes` of memory
+    /// (0 for either disables the cache).
     pub fn with_cache_limits(rules: ShardingRules, capacity: usize, bytes: usize) -> Router {
         let fold = |s: &str| s.to_lowercase();
         Router {
             tables: rules.tables.iter().map(|t| fold(t)).collect(),
             key_column: fold(&rules.key_column),
             rules,
-            segments: (0..CACHE_SEGMENTS)
-                .map(|_| RwLock::new(Segment::default()))
-                .collect(),
-            per_segment: capacity.div_ceil(CACHE_SEGMENTS),
-            bytes_per_segment: bytes / CACHE_SEGMENTS,
-            clock: AtomicU64::new(0),
+            cache: AnalysisCache::new(capacity, bytes),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -374,43 +356,15 @@ impl Router {
     /// Analyses `sql` (cached). Never panics: unparsable text becomes
     /// [`StatementKind::Unparsed`].
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
-        if self.per_segment == 0 || sql.len() > MAX_CACHED_SQL {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            return Arc::new(self.analyze_uncached(sql));
-        }
-        let segment = &self.segments[segment_of(sql)];
-        if let Ok(seg) = segment.read() {
-            if let Some(entry) = seg.map.get(sql) {
-                // The clock only ticks on misses: hits stay free of contended writes.
-                entry
-                    .last_used
-                    .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return Arc::clone(&entry.analysis);
-            }
+        let cache = self.cache.as_ref().filter(|_| sql.len() <= MAX_CACHED_SQL);
+        if let Some(hit) = cache.and_then(|c| c.get(sql)) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return hit;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         let analysis = Arc::new(self.analyze_uncached(sql));
-        let bytes = footprint(sql, &analysis);
-        if let Ok(mut seg) = segment.write() {
-            while !seg.map.is_empty()
-                && (seg.map.len() >= self.per_segment || seg.bytes + bytes > self.bytes_per_segment)
-            {
-                evict_oldest(&mut seg);
-            }
-            seg.bytes += bytes;
-            let old = seg.map.insert(
-                sql.into(),
-                Entry {
-                    analysis: Arc::clone(&analysis),
-                    last_used: AtomicU64::new(now),
-                    bytes,
-                },
-            );
-            if let Some(old) = old {
-                seg.bytes -= old.bytes;
-            }
+        if let Some(cache) = cache {
+            cache.insert(sql, Arc::clone(&analysis));
         }
         analysis
     }
@@ -425,18 +379,12 @@ impl Router {
 
     /// Approximate bytes the cache holds right now.
     pub fn cache_bytes(&self) -> usize {
-        self.segments
-            .iter()
-            .map(|s| s.read().map_or(0, |m| m.bytes))
-            .sum()
+        self.cache.as_ref().map_or(0, AnalysisCache::bytes)
     }
 
     /// Cached analyses right now.
     pub fn cache_len(&self) -> usize {
-        self.segments
-            .iter()
-            .map(|s| s.read().map_or(0, |m| m.map.len()))
-            .sum()
+        self.cache.as_ref().map_or(0, AnalysisCache::len)
     }
 
     fn analyze_uncached(&self, sql: &str) -> Analysis {
@@ -481,39 +429,4 @@ fn unparsed(sql: &str, why: String) -> Analysis {
     let mut a = Analysis::new(StatementKind::Unparsed(why));
     a.hint = text::shard_hint(sql);
     a
-}
-
-fn segment_of(sql: &str) -> usize {
-    (xxhash_rust::xxh64::xxh64(sql.as_bytes(), 0) % CACHE_SEGMENTS as u64) as usize
-}
-
-/// Approximate memory an entry holds.
-fn footprint(sql: &str, a: &Analysis) -> usize {
-    let shard_sql = a
-        .merge
-        .as_ref()
-        .and_then(|m| m.shard_sql.as_ref())
-        .map_or(0, String::len);
-    let template = a.detail.insert.as_ref().map_or(0, |t| t.sql.len());
-    sql.len() + shard_sql + template + std::mem::size_of::<Analysis>() + 128
-}
-
-/// Drops the least recently used eighth of a segment (exactly that many entries, even
-/// when many share a timestamp).
-fn evict_oldest(seg: &mut Segment) {
-    let drop = (seg.map.len() / 8).max(1);
-    let mut ages: Vec<(u64, &str)> = seg
-        .map
-        .iter()
-        .map(|(k, e)| (e.last_used.load(Ordering::Relaxed), k.as_ref()))
-        .collect();
-    if ages.len() > drop {
-        ages.select_nth_unstable_by_key(drop - 1, |(age, _)| *age);
-    }
-    let victims: Vec<Box<str>> = ages.iter().take(drop).map(|(_, k)| (*k).into()).collect();
-    for k in victims {
-        if let Some(e) = seg.map.remove(&k) {
-            seg.bytes -= e.bytes;
-        }
-    }
 }
