@@ -12,9 +12,9 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::expr::{fold, last_ident, placeholder_index, Ctx};
+use super::model::{Analysis, InsertTemplate, KeyExpr, KeyValue, RouteError, StatementKind};
 use super::scatter;
 use super::text;
-use super::{Analysis, InsertTemplate, KeyExpr, KeyValue, RouteError, StatementKind};
 
 /// Keys found in a predicate: `None` = unconstrained.
 type Keys = Option<Vec<KeyValue>>;

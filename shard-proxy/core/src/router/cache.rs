@@ -16,7 +16,7 @@ use std::sync::Arc;
 use quick_cache::sync::Cache;
 use quick_cache::{OptionsBuilder, Weighter};
 
-use super::Analysis;
+use super::model::Analysis;
 
 /// Shards of the cache (each with its own lock): as many as concurrent sessions usefully
 /// contend on. `quick_cache` uses fewer when the capacity is small (≥ 32 entries a shard).

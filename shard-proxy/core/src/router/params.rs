@@ -4,7 +4,7 @@
 //! text-typed binary values, no numerics) is a routing rule, and its errors are
 //! [`RouteError::BadKeyParam`]s the client sees.
 
-use super::{Params, RouteError};
+use super::model::{Params, RouteError};
 
 const OID_INT8: u32 = 20;
 const OID_INT2: u32 = 21;

@@ -5,8 +5,10 @@
 
 use std::collections::BTreeSet;
 
+use super::model::{
+    Analysis, Count, KeyExpr, KeyValue, Params, Plan, RouteError, StatementKind, Target,
+};
 use super::split;
-use super::{Analysis, Count, KeyExpr, KeyValue, Params, Plan, RouteError, StatementKind, Target};
 use crate::ring::Ring;
 
 impl Analysis {
@@ -216,7 +218,7 @@ impl Analysis {
         }
     }
 
-    /// A read spanning shards: merged by the analysis' [`super::MergeSpec`], its
+    /// A read spanning shards: merged by the analysis' [`MergeSpec`](crate::merge::MergeSpec), its
     /// `$n` LIMIT/OFFSET resolved — or refused if it can't be merged exactly.
     fn scatter(&self, target: Target, params: &Params) -> Result<Plan, RouteError> {
         if let Some(why) = &self.detail.scatter_refusal {

@@ -14,7 +14,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::expr::placeholder_index;
-use super::{InsertTemplate, RouteError};
+use super::model::{InsertTemplate, RouteError};
 
 /// Per-shard INSERTs holding only each shard's rows, `$n` renumbered.
 pub(crate) fn split_insert(

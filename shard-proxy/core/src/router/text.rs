@@ -8,7 +8,7 @@
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
-use super::{Analysis, StatementKind};
+use super::model::{Analysis, StatementKind};
 
 /// The shard named by the first `/* … shard=name … */` comment, if any. The name may be
 /// bare (`[A-Za-z0-9_.:-]`) or quoted with `'` or `"`.

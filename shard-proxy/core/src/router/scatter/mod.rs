@@ -36,7 +36,7 @@ use sqlparser::ast::{
 };
 
 use super::expr::{fold, placeholder_index, Ctx};
-use super::Count;
+use super::model::Count;
 use crate::merge::MergeSpec;
 
 /// A merge plan for a query.
