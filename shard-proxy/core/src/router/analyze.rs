@@ -472,35 +472,16 @@ impl Ctx<'_> {
                     let b = self.where_keys(right)?;
                     Some(union(a, b))
                 }
-                BinaryOperator::Eq => {
-                    if self.is_key_col(left) {
-                        self.key_value(right).map(|v| vec![v])
-                    } else if self.is_key_col(right) {
-                        self.key_value(left).map(|v| vec![v])
-                    } else {
-                        None
-                    }
-                }
+                BinaryOperator::Eq => self.equality_key(left, right),
                 _ => None,
             },
-            Expr::IsNotDistinctFrom(left, right) => {
-                if self.is_key_col(left) {
-                    self.key_value(right).map(|v| vec![v])
-                } else if self.is_key_col(right) {
-                    self.key_value(left).map(|v| vec![v])
-                } else {
-                    None
-                }
-            }
+            Expr::IsNotDistinctFrom(left, right) => self.equality_key(left, right),
             Expr::In {
                 expr,
                 target: InTarget::List(list),
                 negated: false,
                 ..
-            } if self.is_key_col(expr) => {
-                let vals: Option<Vec<KeyValue>> = list.iter().map(|v| self.key_value(v)).collect();
-                vals.map(|v| union(Vec::new(), v))
-            }
+            } if self.is_key_col(expr) => self.key_list(list),
             Expr::AnyOp {
                 left,
                 compare_op: BinaryOperator::Eq,
@@ -512,16 +493,29 @@ impl Ctx<'_> {
                     r = inner;
                 }
                 match r {
-                    Expr::Array(arr) => {
-                        let vals: Option<Vec<KeyValue>> =
-                            arr.elem.iter().map(|v| self.key_value(v)).collect();
-                        vals.map(|v| union(Vec::new(), v))
-                    }
+                    Expr::Array(arr) => self.key_list(&arr.elem),
                     _ => None,
                 }
             }
             _ => None,
         }
+    }
+
+    /// `key = v` or `v = key` (also `IS NOT DISTINCT FROM`): the one key `v`.
+    fn equality_key(&self, left: &Expr, right: &Expr) -> Keys {
+        if self.is_key_col(left) {
+            self.key_value(right).map(|v| vec![v])
+        } else if self.is_key_col(right) {
+            self.key_value(left).map(|v| vec![v])
+        } else {
+            None
+        }
+    }
+
+    /// `key IN (v, …)` / `key = ANY(ARRAY[v, …])`: the distinct keys, if every `v` is one.
+    fn key_list(&self, list: &[Expr]) -> Keys {
+        let vals: Option<Vec<KeyValue>> = list.iter().map(|v| self.key_value(v)).collect();
+        vals.map(|v| union(Vec::new(), v))
     }
 
     /// A shard-key value: integer literal (maybe quoted, signed or cast) or `$n`.
