@@ -19,16 +19,11 @@ pub(crate) fn shard_hint(sql: &str) -> Option<String> {
     let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
+        if let Some(next) = skip_non_code(sql, i) {
+            i = next;
+            continue;
+        }
         match b[i] {
-            b'\'' => i = skip_quoted(b, i + 1, b'\'', i > 0 && matches!(b[i - 1], b'e' | b'E')),
-            b'"' => i = skip_quoted(b, i + 1, b'"', false),
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|c| *c == b'\n')
-                    .map_or(b.len(), |p| i + p + 1);
-            }
-            b'$' => i = skip_dollar(sql, i),
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let (end, body) = block_comment(sql, i);
                 if let Some(name) = hint_in_comment(body) {
@@ -51,18 +46,13 @@ pub(crate) fn operator_count(sql: &str) -> usize {
     let mut count = 0;
     let mut i = 0;
     while i < b.len() {
+        if let Some(next) = skip_non_code(sql, i) {
+            i = next;
+            continue;
+        }
         let c = b[i];
         match c {
-            b'\'' => i = skip_quoted(b, i + 1, b'\'', i > 0 && matches!(b[i - 1], b'e' | b'E')),
-            b'"' => i = skip_quoted(b, i + 1, b'"', false),
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|c| *c == b'\n')
-                    .map_or(b.len(), |p| i + p + 1);
-            }
             b'/' if b.get(i + 1) == Some(&b'*') => i = block_comment(sql, i).0,
-            b'$' => i = skip_dollar(sql, i),
             b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'|' | b'&' | b'^'
             | b'~' | b'#' | b'@' | b'?' | b':' => {
                 count += 1;
@@ -90,6 +80,30 @@ pub(crate) fn operator_count(sql: &str) -> usize {
         }
     }
     count
+}
+
+/// If a string literal (`'…'`, `E'…'`), a quoted identifier, a `--` comment or a
+/// dollar-quoted body starts at `i`, the index just past it. The lexers here all skip
+/// these the same way; block comments are left to each caller (the hint lives in them).
+fn skip_non_code(sql: &str, i: usize) -> Option<usize> {
+    let b = sql.as_bytes();
+    match b[i] {
+        b'\'' => Some(skip_quoted(
+            b,
+            i + 1,
+            b'\'',
+            i > 0 && matches!(b[i - 1], b'e' | b'E'),
+        )),
+        b'"' => Some(skip_quoted(b, i + 1, b'"', false)),
+        b'-' if b.get(i + 1) == Some(&b'-') => Some(
+            b[i..]
+                .iter()
+                .position(|c| *c == b'\n')
+                .map_or(b.len(), |p| i + p + 1),
+        ),
+        b'$' => Some(skip_dollar(sql, i)),
+        _ => None,
+    }
 }
 
 /// Index after a quoted literal starting at `start` (just past the opening quote).
