@@ -57,6 +57,11 @@ use bytes::Bytes;
 use num_bigint::{BigInt, Sign};
 use num_traits::{Signed, ToPrimitive, Zero};
 
+use crate::oid::{
+    BOOL, BPCHAR, BYTEA, CHAR, DATE, FLOAT4, FLOAT8, INT2, INT4, INT8, NAME, NUMERIC, OID, TEXT,
+    TIME, TIMESTAMP, TIMESTAMPTZ, UNKNOWN, UUID, VARCHAR,
+};
+
 /// One result row: a value per column, `None` for SQL NULL; raw DataRow bytes.
 pub type Row = Vec<Option<Bytes>>;
 
@@ -166,30 +171,6 @@ pub enum MergeError {
     #[error("{0} out of range")]
     OutOfRange(&'static str),
 }
-
-// ---------------------------------------------------------------------------------------
-// Type OIDs
-
-const BOOL: u32 = 16;
-const BYTEA: u32 = 17;
-const CHAR: u32 = 18;
-const NAME: u32 = 19;
-const INT8: u32 = 20;
-const INT2: u32 = 21;
-const INT4: u32 = 23;
-const TEXT: u32 = 25;
-const OID: u32 = 26;
-const FLOAT4: u32 = 700;
-const FLOAT8: u32 = 701;
-const UNKNOWN: u32 = 705;
-const BPCHAR: u32 = 1042;
-const VARCHAR: u32 = 1043;
-const DATE: u32 = 1082;
-const TIME: u32 = 1083;
-const TIMESTAMP: u32 = 1114;
-const TIMESTAMPTZ: u32 = 1184;
-const NUMERIC: u32 = 1700;
-const UUID: u32 = 2950;
 
 fn is_int(oid: u32) -> bool {
     matches!(oid, INT2 | INT4 | INT8 | OID)

@@ -5,14 +5,7 @@
 //! [`RouteError::BadKeyParam`]s the client sees.
 
 use super::model::{Params, RouteError};
-
-const OID_INT8: u32 = 20;
-const OID_INT2: u32 = 21;
-const OID_INT4: u32 = 23;
-const OID_TEXT: u32 = 25;
-const OID_NUMERIC: u32 = 1700;
-const OID_VARCHAR: u32 = 1043;
-const OID_UNKNOWN: u32 = 705;
+use crate::oid::{INT2, INT4, INT8, NUMERIC, TEXT, UNKNOWN, VARCHAR};
 
 impl Params<'_> {
     /// Decodes parameter `index` as an integer shard key: `Ok(None)` for NULL.
@@ -49,14 +42,14 @@ impl Params<'_> {
         match format {
             0 => parse_text(bytes),
             1 => match (oid, bytes.len()) {
-                (OID_INT8, 8) | (0, 8) => Ok(Some(i64::from_be_bytes(arr(bytes)))),
-                (OID_INT4, 4) | (0, 4) => Ok(Some(i64::from(i32::from_be_bytes(arr(bytes))))),
-                (OID_INT2, 2) | (0, 2) => Ok(Some(i64::from(i16::from_be_bytes(arr(bytes))))),
-                (OID_TEXT | OID_VARCHAR | OID_UNKNOWN, _) => parse_text(bytes),
-                (OID_INT8 | OID_INT4 | OID_INT2 | 0, n) => Err(bad(format!(
+                (INT8, 8) | (0, 8) => Ok(Some(i64::from_be_bytes(arr(bytes)))),
+                (INT4, 4) | (0, 4) => Ok(Some(i64::from(i32::from_be_bytes(arr(bytes))))),
+                (INT2, 2) | (0, 2) => Ok(Some(i64::from(i16::from_be_bytes(arr(bytes))))),
+                (TEXT | VARCHAR | UNKNOWN, _) => parse_text(bytes),
+                (INT8 | INT4 | INT2 | 0, n) => Err(bad(format!(
                     "binary integer of type OID {oid} has {n} bytes"
                 ))),
-                (OID_NUMERIC, _) => Err(bad(
+                (NUMERIC, _) => Err(bad(
                     "binary numeric is not accepted as a shard key; send it as int8 or text".into(),
                 )),
                 (other, _) => Err(bad(format!(
