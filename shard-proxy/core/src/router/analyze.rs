@@ -303,7 +303,7 @@ impl Ctx<'_> {
         a
     }
 
-    /// SELECT (and VALUES / set operations).
+    /// SELECT (and VALUES / set operations), including `WITH` queries that write.
     pub(crate) fn query(&self, q: &Query) -> Analysis {
         let mut a = Analysis::new(StatementKind::Select);
         a.touches_sharded = self.reads_sharded(q);
@@ -314,36 +314,48 @@ impl Ctx<'_> {
         }
         let body_keys = self.query_keys(q);
         if writes.is_empty() {
-            a.keys = match body_keys {
-                BodyKeys::Keys(k) => KeyExpr::Any(k),
-                BodyKeys::NotSharded | BodyKeys::Unknown => KeyExpr::None,
-            };
-            match scatter::build(self, q) {
-                Ok(b) => {
-                    a.merge = Some(b.spec);
-                    a.detail.limit = b.limit;
-                    a.detail.offset = b.offset;
-                }
-                Err(why) => a.detail.scatter_refusal = Some(why),
-            }
-            return a;
+            self.read_query(q, body_keys, &mut a);
+        } else {
+            self.writing_with(body_keys, &writes, &mut a);
         }
-        // Data-modifying WITH: every write needs a key; the reads must have one too (or
-        // read no sharded table), and the statement goes to the union of their shards.
+        a
+    }
+
+    /// A read of sharded tables: its keys, and the plan for reading it from several shards
+    /// (or why it can't be merged, which matters only if it does span shards).
+    fn read_query(&self, q: &Query, body_keys: BodyKeys, a: &mut Analysis) {
+        a.keys = match body_keys {
+            BodyKeys::Keys(k) => KeyExpr::Any(k),
+            BodyKeys::NotSharded | BodyKeys::Unknown => KeyExpr::None,
+        };
+        match scatter::build(self, q) {
+            Ok(b) => {
+                a.merge = Some(b.spec);
+                a.detail.limit = b.limit;
+                a.detail.offset = b.offset;
+            }
+            Err(why) => a.detail.scatter_refusal = Some(why),
+        }
+    }
+
+    /// Data-modifying WITH: every write needs a key; the reads must have one too (or read
+    /// no sharded table), and the statement goes to the union of their shards. A write
+    /// can't be merged or split, so anything less is refused.
+    fn writing_with(&self, body_keys: BodyKeys, writes: &[Statement], a: &mut Analysis) {
         let mut keys = match body_keys {
             BodyKeys::Keys(k) => Some(k),
             BodyKeys::NotSharded => Some(Vec::new()),
             BodyKeys::Unknown => None,
         };
         for w in writes {
-            let inner = self.statement(&w);
+            let inner = self.statement(w);
             if inner.detail.refusal.is_some() {
                 a.detail.refusal = inner.detail.refusal;
-                return a;
+                return;
             }
             if inner.detail.key_update.is_some() {
                 a.detail.refusal = Some(self.key_change_error());
-                return a;
+                return;
             }
             if !inner.touches_sharded {
                 continue;
@@ -363,7 +375,6 @@ impl Ctx<'_> {
                 )))
             }
         }
-        a
     }
 
     /// Writes nested in an UPDATE/DELETE (`WITH` is not allowed there by sqlparser, but
