@@ -816,16 +816,7 @@ fn decode(col: Column, b: &Bytes) -> Result<Val, String> {
             _ => Err("text bool must be t or f".into()),
         },
         DATE if binary => Ok(Val::Time(i64::from(i32::from_be_bytes(be(b, "date")?)))),
-        DATE => {
-            let s = utf8(b)?;
-            match s {
-                "infinity" => Ok(Val::Time(i64::MAX)),
-                "-infinity" => Ok(Val::Time(i64::MIN)),
-                _ => parse_date(s)
-                    .map(Val::Time)
-                    .ok_or_else(|| "date is not in ISO format (DateStyle ISO)".to_string()),
-            }
-        }
+        DATE => date_text(utf8(b)?).map(Val::Time),
         TIME | TIMESTAMP | TIMESTAMPTZ if binary => {
             Ok(Val::Time(i64::from_be_bytes(be(b, "time/timestamp")?)))
         }
@@ -836,18 +827,7 @@ fn decode(col: Column, b: &Bytes) -> Result<Val, String> {
             .map(Val::Time)
             .ok_or_else(|| "timestamp is not in ISO format (DateStyle ISO)".to_string()),
         UUID if binary => Ok(Val::Uuid(be(b, "uuid")?)),
-        UUID => {
-            let hex: Vec<u8> = b.iter().copied().filter(|c| *c != b'-').collect();
-            if hex.len() != 32 {
-                return Err("uuid text must have 32 hex digits".into());
-            }
-            let mut out = [0u8; 16];
-            for (i, pair) in hex.chunks(2).enumerate() {
-                let s = utf8(pair)?;
-                out[i] = u8::from_str_radix(s, 16).map_err(|_| "uuid has a non-hex digit")?;
-            }
-            Ok(Val::Uuid(out))
-        }
+        UUID => uuid_text(b).map(Val::Uuid),
         BPCHAR => {
             // Trailing blanks are insignificant for character(n).
             let end = b.iter().rposition(|c| *c != b' ').map_or(0, |p| p + 1);
@@ -856,6 +836,29 @@ fn decode(col: Column, b: &Bytes) -> Result<Val, String> {
         TEXT | VARCHAR | NAME | CHAR | UNKNOWN | BYTEA => Ok(Val::Bytes(b.clone())),
         _ => Ok(Val::Bytes(b.clone())),
     }
+}
+
+/// A text `date` (ISO DateStyle, or `±infinity`) as days, infinities at the extremes.
+fn date_text(s: &str) -> Result<i64, String> {
+    match s {
+        "infinity" => Ok(i64::MAX),
+        "-infinity" => Ok(i64::MIN),
+        _ => parse_date(s).ok_or_else(|| "date is not in ISO format (DateStyle ISO)".to_string()),
+    }
+}
+
+/// A text `uuid` (hyphens anywhere, 32 hex digits) as its 16 bytes.
+fn uuid_text(b: &[u8]) -> Result<[u8; 16], String> {
+    let hex: Vec<u8> = b.iter().copied().filter(|c| *c != b'-').collect();
+    if hex.len() != 32 {
+        return Err("uuid text must have 32 hex digits".into());
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = utf8(pair)?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| "uuid has a non-hex digit")?;
+    }
+    Ok(out)
 }
 
 fn decode_cell(columns: &[Column], idx: usize, cell: &Option<Bytes>) -> Result<KeyVal, MergeError> {
