@@ -220,17 +220,7 @@ pub(crate) fn mentions(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> bool {
 
 /// Statements the parser rejects but whose kind is clear from their keywords.
 pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<Analysis> {
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
-    let tokens: Vec<Token> = tokens
-        .into_iter()
-        .filter(|t| !matches!(t, Token::Whitespace(_)))
-        .collect();
-    // Only single statements: a `;` may end the text but not separate two statements.
-    if let Some(p) = tokens.iter().position(|t| *t == Token::SemiColon) {
-        if tokens[p..].iter().any(|t| *t != Token::SemiColon) {
-            return None;
-        }
-    }
+    let tokens = single_statement_tokens(sql)?;
     let word = |i: usize| -> Option<String> {
         match tokens.get(i) {
             Some(Token::Word(w)) => Some(w.value.to_ascii_uppercase()),
@@ -267,15 +257,7 @@ pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<A
         "SHOW" => Analysis::new(StatementKind::Show),
         "DEALLOCATE" => Analysis::new(StatementKind::Deallocate),
         "COPY" => {
-            // COPY [ONLY] name [(cols)] FROM STDIN …
-            let from = tokens.iter().position(
-                |t| matches!(t, Token::Word(w) if w.value.eq_ignore_ascii_case("from")),
-            )?;
-            if word(from + 1).as_deref() != Some("STDIN") {
-                return None;
-            }
-            let mut a = Analysis::new(StatementKind::Copy { from_stdin: true });
-            a.is_write = true;
+            let mut a = copy_from_stdin(&tokens)?;
             a.touches_sharded = mentions_sharded;
             a
         }
@@ -292,5 +274,36 @@ pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<A
     if matches!(a.kind, StatementKind::Set | StatementKind::SetShard(_)) {
         a.is_write = false;
     }
+    Some(a)
+}
+
+/// The tokens of `sql` without whitespace, if it holds one statement: a `;` may end the
+/// text but not separate two statements.
+fn single_statement_tokens(sql: &str) -> Option<Vec<Token>> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    let tokens: Vec<Token> = tokens
+        .into_iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    if let Some(p) = tokens.iter().position(|t| *t == Token::SemiColon) {
+        if tokens[p..].iter().any(|t| *t != Token::SemiColon) {
+            return None;
+        }
+    }
+    Some(tokens)
+}
+
+/// `COPY [ONLY] name [(cols)] FROM STDIN …`, the form the parser rejects without its data;
+/// other COPY forms it can't parse are left unparsed.
+fn copy_from_stdin(tokens: &[Token]) -> Option<Analysis> {
+    let from = tokens
+        .iter()
+        .position(|t| matches!(t, Token::Word(w) if w.value.eq_ignore_ascii_case("from")))?;
+    match tokens.get(from + 1) {
+        Some(Token::Word(w)) if w.value.eq_ignore_ascii_case("stdin") => {}
+        _ => return None,
+    }
+    let mut a = Analysis::new(StatementKind::Copy { from_stdin: true });
+    a.is_write = true;
     Some(a)
 }
