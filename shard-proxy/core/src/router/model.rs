@@ -2,7 +2,7 @@
 //! ([`Analysis`]) and what it decides per execution ([`Plan`], [`Target`], [`RouteError`]).
 //!
 //! Why a module of its own: every stage of the router (analysis, scatter planning, plan,
-//! cache) speaks these types, and the [`Router`](crate::router::Router) facade uses those stages; keeping
+//! cache) speaks these types, and the `Router` facade uses those stages; keeping
 //! the types in a leaf makes every dependency inside the router point one way.
 
 use std::sync::Arc;
