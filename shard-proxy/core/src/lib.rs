@@ -7,6 +7,7 @@
 //!   cached) → [`router::Plan`] (target shards, per-shard SQL, merge spec).
 //! - [`merge`]: combines the rows of a scatter read (ORDER BY/LIMIT/OFFSET, aggregates,
 //!   GROUP BY, DISTINCT) with PostgreSQL's own output formats.
+//! - [`oid`]: the PostgreSQL type OIDs the proxy interprets, in one table.
 //! - [`sqltext`]: leading-token readers for the statements the proxy keeps itself (`SET`,
 //!   SQL-level `PREPARE`/`EXECUTE`, `COPY … FROM STDIN`), where a full parse would cost
 //!   throughput on every statement.
@@ -19,6 +20,7 @@
 //! the runtime crate (`taskflow-shard-proxy`) is the only place where I/O happens.
 
 pub mod merge;
+pub mod oid;
 pub mod ring;
 pub mod router;
 pub mod sqltext;

@@ -57,6 +57,11 @@ use bytes::Bytes;
 use num_bigint::{BigInt, Sign};
 use num_traits::{Signed, ToPrimitive, Zero};
 
+use crate::oid::{
+    BOOL, BPCHAR, BYTEA, CHAR, DATE, FLOAT4, FLOAT8, INT2, INT4, INT8, NAME, NUMERIC, OID, TEXT,
+    TIME, TIMESTAMP, TIMESTAMPTZ, UNKNOWN, UUID, VARCHAR,
+};
+
 /// One result row: a value per column, `None` for SQL NULL; raw DataRow bytes.
 pub type Row = Vec<Option<Bytes>>;
 
@@ -166,30 +171,6 @@ pub enum MergeError {
     #[error("{0} out of range")]
     OutOfRange(&'static str),
 }
-
-// ---------------------------------------------------------------------------------------
-// Type OIDs
-
-const BOOL: u32 = 16;
-const BYTEA: u32 = 17;
-const CHAR: u32 = 18;
-const NAME: u32 = 19;
-const INT8: u32 = 20;
-const INT2: u32 = 21;
-const INT4: u32 = 23;
-const TEXT: u32 = 25;
-const OID: u32 = 26;
-const FLOAT4: u32 = 700;
-const FLOAT8: u32 = 701;
-const UNKNOWN: u32 = 705;
-const BPCHAR: u32 = 1042;
-const VARCHAR: u32 = 1043;
-const DATE: u32 = 1082;
-const TIME: u32 = 1083;
-const TIMESTAMP: u32 = 1114;
-const TIMESTAMPTZ: u32 = 1184;
-const NUMERIC: u32 = 1700;
-const UUID: u32 = 2950;
 
 fn is_int(oid: u32) -> bool {
     matches!(oid, INT2 | INT4 | INT8 | OID)
@@ -835,16 +816,7 @@ fn decode(col: Column, b: &Bytes) -> Result<Val, String> {
             _ => Err("text bool must be t or f".into()),
         },
         DATE if binary => Ok(Val::Time(i64::from(i32::from_be_bytes(be(b, "date")?)))),
-        DATE => {
-            let s = utf8(b)?;
-            match s {
-                "infinity" => Ok(Val::Time(i64::MAX)),
-                "-infinity" => Ok(Val::Time(i64::MIN)),
-                _ => parse_date(s)
-                    .map(Val::Time)
-                    .ok_or_else(|| "date is not in ISO format (DateStyle ISO)".to_string()),
-            }
-        }
+        DATE => date_text(utf8(b)?).map(Val::Time),
         TIME | TIMESTAMP | TIMESTAMPTZ if binary => {
             Ok(Val::Time(i64::from_be_bytes(be(b, "time/timestamp")?)))
         }
@@ -855,18 +827,7 @@ fn decode(col: Column, b: &Bytes) -> Result<Val, String> {
             .map(Val::Time)
             .ok_or_else(|| "timestamp is not in ISO format (DateStyle ISO)".to_string()),
         UUID if binary => Ok(Val::Uuid(be(b, "uuid")?)),
-        UUID => {
-            let hex: Vec<u8> = b.iter().copied().filter(|c| *c != b'-').collect();
-            if hex.len() != 32 {
-                return Err("uuid text must have 32 hex digits".into());
-            }
-            let mut out = [0u8; 16];
-            for (i, pair) in hex.chunks(2).enumerate() {
-                let s = utf8(pair)?;
-                out[i] = u8::from_str_radix(s, 16).map_err(|_| "uuid has a non-hex digit")?;
-            }
-            Ok(Val::Uuid(out))
-        }
+        UUID => uuid_text(b).map(Val::Uuid),
         BPCHAR => {
             // Trailing blanks are insignificant for character(n).
             let end = b.iter().rposition(|c| *c != b' ').map_or(0, |p| p + 1);
@@ -875,6 +836,29 @@ fn decode(col: Column, b: &Bytes) -> Result<Val, String> {
         TEXT | VARCHAR | NAME | CHAR | UNKNOWN | BYTEA => Ok(Val::Bytes(b.clone())),
         _ => Ok(Val::Bytes(b.clone())),
     }
+}
+
+/// A text `date` (ISO DateStyle, or `±infinity`) as days, infinities at the extremes.
+fn date_text(s: &str) -> Result<i64, String> {
+    match s {
+        "infinity" => Ok(i64::MAX),
+        "-infinity" => Ok(i64::MIN),
+        _ => parse_date(s).ok_or_else(|| "date is not in ISO format (DateStyle ISO)".to_string()),
+    }
+}
+
+/// A text `uuid` (hyphens anywhere, 32 hex digits) as its 16 bytes.
+fn uuid_text(b: &[u8]) -> Result<[u8; 16], String> {
+    let hex: Vec<u8> = b.iter().copied().filter(|c| *c != b'-').collect();
+    if hex.len() != 32 {
+        return Err("uuid text must have 32 hex digits".into());
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = utf8(pair)?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| "uuid has a non-hex digit")?;
+    }
+    Ok(out)
 }
 
 fn decode_cell(columns: &[Column], idx: usize, cell: &Option<Bytes>) -> Result<KeyVal, MergeError> {
@@ -1022,99 +1006,17 @@ pub struct Merger {
 
 impl Merger {
     /// `columns` is the shard RowDescription (hidden columns included).
+    ///
+    /// Never fails: a spec that doesn't fit the columns (a router bug, or shards whose
+    /// schemas differ) is kept and reported by the first [`Merger::push`] or
+    /// [`Merger::finish`], where the caller already handles merge errors.
     pub fn new(spec: &MergeSpec, columns: Vec<Column>) -> Merger {
-        let width = columns.len();
-        let mut init_error = None;
-        let visible = match width.checked_sub(spec.hidden_columns) {
-            Some(v) => v,
-            None => {
-                init_error = Some(MergeError::Spec(format!(
-                    "{} hidden columns but rows have only {width}",
-                    spec.hidden_columns
-                )));
-                0
-            }
-        };
-        let order: Vec<Key> = spec
-            .order_by
-            .iter()
-            .map(|k| Key {
-                column: if spec.order_by_hidden {
-                    visible + k.column
-                } else {
-                    k.column
-                },
-                descending: k.descending,
-                nulls_first: k.nulls_first,
-            })
-            .collect();
-        let mut check = |what: &str, idx: usize| {
-            if idx >= width && init_error.is_none() {
-                init_error = Some(MergeError::Spec(format!(
-                    "{what} refers to column {idx}, rows have {width}"
-                )));
-            }
-        };
-        for k in &order {
-            check("ORDER BY", k.column);
-        }
-        for &g in &spec.group_by {
-            check("GROUP BY", g);
-        }
-        if !spec.aggregates.is_empty() {
-            if spec.aggregates.len() != width {
-                init_error.get_or_insert(MergeError::Spec(format!(
-                    "{} aggregate entries for {width} columns",
-                    spec.aggregates.len()
-                )));
-            }
-            for (i, a) in spec.aggregates.iter().enumerate() {
-                let oid = columns.get(i).map_or(0, |c| c.type_oid);
-                match *a {
-                    ColumnMerge::Avg { sum_col, count_col } => {
-                        let bad = |c: usize, want: ColumnMerge| {
-                            spec.aggregates.get(c) != Some(&want) || c >= width
-                        };
-                        if bad(sum_col, ColumnMerge::Sum) || bad(count_col, ColumnMerge::Count) {
-                            init_error.get_or_insert(MergeError::Spec(format!(
-                                "avg column {i} needs a sum and a count column"
-                            )));
-                        }
-                        if !matches!(oid, NUMERIC | FLOAT8 | FLOAT4) {
-                            init_error.get_or_insert(MergeError::UnsupportedType {
-                                op: "avg",
-                                type_oid: oid,
-                            });
-                        }
-                    }
-                    ColumnMerge::Count if !is_int(oid) => {
-                        init_error.get_or_insert(MergeError::UnsupportedType {
-                            op: "count",
-                            type_oid: oid,
-                        });
-                    }
-                    ColumnMerge::Sum
-                        if !(is_int(oid) || matches!(oid, NUMERIC | FLOAT4 | FLOAT8)) =>
-                    {
-                        init_error.get_or_insert(MergeError::UnsupportedType {
-                            op: "sum",
-                            type_oid: oid,
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            for &g in &spec.group_by {
-                if spec.aggregates.get(g) != Some(&ColumnMerge::Key) {
-                    init_error.get_or_insert(MergeError::Spec(format!(
-                        "GROUP BY column {g} is an aggregate"
-                    )));
-                }
-            }
-        }
+        let visible = columns.len().checked_sub(spec.hidden_columns);
+        let order = order_keys(spec, visible.unwrap_or(0));
+        let init_error = check_spec(spec, &columns, visible, &order).err();
         Merger {
             columns,
-            visible,
+            visible: visible.unwrap_or(0),
             order,
             limit: spec.limit,
             offset: spec.offset,
@@ -1426,6 +1328,104 @@ impl Merger {
             }
         }
     }
+}
+
+/// The sort keys as shard-row column indexes: with [`MergeSpec::order_by_hidden`] they
+/// count from the first hidden column, which only the row width tells.
+fn order_keys(spec: &MergeSpec, visible: usize) -> Vec<Key> {
+    spec.order_by
+        .iter()
+        .map(|k| Key {
+            column: if spec.order_by_hidden {
+                visible + k.column
+            } else {
+                k.column
+            },
+            descending: k.descending,
+            nulls_first: k.nulls_first,
+        })
+        .collect()
+}
+
+/// Whether `spec` fits rows shaped like `columns` (`visible`: the width without hidden
+/// columns, `None` if there are fewer columns than hidden ones): the first mismatch.
+fn check_spec(
+    spec: &MergeSpec,
+    columns: &[Column],
+    visible: Option<usize>,
+    order: &[Key],
+) -> Result<(), MergeError> {
+    let width = columns.len();
+    if visible.is_none() {
+        return Err(MergeError::Spec(format!(
+            "{} hidden columns but rows have only {width}",
+            spec.hidden_columns
+        )));
+    }
+    let in_range = |what: &str, idx: usize| {
+        if idx >= width {
+            return Err(MergeError::Spec(format!(
+                "{what} refers to column {idx}, rows have {width}"
+            )));
+        }
+        Ok(())
+    };
+    for k in order {
+        in_range("ORDER BY", k.column)?;
+    }
+    for &g in &spec.group_by {
+        in_range("GROUP BY", g)?;
+    }
+    if spec.aggregates.is_empty() {
+        return Ok(());
+    }
+    if spec.aggregates.len() != width {
+        return Err(MergeError::Spec(format!(
+            "{} aggregate entries for {width} columns",
+            spec.aggregates.len()
+        )));
+    }
+    for (i, a) in spec.aggregates.iter().enumerate() {
+        check_aggregate(&spec.aggregates, i, *a, columns[i].type_oid)?;
+    }
+    for &g in &spec.group_by {
+        if spec.aggregates.get(g) != Some(&ColumnMerge::Key) {
+            return Err(MergeError::Spec(format!(
+                "GROUP BY column {g} is an aggregate"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether column `i`'s merge `a` can be computed over values of type `oid` (and an avg's
+/// helper columns are a sum and a count).
+fn check_aggregate(
+    aggregates: &[ColumnMerge],
+    i: usize,
+    a: ColumnMerge,
+    oid: u32,
+) -> Result<(), MergeError> {
+    let unsupported = |op| Err(MergeError::UnsupportedType { op, type_oid: oid });
+    match a {
+        ColumnMerge::Avg { sum_col, count_col } => {
+            let bad = |c: usize, want: ColumnMerge| aggregates.get(c) != Some(&want);
+            if bad(sum_col, ColumnMerge::Sum) || bad(count_col, ColumnMerge::Count) {
+                return Err(MergeError::Spec(format!(
+                    "avg column {i} needs a sum and a count column"
+                )));
+            }
+            if !matches!(oid, NUMERIC | FLOAT8 | FLOAT4) {
+                return unsupported("avg");
+            }
+        }
+        ColumnMerge::Count if !is_int(oid) => return unsupported("count"),
+        ColumnMerge::Sum if !(is_int(oid) || matches!(oid, NUMERIC | FLOAT4 | FLOAT8)) => {
+            return unsupported("sum")
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn accs_kind(aggs: &[ColumnMerge], i: usize) -> ColumnMerge {

@@ -59,20 +59,32 @@ pub fn parse_set(sql: &str) -> Option<SetCommand> {
     }
     let (kw, rest) = next_word(body);
     if kw.eq_ignore_ascii_case("RESET") {
-        let (name, _) = next_word(rest);
-        if name.eq_ignore_ascii_case("ALL") {
-            return Some(SetCommand::ResetAll);
-        }
-        if name.is_empty() {
-            return None;
-        }
-        return Some(SetCommand::Reset {
-            name: name.to_ascii_lowercase(),
-        });
+        parse_reset(rest)
+    } else if kw.eq_ignore_ascii_case("SET") {
+        parse_set_body(rest)
+    } else {
+        None
     }
-    if !kw.eq_ignore_ascii_case("SET") {
+}
+
+/// `RESET name` / `RESET ALL` (after the keyword).
+fn parse_reset(rest: &str) -> Option<SetCommand> {
+    let (name, _) = next_word(rest);
+    if name.eq_ignore_ascii_case("ALL") {
+        return Some(SetCommand::ResetAll);
+    }
+    if name.is_empty() {
         return None;
     }
+    Some(SetCommand::Reset {
+        name: name.to_ascii_lowercase(),
+    })
+}
+
+/// `SET [SESSION|LOCAL] name {TO|=} value` and `SET TIME ZONE value` (after the
+/// keyword). The transaction, role and authorization forms are not session settings the
+/// proxy replays: `None`.
+fn parse_set_body(rest: &str) -> Option<SetCommand> {
     let (mut name, mut rest) = next_word(rest);
     if name.eq_ignore_ascii_case("LOCAL") {
         return Some(SetCommand::Local);
@@ -104,6 +116,19 @@ pub fn parse_set(sql: &str) -> Option<SetCommand> {
     if name.is_empty() {
         return None;
     }
+    let value = set_value(rest)?;
+    let name = name.to_ascii_lowercase();
+    if value.eq_ignore_ascii_case("DEFAULT") {
+        return Some(SetCommand::Reset { name });
+    }
+    Some(SetCommand::Set {
+        name,
+        value: value.to_owned(),
+    })
+}
+
+/// The value after `=` or `TO`, trimmed; `None` if missing.
+fn set_value(rest: &str) -> Option<&str> {
     let rest = skip_ws(rest);
     let value = if let Some(v) = rest.strip_prefix('=') {
         v
@@ -115,18 +140,7 @@ pub fn parse_set(sql: &str) -> Option<SetCommand> {
         r
     };
     let value = value.trim();
-    if value.is_empty() {
-        return None;
-    }
-    if value.eq_ignore_ascii_case("DEFAULT") {
-        return Some(SetCommand::Reset {
-            name: name.to_ascii_lowercase(),
-        });
-    }
-    Some(SetCommand::Set {
-        name: name.to_ascii_lowercase(),
-        value: value.to_owned(),
-    })
+    (!value.is_empty()).then_some(value)
 }
 
 /// Quotes a string as an SQL literal.

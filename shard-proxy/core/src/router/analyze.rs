@@ -1,49 +1,20 @@
-//! Statement analysis: from SQL text to an [`Analysis`] (kind, keys, write-ness, refusals),
-//! and splitting a multi-row INSERT by shard.
+//! Statement analysis: from SQL text to an [`Analysis`] (kind, keys, write-ness, refusals).
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    visit_expressions, visit_expressions_mut, visit_relations, visit_statements, AssignmentTarget,
-    BinaryOperator, CopySource, CopyTarget, Expr, Ident, InTarget, Insert, ObjectName,
-    ObjectNamePart, OnConflictAction, OnInsert, Query, Reset, Set, SetExpr, Statement, TableObject,
-    UnaryOperator, Update, Value,
+    visit_relations, visit_statements, Assignment, AssignmentTarget, BinaryOperator, CopySource,
+    CopyTarget, Delete, Expr, InTarget, Insert, ObjectName, ObjectNamePart, OnConflictAction,
+    OnInsert, Query, Reset, Set, SetExpr, Statement, TableObject, UnaryOperator, Update, Value,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use super::expr::{fold, last_ident, placeholder_index, Ctx};
+use super::model::{Analysis, InsertTemplate, KeyExpr, KeyValue, RouteError, StatementKind};
 use super::scatter;
 use super::text;
-use super::{Analysis, InsertTemplate, KeyExpr, KeyValue, RouteError, StatementKind};
-
-/// The sharding rules, normalised for matching.
-pub(crate) struct Ctx<'a> {
-    /// Lowercased sharded table names.
-    pub(crate) tables: &'a [String],
-    /// Lowercased key column.
-    pub(crate) key_column: &'a str,
-    /// Whether the statement is small enough to keep its AST in the analysis (for
-    /// splitting multi-row INSERTs at plan time, on the caller's stack).
-    pub(crate) keep_ast: bool,
-}
-
-/// An identifier as PostgreSQL sees it: unquoted names fold to lower case.
-pub(crate) fn fold(id: &Ident) -> String {
-    if id.quote_style.is_some() {
-        id.value.clone()
-    } else {
-        id.value.to_lowercase()
-    }
-}
-
-fn last_ident(name: &ObjectName) -> Option<&Ident> {
-    match name.0.last() {
-        Some(ObjectNamePart::Identifier(id)) => Some(id),
-        _ => None,
-    }
-}
 
 /// Keys found in a predicate: `None` = unconstrained.
 type Keys = Option<Vec<KeyValue>>;
@@ -58,37 +29,6 @@ fn union(mut a: Vec<KeyValue>, b: Vec<KeyValue>) -> Vec<KeyValue> {
 }
 
 impl Ctx<'_> {
-    pub(crate) fn is_sharded_name(&self, name: &str) -> bool {
-        self.tables.iter().any(|t| t == name)
-    }
-
-    fn is_sharded(&self, name: &ObjectName) -> bool {
-        last_ident(name).is_some_and(|id| self.is_sharded_name(&fold(id)))
-    }
-
-    pub(crate) fn reads_sharded<V: sqlparser::ast::Visit>(&self, node: &V) -> bool {
-        visit_relations(node, |name| {
-            if self.is_sharded(name) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
-        .is_break()
-    }
-
-    /// Whether `e` is the shard key column (`performer_id`, `t.performer_id`).
-    pub(crate) fn is_key_col(&self, e: &Expr) -> bool {
-        match e {
-            Expr::Identifier(id) => fold(id) == self.key_column,
-            Expr::CompoundIdentifier(parts) => {
-                parts.last().is_some_and(|id| fold(id) == self.key_column)
-            }
-            Expr::Nested(inner) => self.is_key_col(inner),
-            _ => false,
-        }
-    }
-
     /// Analyses a whole SQL text.
     pub(crate) fn analyze(&self, sql: &str) -> Analysis {
         let hint = text::shard_hint(sql);
@@ -156,66 +96,16 @@ impl Ctx<'_> {
         a
     }
 
-    /// Analyses one statement.
+    /// Analyses one statement: dispatches by kind. Data statements (SELECT, INSERT,
+    /// UPDATE, DELETE, COPY, EXPLAIN) find their keys; transaction control, SET and
+    /// utility statements only need their kind, because they go to every shard.
     pub(crate) fn statement(&self, stmt: &Statement) -> Analysis {
         use StatementKind as K;
         match stmt {
             Statement::Query(q) => self.query(q),
             Statement::Insert(ins) => self.insert(ins, stmt),
-            Statement::Update(Update {
-                table,
-                assignments,
-                selection,
-                ..
-            }) => {
-                let mut a = Analysis::new(K::Update);
-                a.is_write = true;
-                a.touches_sharded = self.reads_sharded(stmt);
-                if !a.touches_sharded {
-                    return a;
-                }
-                let keys = selection.as_ref().and_then(|e| self.where_keys(e));
-                let target_sharded = self.reads_sharded(&table.relation);
-                if target_sharded {
-                    for asg in assignments {
-                        let sets_key = match &asg.target {
-                            AssignmentTarget::ColumnName(n) => {
-                                last_ident(n).is_some_and(|id| fold(id) == self.key_column)
-                            }
-                            AssignmentTarget::Tuple(ns) => ns.iter().any(|n| {
-                                last_ident(n).is_some_and(|id| fold(id) == self.key_column)
-                            }),
-                        };
-                        if !sets_key {
-                            continue;
-                        }
-                        let value = match &asg.target {
-                            AssignmentTarget::ColumnName(_) => self.key_value(&asg.value),
-                            AssignmentTarget::Tuple(_) => None,
-                        };
-                        match (value, &keys) {
-                            (Some(v), Some(_)) => {
-                                a.detail.key_update = Some((v, self.key_change_error()))
-                            }
-                            _ => a.detail.refusal = Some(self.key_change_error()),
-                        }
-                    }
-                }
-                a.keys = keys.map_or(KeyExpr::None, KeyExpr::Any);
-                self.nested_writes(stmt, &mut a);
-                a
-            }
-            Statement::Delete(d) => {
-                let mut a = Analysis::new(K::Delete);
-                a.is_write = true;
-                a.touches_sharded = self.reads_sharded(stmt);
-                if a.touches_sharded {
-                    let keys = d.selection.as_ref().and_then(|e| self.where_keys(e));
-                    a.keys = keys.map_or(KeyExpr::None, KeyExpr::Any);
-                }
-                self.nested_writes(stmt, &mut a);
-                a
-            }
+            Statement::Update(u) => self.update(u, stmt),
+            Statement::Delete(d) => self.delete(d, stmt),
             Statement::StartTransaction { .. } => Analysis::new(K::Begin),
             Statement::Commit { .. } => Analysis::new(K::Commit),
             Statement::Rollback { .. } => Analysis::new(K::Rollback),
@@ -228,37 +118,9 @@ impl Ctx<'_> {
                 _ => K::Set,
             }),
             Statement::Discard { .. } => Analysis::new(K::Set),
-            Statement::ShowVariable { .. }
-            | Statement::ShowVariables { .. }
-            | Statement::ShowStatus { .. }
-            | Statement::ShowTables { .. }
-            | Statement::ShowColumns { .. }
-            | Statement::ShowCollation { .. }
-            | Statement::ShowFunctions { .. }
-            | Statement::ShowSchemas { .. }
-            | Statement::ShowDatabases { .. }
-            | Statement::ShowViews { .. }
-            | Statement::ShowCreate { .. }
-            | Statement::ShowObjects(_)
-            | Statement::ExplainTable { .. } => Analysis::new(K::Show),
             Statement::Explain {
                 analyze, statement, ..
-            } => {
-                let inner = self.statement(statement);
-                let mut a = Analysis::new(K::Show);
-                a.touches_sharded = inner.touches_sharded;
-                a.is_write = *analyze && inner.is_write;
-                a.keys = match inner.keys {
-                    KeyExpr::PerRow(v) => KeyExpr::Any(v),
-                    other => other,
-                };
-                a.detail.single_shard_read = true;
-                if *analyze {
-                    a.detail.refusal = inner.detail.refusal;
-                    a.detail.key_update = inner.detail.key_update;
-                }
-                a
-            }
+            } => self.explain(*analyze, statement),
             Statement::Copy {
                 source, to, target, ..
             } => self.copy(source, *to, target),
@@ -268,26 +130,105 @@ impl Ctx<'_> {
                 a
             }
             Statement::Execute { .. } => {
+                // What it runs is unknown here: assume the worst.
                 let mut a = Analysis::new(K::Execute);
                 a.is_write = true;
                 a
             }
             Statement::Deallocate { .. } => Analysis::new(K::Deallocate),
-            _ => {
-                let mut a = Analysis::new(K::Utility);
-                a.is_write = !matches!(
-                    stmt,
-                    Statement::LISTEN { .. }
-                        | Statement::UNLISTEN { .. }
-                        | Statement::NOTIFY { .. }
-                );
-                // Not every utility statement exposes its tables to the visitor (VACUUM):
-                // any mention of a sharded table's name counts.
-                a.touches_sharded = self.reads_sharded(stmt)
-                    || text::mentions(&stmt.to_string(), &|n| self.is_sharded_name(n));
-                a
+            _ if is_show(stmt) => Analysis::new(K::Show),
+            _ => self.utility(stmt),
+        }
+    }
+
+    /// The common start of INSERT/UPDATE/DELETE: a write, sharded if any relation it
+    /// names (subqueries included) is.
+    fn write(&self, kind: StatementKind, stmt: &Statement) -> Analysis {
+        let mut a = Analysis::new(kind);
+        a.is_write = true;
+        a.touches_sharded = self.reads_sharded(stmt);
+        a
+    }
+
+    /// UPDATE: keys from WHERE. Setting the key column is only allowed when the new value
+    /// lands on the row's own shard, which only the plan can tell (recorded as
+    /// `key_update`), and refused outright when the statement has no key to compare with.
+    fn update(&self, u: &Update, stmt: &Statement) -> Analysis {
+        let mut a = self.write(StatementKind::Update, stmt);
+        if !a.touches_sharded {
+            return a;
+        }
+        let keys = u.selection.as_ref().and_then(|e| self.where_keys(e));
+        if self.reads_sharded(&u.table.relation) {
+            self.key_assignments(&u.assignments, keys.is_some(), &mut a);
+        }
+        a.keys = keys.map_or(KeyExpr::None, KeyExpr::Any);
+        self.nested_writes(stmt, &mut a);
+        a
+    }
+
+    /// Records the `SET key = v` of an UPDATE of a sharded table: checked at plan time when
+    /// `v` is a single key value and the rows are `keyed`, refused otherwise.
+    fn key_assignments(&self, assignments: &[Assignment], keyed: bool, a: &mut Analysis) {
+        for asg in assignments
+            .iter()
+            .filter(|asg| self.assigns_key(&asg.target))
+        {
+            let value = match &asg.target {
+                AssignmentTarget::ColumnName(_) => self.key_value(&asg.value),
+                AssignmentTarget::Tuple(_) => None,
+            };
+            match (value, keyed) {
+                (Some(v), true) => a.detail.key_update = Some((v, self.key_change_error())),
+                _ => a.detail.refusal = Some(self.key_change_error()),
             }
         }
+    }
+
+    /// DELETE: keys from WHERE (none: broadcast).
+    fn delete(&self, d: &Delete, stmt: &Statement) -> Analysis {
+        let mut a = self.write(StatementKind::Delete, stmt);
+        if a.touches_sharded {
+            let keys = d.selection.as_ref().and_then(|e| self.where_keys(e));
+            a.keys = keys.map_or(KeyExpr::None, KeyExpr::Any);
+        }
+        self.nested_writes(stmt, &mut a);
+        a
+    }
+
+    /// EXPLAIN returns a plan, not the rows: one shard answers (the key's, if any).
+    /// EXPLAIN ANALYZE also runs the statement, so it inherits its write-ness, refusal
+    /// and key-update check.
+    fn explain(&self, analyze: bool, statement: &Statement) -> Analysis {
+        let inner = self.statement(statement);
+        let mut a = Analysis::new(StatementKind::Show);
+        a.touches_sharded = inner.touches_sharded;
+        a.is_write = analyze && inner.is_write;
+        a.keys = match inner.keys {
+            KeyExpr::PerRow(v) => KeyExpr::Any(v),
+            other => other,
+        };
+        a.detail.single_shard_read = true;
+        if analyze {
+            a.detail.refusal = inner.detail.refusal;
+            a.detail.key_update = inner.detail.key_update;
+        }
+        a
+    }
+
+    /// DDL and other utility statements: writes (except LISTEN/UNLISTEN/NOTIFY), sent to
+    /// every shard.
+    fn utility(&self, stmt: &Statement) -> Analysis {
+        let mut a = Analysis::new(StatementKind::Utility);
+        a.is_write = !matches!(
+            stmt,
+            Statement::LISTEN { .. } | Statement::UNLISTEN { .. } | Statement::NOTIFY { .. }
+        );
+        // Not every utility statement exposes its tables to the visitor (VACUUM):
+        // any mention of a sharded table's name counts.
+        a.touches_sharded = self.reads_sharded(stmt)
+            || text::mentions(&stmt.to_string(), &|n| self.is_sharded_name(n));
+        a
     }
 
     fn key_change_error(&self) -> RouteError {
@@ -362,7 +303,7 @@ impl Ctx<'_> {
         a
     }
 
-    /// SELECT (and VALUES / set operations).
+    /// SELECT (and VALUES / set operations), including `WITH` queries that write.
     pub(crate) fn query(&self, q: &Query) -> Analysis {
         let mut a = Analysis::new(StatementKind::Select);
         a.touches_sharded = self.reads_sharded(q);
@@ -373,36 +314,48 @@ impl Ctx<'_> {
         }
         let body_keys = self.query_keys(q);
         if writes.is_empty() {
-            a.keys = match body_keys {
-                BodyKeys::Keys(k) => KeyExpr::Any(k),
-                BodyKeys::NotSharded | BodyKeys::Unknown => KeyExpr::None,
-            };
-            match scatter::build(self, q) {
-                Ok(b) => {
-                    a.merge = Some(b.spec);
-                    a.detail.limit = b.limit;
-                    a.detail.offset = b.offset;
-                }
-                Err(why) => a.detail.scatter_refusal = Some(why),
-            }
-            return a;
+            self.read_query(q, body_keys, &mut a);
+        } else {
+            self.writing_with(body_keys, &writes, &mut a);
         }
-        // Data-modifying WITH: every write needs a key; the reads must have one too (or
-        // read no sharded table), and the statement goes to the union of their shards.
+        a
+    }
+
+    /// A read of sharded tables: its keys, and the plan for reading it from several shards
+    /// (or why it can't be merged, which matters only if it does span shards).
+    fn read_query(&self, q: &Query, body_keys: BodyKeys, a: &mut Analysis) {
+        a.keys = match body_keys {
+            BodyKeys::Keys(k) => KeyExpr::Any(k),
+            BodyKeys::NotSharded | BodyKeys::Unknown => KeyExpr::None,
+        };
+        match scatter::build(self, q) {
+            Ok(b) => {
+                a.merge = Some(b.spec);
+                a.detail.limit = b.limit;
+                a.detail.offset = b.offset;
+            }
+            Err(why) => a.detail.scatter_refusal = Some(why),
+        }
+    }
+
+    /// Data-modifying WITH: every write needs a key; the reads must have one too (or read
+    /// no sharded table), and the statement goes to the union of their shards. A write
+    /// can't be merged or split, so anything less is refused.
+    fn writing_with(&self, body_keys: BodyKeys, writes: &[Statement], a: &mut Analysis) {
         let mut keys = match body_keys {
             BodyKeys::Keys(k) => Some(k),
             BodyKeys::NotSharded => Some(Vec::new()),
             BodyKeys::Unknown => None,
         };
         for w in writes {
-            let inner = self.statement(&w);
+            let inner = self.statement(w);
             if inner.detail.refusal.is_some() {
                 a.detail.refusal = inner.detail.refusal;
-                return a;
+                return;
             }
             if inner.detail.key_update.is_some() {
                 a.detail.refusal = Some(self.key_change_error());
-                return a;
+                return;
             }
             if !inner.touches_sharded {
                 continue;
@@ -422,7 +375,6 @@ impl Ctx<'_> {
                 )))
             }
         }
-        a
     }
 
     /// Writes nested in an UPDATE/DELETE (`WITH` is not allowed there by sqlparser, but
@@ -531,35 +483,16 @@ impl Ctx<'_> {
                     let b = self.where_keys(right)?;
                     Some(union(a, b))
                 }
-                BinaryOperator::Eq => {
-                    if self.is_key_col(left) {
-                        self.key_value(right).map(|v| vec![v])
-                    } else if self.is_key_col(right) {
-                        self.key_value(left).map(|v| vec![v])
-                    } else {
-                        None
-                    }
-                }
+                BinaryOperator::Eq => self.equality_key(left, right),
                 _ => None,
             },
-            Expr::IsNotDistinctFrom(left, right) => {
-                if self.is_key_col(left) {
-                    self.key_value(right).map(|v| vec![v])
-                } else if self.is_key_col(right) {
-                    self.key_value(left).map(|v| vec![v])
-                } else {
-                    None
-                }
-            }
+            Expr::IsNotDistinctFrom(left, right) => self.equality_key(left, right),
             Expr::In {
                 expr,
                 target: InTarget::List(list),
                 negated: false,
                 ..
-            } if self.is_key_col(expr) => {
-                let vals: Option<Vec<KeyValue>> = list.iter().map(|v| self.key_value(v)).collect();
-                vals.map(|v| union(Vec::new(), v))
-            }
+            } if self.is_key_col(expr) => self.key_list(list),
             Expr::AnyOp {
                 left,
                 compare_op: BinaryOperator::Eq,
@@ -571,16 +504,29 @@ impl Ctx<'_> {
                     r = inner;
                 }
                 match r {
-                    Expr::Array(arr) => {
-                        let vals: Option<Vec<KeyValue>> =
-                            arr.elem.iter().map(|v| self.key_value(v)).collect();
-                        vals.map(|v| union(Vec::new(), v))
-                    }
+                    Expr::Array(arr) => self.key_list(&arr.elem),
                     _ => None,
                 }
             }
             _ => None,
         }
+    }
+
+    /// `key = v` or `v = key` (also `IS NOT DISTINCT FROM`): the one key `v`.
+    fn equality_key(&self, left: &Expr, right: &Expr) -> Keys {
+        if self.is_key_col(left) {
+            self.key_value(right).map(|v| vec![v])
+        } else if self.is_key_col(right) {
+            self.key_value(left).map(|v| vec![v])
+        } else {
+            None
+        }
+    }
+
+    /// `key IN (v, …)` / `key = ANY(ARRAY[v, …])`: the distinct keys, if every `v` is one.
+    fn key_list(&self, list: &[Expr]) -> Keys {
+        let vals: Option<Vec<KeyValue>> = list.iter().map(|v| self.key_value(v)).collect();
+        vals.map(|v| union(Vec::new(), v))
     }
 
     /// A shard-key value: integer literal (maybe quoted, signed or cast) or `$n`.
@@ -610,10 +556,10 @@ impl Ctx<'_> {
         }
     }
 
+    /// INSERT: into an unsharded table it is a write for every shard; into a sharded
+    /// table every VALUES row must give the key, and the rows' keys route it.
     fn insert(&self, ins: &Insert, stmt: &Statement) -> Analysis {
-        let mut a = Analysis::new(StatementKind::Insert);
-        a.is_write = true;
-        a.touches_sharded = self.reads_sharded(stmt);
+        let mut a = self.write(StatementKind::Insert, stmt);
         let table = match &ins.table {
             TableObject::TableName(n) => n,
             TableObject::TableFunction(_) | TableObject::TableQuery(_) => return a,
@@ -622,76 +568,87 @@ impl Ctx<'_> {
             // An unsharded target: a write broadcast to every shard (no key needed).
             return a;
         }
+        match self.insert_keys(ins, table) {
+            Ok(keys) => {
+                if keys.len() > 1 && self.keep_ast {
+                    a.detail.insert = Some(Arc::new(InsertTemplate {
+                        sql: stmt.to_string(),
+                    }));
+                }
+                a.keys = KeyExpr::PerRow(keys);
+            }
+            Err(refusal) => a.detail.refusal = Some(refusal),
+        }
+        a
+    }
+
+    /// The key of every VALUES row of an INSERT into sharded `table`, or why the proxy
+    /// can't tell where its rows go.
+    fn insert_keys(&self, ins: &Insert, table: &ObjectName) -> Result<Vec<KeyValue>, RouteError> {
         let table_name = last_ident(table).map(fold).unwrap_or_default();
         let without_key = || RouteError::InsertWithoutKey {
             table: table_name.clone(),
             column: self.key_column.to_string(),
         };
-        let key_pos = ins
-            .columns
-            .iter()
-            .position(|c| last_ident(c).is_some_and(|id| fold(id) == self.key_column));
-        if let Some(OnInsert::OnConflict(oc)) = &ins.on {
-            if let OnConflictAction::DoUpdate(du) = &oc.action {
-                let sets_key = du.assignments.iter().any(|asg| match &asg.target {
-                    AssignmentTarget::ColumnName(n) => {
-                        last_ident(n).is_some_and(|id| fold(id) == self.key_column)
-                    }
-                    AssignmentTarget::Tuple(ns) => ns
-                        .iter()
-                        .any(|n| last_ident(n).is_some_and(|id| fold(id) == self.key_column)),
-                });
-                if sets_key {
-                    a.detail.refusal = Some(self.key_change_error());
-                    return a;
-                }
-            }
+        if self.upsert_sets_key(ins) {
+            return Err(self.key_change_error());
         }
-        let Some(key_pos) = key_pos else {
-            a.detail.refusal = Some(without_key());
-            return a;
+        let Some(key_pos) = ins.columns.iter().position(|c| self.is_key_name(c)) else {
+            return Err(without_key());
         };
         let rows = match ins.source.as_deref().map(|q| q.body.as_ref()) {
             Some(SetExpr::Values(v)) => &v.rows,
             Some(_) => {
-                a.detail.refusal = Some(RouteError::Unsupported(format!(
+                return Err(RouteError::Unsupported(format!(
                     "INSERT … SELECT into sharded table \"{table_name}\": the proxy can't see \
                      which shard each row belongs to; use INSERT … VALUES with {} or a \
                      /* shard=<name> */ hint",
                     self.key_column
-                )));
-                return a;
+                )))
             }
-            None => {
-                a.detail.refusal = Some(without_key());
-                return a;
-            }
+            None => return Err(without_key()),
         };
-        let mut keys = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            match row.get(key_pos).and_then(|e| self.key_value(e)) {
-                Some(v) => keys.push(v),
-                None => {
-                    let shown = row
-                        .get(key_pos)
-                        .map_or_else(|| "nothing".to_string(), |e| format!("`{e}`"));
-                    a.detail.refusal = Some(RouteError::Unsupported(format!(
-                        "row {} of INSERT INTO \"{table_name}\" gives {} as {shown}; it must be \
-                         an integer literal or a $n parameter",
-                        i + 1,
-                        self.key_column
-                    )));
-                    return a;
-                }
-            }
+        rows.iter()
+            .enumerate()
+            .map(|(i, row)| self.row_key(row, key_pos, i, &table_name))
+            .collect()
+    }
+
+    /// `INSERT … ON CONFLICT DO UPDATE SET key = …`: would move an existing row.
+    fn upsert_sets_key(&self, ins: &Insert) -> bool {
+        match &ins.on {
+            Some(OnInsert::OnConflict(oc)) => match &oc.action {
+                OnConflictAction::DoUpdate(du) => du
+                    .assignments
+                    .iter()
+                    .any(|asg| self.assigns_key(&asg.target)),
+                _ => false,
+            },
+            _ => false,
         }
-        if keys.len() > 1 && self.keep_ast {
-            a.detail.insert = Some(Arc::new(InsertTemplate {
-                sql: stmt.to_string(),
-            }));
-        }
-        a.keys = KeyExpr::PerRow(keys);
-        a
+    }
+
+    /// The key of VALUES row `i` (its `key_pos` column): a literal or a `$n`.
+    fn row_key(
+        &self,
+        row: &[Expr],
+        key_pos: usize,
+        i: usize,
+        table: &str,
+    ) -> Result<KeyValue, RouteError> {
+        row.get(key_pos)
+            .and_then(|e| self.key_value(e))
+            .ok_or_else(|| {
+                let shown = row
+                    .get(key_pos)
+                    .map_or_else(|| "nothing".to_string(), |e| format!("`{e}`"));
+                RouteError::Unsupported(format!(
+                    "row {} of INSERT INTO \"{table}\" gives {} as {shown}; it must be an \
+                     integer literal or a $n parameter",
+                    i + 1,
+                    self.key_column
+                ))
+            })
     }
 }
 
@@ -730,6 +687,26 @@ fn intersect(a: Vec<KeyValue>, b: Vec<KeyValue>) -> Vec<KeyValue> {
     }
 }
 
+/// SHOW and its relatives: read-only, and the same on every shard.
+fn is_show(stmt: &Statement) -> bool {
+    matches!(
+        stmt,
+        Statement::ShowVariable { .. }
+            | Statement::ShowVariables { .. }
+            | Statement::ShowStatus { .. }
+            | Statement::ShowTables { .. }
+            | Statement::ShowColumns { .. }
+            | Statement::ShowCollation { .. }
+            | Statement::ShowFunctions { .. }
+            | Statement::ShowSchemas { .. }
+            | Statement::ShowDatabases { .. }
+            | Statement::ShowViews { .. }
+            | Statement::ShowCreate { .. }
+            | Statement::ShowObjects(_)
+            | Statement::ExplainTable { .. }
+    )
+}
+
 /// `taskflow.shard`, the session routing setting.
 fn is_shard_setting(name: &ObjectName) -> bool {
     let parts: Vec<String> = name
@@ -741,12 +718,6 @@ fn is_shard_setting(name: &ObjectName) -> bool {
         })
         .collect();
     parts == ["taskflow", "shard"]
-}
-
-/// `$n` → `n - 1`.
-pub(crate) fn placeholder_index(p: &str) -> Option<usize> {
-    let n: usize = p.strip_prefix('$')?.parse().ok()?;
-    n.checked_sub(1)
 }
 
 /// The text of a `SET taskflow.shard` value: a quoted string, a bare word or number, and
@@ -781,64 +752,4 @@ fn nested_dml(q: &Query) -> Vec<Statement> {
         ControlFlow::<()>::Continue(())
     });
     found
-}
-
-/// Per-shard INSERTs holding only each shard's rows, `$n` renumbered.
-pub(crate) fn split_insert(
-    template: &InsertTemplate,
-    row_shards: &[usize],
-    shards: &[usize],
-) -> Result<Vec<(usize, String, Vec<usize>)>, RouteError> {
-    let cannot = || RouteError::Unsupported("cannot split this INSERT by shard".into());
-    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, &template.sql).map_err(|_| cannot())?;
-    let [original] = parsed.as_slice() else {
-        return Err(cannot());
-    };
-    let mut out = Vec::with_capacity(shards.len());
-    for &shard in shards {
-        let mut stmt = original.clone();
-        let Statement::Insert(ins) = &mut stmt else {
-            return Err(cannot());
-        };
-        let Some(SetExpr::Values(values)) = ins.source.as_deref_mut().map(|q| q.body.as_mut())
-        else {
-            return Err(cannot());
-        };
-        if values.rows.len() != row_shards.len() {
-            return Err(cannot());
-        }
-        let mut i = 0;
-        values.rows.retain(|_| {
-            let keep = row_shards[i] == shard;
-            i += 1;
-            keep
-        });
-        // Parameters still used, in ascending original order → $1, $2, …
-        let mut used = BTreeMap::new();
-        let _ = visit_expressions(&stmt, |e| {
-            if let Expr::Value(v) = e {
-                if let Value::Placeholder(p) = &v.value {
-                    if let Some(idx) = placeholder_index(p) {
-                        used.insert(idx, 0usize);
-                    }
-                }
-            }
-            ControlFlow::<()>::Continue(())
-        });
-        for (new, slot) in used.values_mut().enumerate() {
-            *slot = new;
-        }
-        let _ = visit_expressions_mut(&mut stmt, |e| {
-            if let Expr::Value(v) = e {
-                if let Value::Placeholder(p) = &mut v.value {
-                    if let Some(new) = placeholder_index(p).and_then(|i| used.get(&i)) {
-                        *p = format!("${}", new + 1);
-                    }
-                }
-            }
-            ControlFlow::<()>::Continue(())
-        });
-        out.push((shard, stmt.to_string(), used.into_keys().collect()));
-    }
-    Ok(out)
 }

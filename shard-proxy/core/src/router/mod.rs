@@ -11,7 +11,7 @@
 //!    (PgDog measured 28–49 % of throughput lost to parsing) and applications repeat the
 //!    same statements.
 //! 2. [`Analysis::plan`] is cheap and runs per execution: it binds `$n` keys from the Bind
-//!    parameters (text or binary), hashes keys on the [`Ring`], and returns a [`Plan`]:
+//!    parameters (text or binary), hashes keys on the [`Ring`](crate::ring::Ring), and returns a [`Plan`]:
 //!    one shard, several, or all, plus per-shard SQL for a multi-row INSERT whose rows
 //!    belong to different shards.
 //!
@@ -51,575 +51,44 @@
 //! * A simple-query string with several statements routes as a unit: it needs a key in
 //!   every statement that touches a sharded table and all keys on one shard, or a hint.
 //!
+//! # Layout
+//!
+//! `mod.rs` is the facade: the [`Router`] (analysis cache, stack guard) and the public
+//! types, re-exported from `model` (the vocabulary every stage speaks). The stages depend
+//! on each other one way only, never back:
+//!
+//! * `analyze` (SQL → [`Analysis`]) → `scatter/` (merge plan of a cross-shard read:
+//!   `select`, `union`, `aggregate`, `columns`, `nested`) → `expr` (the normalised rules
+//!   and the AST predicates both ask);
+//! * `analyze` → `text` (the shard hint, a fallback for what the parser can't read);
+//! * `plan` ([`Analysis::plan`]) → `split` (per-shard INSERTs) → `expr`; `params` decodes
+//!   Bind parameters for `plan`;
+//! * `cache`: the bounded analysis cache (`quick_cache`).
+//!
 //! This module is pure logic: no I/O, no async.
 
 mod analyze;
+mod cache;
+mod expr;
+mod model;
+mod params;
+mod plan;
 mod scatter;
+mod split;
 mod text;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-pub use crate::merge::MergeSpec;
-use crate::ring::Ring;
+use cache::AnalysisCache;
 
-/// Which tables are sharded and by which column (from `[sharding]` in the config).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardingRules {
-    /// The logical sharded database (`tasks`).
-    pub database: String,
-    /// Sharded tables, unqualified (`tasks`, `task_observers`, `outbox`).
-    pub tables: Vec<String>,
-    /// The shard key column (`performer_id`), a bigint in every sharded table.
-    pub key_column: String,
-}
-
-/// What kind of statement this is (the first one, for a multi-statement string).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StatementKind {
-    /// SELECT / VALUES / TABLE (and set operations of them).
-    Select,
-    /// INSERT.
-    Insert,
-    /// UPDATE.
-    Update,
-    /// DELETE.
-    Delete,
-    /// BEGIN / START TRANSACTION.
-    Begin,
-    /// COMMIT / END.
-    Commit,
-    /// ROLLBACK / ABORT (also ROLLBACK TO SAVEPOINT).
-    Rollback,
-    /// SAVEPOINT / RELEASE SAVEPOINT.
-    Savepoint,
-    /// `SET taskflow.shard = 'name'` (`Some`), or `… TO DEFAULT` / `RESET taskflow.shard`
-    /// (`None`).
-    SetShard(Option<String>),
-    /// Any other SET / RESET / DISCARD.
-    Set,
-    /// SHOW, and EXPLAIN (which also returns rows without changing anything).
-    Show,
-    /// COPY.
-    Copy {
-        /// `COPY … FROM STDIN` (rows come from the client).
-        from_stdin: bool,
-    },
-    /// SQL-level PREPARE.
-    Prepare,
-    /// SQL-level EXECUTE.
-    Execute,
-    /// DEALLOCATE.
-    Deallocate,
-    /// DDL and other utility statements.
-    Utility,
-    /// Empty query string (only whitespace, comments or `;`).
-    Empty,
-    /// The parser could not read it; the message says why.
-    Unparsed(String),
-}
-
-/// One shard-key value as written in the statement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyValue {
-    /// A literal integer.
-    Literal(i64),
-    /// A bind parameter, 0-based (`$1` is `Param(0)`).
-    Param(usize),
-}
-
-/// Where a statement's shard key comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyExpr {
-    /// No usable key.
-    None,
-    /// The rows touched have one of these keys (WHERE equality / IN / OR of equalities).
-    Any(Vec<KeyValue>),
-    /// INSERT VALUES: the key of each row, in row order.
-    PerRow(Vec<KeyValue>),
-}
-
-/// Bind parameters of one execution (empty for simple queries).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Params<'a> {
-    /// Values, `None` = NULL.
-    pub values: &'a [Option<&'a [u8]>],
-    /// Format codes as in Bind: empty = all text, one = applies to all, else per parameter.
-    pub formats: &'a [i16],
-    /// Parameter type OIDs from Parse (0 or missing = unspecified).
-    pub types: &'a [u32],
-}
-
-/// Where a statement goes. Indexes are into [`Ring::shards`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Exactly this shard.
-    One(usize),
-    /// These shards (sorted, distinct, at least two).
-    Many(Vec<usize>),
-    /// Every shard.
-    All,
-}
-
-/// The routing decision for one execution.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// Where to send it.
-    pub target: Target,
-    /// Only for a multi-row INSERT split across shards: for each shard, the SQL holding
-    /// just that shard's rows, and the original (0-based) parameter indexes it uses, in the
-    /// order of its new `$1, $2, …`.
-    pub per_shard_sql: Option<Vec<(usize, String, Vec<usize>)>>,
-    /// A read whose results from several shards must go through a
-    /// [`crate::merge::Merger`] built from `merge`.
-    pub scatter_read: bool,
-    /// How to merge (`Some` exactly when `scatter_read`). Send `merge.shard_sql` to the
-    /// shards instead of the client's SQL when it is `Some`. LIMIT/OFFSET parameters are
-    /// already resolved here.
-    pub merge: Option<MergeSpec>,
-}
-
-/// Why a statement can't be routed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
-    /// INSERT into a sharded table without the shard key.
-    #[error(
-        "INSERT into sharded table \"{table}\" must set the shard key column \"{column}\" \
-         in its column list, with an integer literal or a $n parameter in every row \
-         (or route it explicitly with /* shard=<name> */)"
-    )]
-    InsertWithoutKey {
-        /// The table.
-        table: String,
-        /// The key column.
-        column: String,
-    },
-    /// A hint or `SET taskflow.shard` names a shard that doesn't exist.
-    #[error("unknown shard \"{0}\" (see SHOW SHARDS in the admin console)")]
-    UnknownShard(String),
-    /// A `$n` shard key could not be decoded.
-    #[error("shard key parameter ${} is unusable: {reason}", index + 1)]
-    BadKeyParam {
-        /// 0-based parameter index.
-        index: usize,
-        /// What was wrong.
-        reason: String,
-    },
-    /// Something the proxy refuses rather than risk a wrong answer.
-    #[error("not supported by the shard proxy: {0}")]
-    Unsupported(String),
-}
-
-/// LIMIT/OFFSET value of a scatter read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Count {
-    Literal(u64),
-    Param(usize),
-}
-
-/// A multi-row INSERT kept for splitting by shard: its text, re-parsed only when its rows
-/// do land on several shards (keeping the AST in the cache would cost ~30× the text).
-#[derive(Debug)]
-pub(crate) struct InsertTemplate {
-    pub(crate) sql: String,
-}
-
-/// What the router learned about one SQL text. Cached and shared; [`Analysis::plan`]
-/// turns it into a routing decision per execution.
-#[derive(Debug, Clone)]
-pub struct Analysis {
-    /// Statement kind (of the first statement).
-    pub kind: StatementKind,
-    /// Shard named by a `/* shard=name */` comment anywhere in the text.
-    pub hint: Option<String>,
-    /// Whether any statement reads or writes a sharded table.
-    pub touches_sharded: bool,
-    /// Where the shard key comes from.
-    pub keys: KeyExpr,
-    /// How to merge a read spanning several shards (LIMIT/OFFSET given as `$n` are left
-    /// `None`/0 here; [`Plan::merge`] has them resolved).
-    pub merge: Option<MergeSpec>,
-    /// Whether it modifies data or schema (INSERT/UPDATE/DELETE, data-modifying WITH,
-    /// DDL, COPY FROM).
-    pub is_write: bool,
-    /// Statements in the text (a simple query may hold several, `;`-separated).
-    pub statement_count: usize,
-    pub(crate) detail: Detail,
-}
-
-/// Private routing details of an [`Analysis`].
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Detail {
-    /// Returned by `plan` unless a hint or session shard routes the statement.
-    pub(crate) refusal: Option<RouteError>,
-    /// Why a read that spans several shards can't be merged (only matters then).
-    pub(crate) scatter_refusal: Option<String>,
-    pub(crate) limit: Option<Count>,
-    pub(crate) offset: Option<Count>,
-    /// UPDATE … SET key = v, and the error if v lands elsewhere.
-    pub(crate) key_update: Option<(KeyValue, RouteError)>,
-    /// Multi-row INSERT, for per-shard splitting.
-    pub(crate) insert: Option<Arc<InsertTemplate>>,
-    /// A read that goes to one shard when it has no key (EXPLAIN, SHOW).
-    pub(crate) single_shard_read: bool,
-    /// Several statements in one string.
-    pub(crate) multi: bool,
-    /// A statement of a multi-statement string needs every shard (SET, DDL, BEGIN, …).
-    pub(crate) broadcast: bool,
-}
-
-impl Analysis {
-    pub(crate) fn new(kind: StatementKind) -> Analysis {
-        Analysis {
-            kind,
-            hint: None,
-            touches_sharded: false,
-            keys: KeyExpr::None,
-            merge: None,
-            is_write: false,
-            statement_count: 1,
-            detail: Detail::default(),
-        }
-    }
-
-    /// The error `plan` returns when no hint or session shard routes the statement.
-    pub fn refusal(&self) -> Option<&RouteError> {
-        self.detail.refusal.as_ref()
-    }
-
-    /// Decides where this statement goes for one execution.
-    ///
-    /// `session_shard` is the session's `SET taskflow.shard` value, if any.
-    pub fn plan(
-        &self,
-        ring: &Ring,
-        params: &Params,
-        session_shard: Option<&str>,
-    ) -> Result<Plan, RouteError> {
-        let forced = match (&self.hint, session_shard) {
-            (Some(h), _) => Some(h.as_str()),
-            (None, Some(s)) if !matches!(self.kind, StatementKind::SetShard(_)) => Some(s),
-            _ => None,
-        };
-        if let Some(name) = forced {
-            let idx = ring
-                .index_of(name)
-                .ok_or_else(|| RouteError::UnknownShard(name.to_string()))?;
-            return Ok(Plan::to(Target::One(idx)));
-        }
-        if let Some(err) = &self.detail.refusal {
-            return Err(err.clone());
-        }
-        match &self.kind {
-            StatementKind::Empty | StatementKind::Show => {
-                if self.touches_sharded {
-                    self.plan_keyed(ring, params)
-                } else {
-                    Ok(Plan::to(Target::One(0)))
-                }
-            }
-            StatementKind::Begin
-            | StatementKind::Commit
-            | StatementKind::Rollback
-            | StatementKind::Savepoint
-            | StatementKind::SetShard(_)
-            | StatementKind::Set
-            | StatementKind::Prepare
-            | StatementKind::Deallocate
-            | StatementKind::Utility
-                if !self.detail.multi =>
-            {
-                Ok(Plan::to(Target::All))
-            }
-            StatementKind::Execute if !self.detail.multi => Err(RouteError::Unsupported(
-                "SQL-level EXECUTE: the proxy can't see which shard the prepared statement's \
-                 key points to; use the extended protocol (Parse/Bind) or a /* shard=<name> */ hint"
-                    .into(),
-            )),
-            StatementKind::Unparsed(msg) => Err(RouteError::Unsupported(format!(
-                "the proxy could not parse this statement ({msg}); route it explicitly with \
-                 /* shard=<name> */ or SET taskflow.shard"
-            ))),
-            StatementKind::Copy { from_stdin } if !self.detail.multi => {
-                if *from_stdin {
-                    // Rows come later; the wire layer splits them by key column.
-                    Ok(Plan::to(Target::All))
-                } else if self.touches_sharded {
-                    self.plan_keyed(ring, params)
-                } else {
-                    Ok(Plan::to(Target::One(0)))
-                }
-            }
-            _ => {
-                if !self.touches_sharded {
-                    return Ok(Plan::to(if self.is_write || self.detail.broadcast {
-                        Target::All
-                    } else {
-                        Target::One(0)
-                    }));
-                }
-                self.plan_keyed(ring, params)
-            }
-        }
-    }
-
-    /// Routing of a statement that touches a sharded table, by its keys.
-    fn plan_keyed(&self, ring: &Ring, params: &Params) -> Result<Plan, RouteError> {
-        let read = !self.is_write;
-        match &self.keys {
-            KeyExpr::None => {
-                if self.detail.multi {
-                    return Err(RouteError::Unsupported(
-                        "a query string with several statements must give the shard key in \
-                         every statement that uses a sharded table (or a /* shard=<name> */ \
-                         hint); send them one at a time"
-                            .into(),
-                    ));
-                }
-                if self.detail.single_shard_read {
-                    if self.is_write {
-                        return Err(RouteError::Unsupported(
-                            "EXPLAIN ANALYZE of a write without the shard key would run it on \
-                             one shard only; add the key or a /* shard=<name> */ hint"
-                                .into(),
-                        ));
-                    }
-                    return Ok(Plan::to(Target::One(0)));
-                }
-                if read {
-                    self.scatter(Target::All, params)
-                } else {
-                    // UPDATE/DELETE without key: broadcast.
-                    Ok(Plan::to(Target::All))
-                }
-            }
-            KeyExpr::Any(values) => {
-                let mut shards = BTreeSet::new();
-                for v in values {
-                    if let Some(key) = resolve(*v, params)? {
-                        shards.insert(ring.shard_for(key));
-                    }
-                }
-                if let Some((new_key, moving)) = &self.detail.key_update {
-                    return plan_key_update(ring, params, *new_key, moving, &shards);
-                }
-                let shards: Vec<usize> = shards.into_iter().collect();
-                let target = match shards.as_slice() {
-                    // Every key is NULL: nothing can match; any one shard answers.
-                    [] => Target::One(0),
-                    [one] => Target::One(*one),
-                    _ => Target::Many(shards),
-                };
-                match target {
-                    Target::Many(_) if self.detail.multi => Err(RouteError::Unsupported(
-                        "the statements of this query string route to different shards; \
-                         send them one at a time"
-                            .into(),
-                    )),
-                    Target::Many(_) if read && !self.detail.single_shard_read => {
-                        self.scatter(target, params)
-                    }
-                    Target::Many(ref s) if self.detail.single_shard_read => {
-                        if self.is_write {
-                            return Err(RouteError::Unsupported(
-                                "EXPLAIN ANALYZE of a write spanning several shards".into(),
-                            ));
-                        }
-                        Ok(Plan::to(Target::One(s[0])))
-                    }
-                    t => Ok(Plan::to(t)),
-                }
-            }
-            KeyExpr::PerRow(values) => {
-                let mut per_row = Vec::with_capacity(values.len());
-                for (row, v) in values.iter().enumerate() {
-                    match resolve(*v, params)? {
-                        Some(key) => per_row.push(ring.shard_for(key)),
-                        None => {
-                            let index = match v {
-                                KeyValue::Param(i) => *i,
-                                KeyValue::Literal(_) => 0,
-                            };
-                            return Err(RouteError::BadKeyParam {
-                                index,
-                                reason: format!("NULL shard key in row {} of the INSERT", row + 1),
-                            });
-                        }
-                    }
-                }
-                let distinct: BTreeSet<usize> = per_row.iter().copied().collect();
-                let shards: Vec<usize> = distinct.into_iter().collect();
-                match shards.as_slice() {
-                    [] => Ok(Plan::to(Target::One(0))),
-                    [one] => Ok(Plan::to(Target::One(*one))),
-                    _ => {
-                        if self.detail.multi {
-                            return Err(RouteError::Unsupported(
-                                "a multi-row INSERT in a multi-statement query string whose \
-                                 rows belong to different shards; send it on its own"
-                                    .into(),
-                            ));
-                        }
-                        let template = self.detail.insert.as_ref().ok_or_else(|| {
-                            RouteError::Unsupported("cannot split this INSERT by shard".into())
-                        })?;
-                        let per_shard = analyze::split_insert(template, &per_row, &shards)?;
-                        Ok(Plan {
-                            target: Target::Many(shards),
-                            per_shard_sql: Some(per_shard),
-                            scatter_read: false,
-                            merge: None,
-                        })
-                    }
-                }
-            }
-        }
-    }
-
-    fn scatter(&self, target: Target, params: &Params) -> Result<Plan, RouteError> {
-        if let Some(why) = &self.detail.scatter_refusal {
-            return Err(RouteError::Unsupported(why.clone()));
-        }
-        let mut spec = self.merge.clone().unwrap_or_default();
-        if let Some(limit) = self.detail.limit {
-            spec.limit = resolve_count(limit, params, "LIMIT")?;
-        }
-        if let Some(offset) = self.detail.offset {
-            spec.offset = resolve_count(offset, params, "OFFSET")?.unwrap_or(0);
-        }
-        Ok(Plan {
-            target,
-            per_shard_sql: None,
-            scatter_read: true,
-            merge: Some(spec),
-        })
-    }
-}
-
-/// An UPDATE setting the key: allowed only when the new key lands on the row's shard.
-fn plan_key_update(
-    ring: &Ring,
-    params: &Params,
-    new_key: KeyValue,
-    moving: &RouteError,
-    shards: &BTreeSet<usize>,
-) -> Result<Plan, RouteError> {
-    let Some(new_key) = resolve(new_key, params)? else {
-        return Err(moving.clone());
-    };
-    let dest = ring.shard_for(new_key);
-    match shards.iter().copied().collect::<Vec<_>>().as_slice() {
-        [only] if *only == dest => Ok(Plan::to(Target::One(dest))),
-        _ => Err(moving.clone()),
-    }
-}
-
-impl Plan {
-    fn to(target: Target) -> Plan {
-        Plan {
-            target,
-            per_shard_sql: None,
-            scatter_read: false,
-            merge: None,
-        }
-    }
-}
-
-/// The key a [`KeyValue`] stands for in this execution (`None` = NULL).
-fn resolve(v: KeyValue, params: &Params) -> Result<Option<i64>, RouteError> {
-    match v {
-        KeyValue::Literal(k) => Ok(Some(k)),
-        KeyValue::Param(i) => params.key(i),
-    }
-}
-
-fn resolve_count(c: Count, params: &Params, what: &str) -> Result<Option<u64>, RouteError> {
-    match c {
-        Count::Literal(n) => Ok(Some(n)),
-        Count::Param(i) => match params.key(i) {
-            Ok(None) => Ok(None),
-            Ok(Some(n)) => u64::try_from(n)
-                .map(Some)
-                .map_err(|_| RouteError::Unsupported(format!("negative {what}"))),
-            Err(RouteError::BadKeyParam { index, reason }) => Err(RouteError::Unsupported(
-                format!("{what} parameter ${} is unusable: {reason}", index + 1),
-            )),
-            Err(e) => Err(e),
-        },
-    }
-}
-
-const OID_INT8: u32 = 20;
-const OID_INT2: u32 = 21;
-const OID_INT4: u32 = 23;
-const OID_TEXT: u32 = 25;
-const OID_NUMERIC: u32 = 1700;
-const OID_VARCHAR: u32 = 1043;
-const OID_UNKNOWN: u32 = 705;
-
-impl Params<'_> {
-    /// Decodes parameter `index` as an integer shard key: `Ok(None)` for NULL.
-    ///
-    /// Text format: a decimal integer (surrounding blanks allowed). Binary: big-endian
-    /// int2/int4/int8 by type OID (21/23/20); with no type, by length (2, 4, 8 bytes);
-    /// text-typed binary parameters are their UTF-8 text.
-    pub fn key(&self, index: usize) -> Result<Option<i64>, RouteError> {
-        let bad = |reason: String| RouteError::BadKeyParam { index, reason };
-        let value = self.values.get(index).ok_or_else(|| {
-            bad(format!(
-                "the statement has {} parameters",
-                self.values.len()
-            ))
-        })?;
-        let Some(bytes) = value else {
-            return Ok(None);
-        };
-        let format = match self.formats {
-            [] => 0,
-            [one] => *one,
-            many => *many
-                .get(index)
-                .ok_or_else(|| bad("no format code for it in Bind".into()))?,
-        };
-        let oid = self.types.get(index).copied().unwrap_or(0);
-        let parse_text = |b: &[u8]| -> Result<Option<i64>, RouteError> {
-            let s = std::str::from_utf8(b).map_err(|_| bad("text value is not UTF-8".into()))?;
-            s.trim_matches(|c: char| c.is_ascii_whitespace())
-                .parse::<i64>()
-                .map(Some)
-                .map_err(|_| bad(format!("{s:?} is not a bigint")))
-        };
-        match format {
-            0 => parse_text(bytes),
-            1 => match (oid, bytes.len()) {
-                (OID_INT8, 8) | (0, 8) => Ok(Some(i64::from_be_bytes(arr(bytes)))),
-                (OID_INT4, 4) | (0, 4) => Ok(Some(i64::from(i32::from_be_bytes(arr(bytes))))),
-                (OID_INT2, 2) | (0, 2) => Ok(Some(i64::from(i16::from_be_bytes(arr(bytes))))),
-                (OID_TEXT | OID_VARCHAR | OID_UNKNOWN, _) => parse_text(bytes),
-                (OID_INT8 | OID_INT4 | OID_INT2 | 0, n) => Err(bad(format!(
-                    "binary integer of type OID {oid} has {n} bytes"
-                ))),
-                (OID_NUMERIC, _) => Err(bad(
-                    "binary numeric is not accepted as a shard key; send it as int8 or text".into(),
-                )),
-                (other, _) => Err(bad(format!(
-                    "binary parameter of type OID {other} can't be a bigint shard key"
-                ))),
-            },
-            other => Err(bad(format!("unknown format code {other}"))),
-        }
-    }
-}
-
-fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
-    let mut out = [0u8; N];
-    out.copy_from_slice(&b[..N]);
-    out
-}
+pub use model::{
+    Analysis, KeyExpr, KeyValue, MergeSpec, Params, Plan, RouteError, ShardingRules, StatementKind,
+    Target,
+};
 
 // ---------------------------------------------------------------------------------------
 // The router and its cache
@@ -628,23 +97,9 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
 pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
 /// Default bound on the memory the cache holds (SQL texts and analyses), in bytes.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
-const CACHE_SEGMENTS: usize = 16;
 /// Longest SQL text cached (longer ones, e.g. bulk INSERTs with literals, are analysed
 /// every time: they rarely repeat and would crowd out the statements that do).
 const MAX_CACHED_SQL: usize = 16 * 1024;
-
-#[derive(Debug)]
-struct Entry {
-    analysis: Arc<Analysis>,
-    last_used: AtomicU64,
-    bytes: usize,
-}
-
-#[derive(Debug, Default)]
-struct Segment {
-    map: HashMap<Box<str>, Entry>,
-    bytes: usize,
-}
 
 /// Parses statements and caches their [`Analysis`] by SQL text. `Send + Sync`: one router
 /// serves every session.
@@ -654,10 +109,8 @@ pub struct Router {
     /// Lowercased sharded table names.
     tables: Vec<String>,
     key_column: String,
-    segments: Vec<RwLock<Segment>>,
-    per_segment: usize,
-    bytes_per_segment: usize,
-    clock: AtomicU64,
+    /// `None`: caching disabled.
+    cache: Option<AnalysisCache>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -674,19 +127,15 @@ impl Router {
         Router::with_cache_limits(rules, capacity, DEFAULT_CACHE_BYTES)
     }
 
-    /// A router caching up to about `capacity` analyses holding about `bytes` of memory.
+    /// A router caching up to about `capacity` analyses holding about `bytes` of memory
+    /// (0 for either disables the cache).
     pub fn with_cache_limits(rules: ShardingRules, capacity: usize, bytes: usize) -> Router {
         let fold = |s: &str| s.to_lowercase();
         Router {
             tables: rules.tables.iter().map(|t| fold(t)).collect(),
             key_column: fold(&rules.key_column),
             rules,
-            segments: (0..CACHE_SEGMENTS)
-                .map(|_| RwLock::new(Segment::default()))
-                .collect(),
-            per_segment: capacity.div_ceil(CACHE_SEGMENTS),
-            bytes_per_segment: bytes / CACHE_SEGMENTS,
-            clock: AtomicU64::new(0),
+            cache: AnalysisCache::new(capacity, bytes),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -700,43 +149,15 @@ impl Router {
     /// Analyses `sql` (cached). Never panics: unparsable text becomes
     /// [`StatementKind::Unparsed`].
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
-        if self.per_segment == 0 || sql.len() > MAX_CACHED_SQL {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            return Arc::new(self.analyze_uncached(sql));
-        }
-        let segment = &self.segments[segment_of(sql)];
-        if let Ok(seg) = segment.read() {
-            if let Some(entry) = seg.map.get(sql) {
-                // The clock only ticks on misses: hits stay free of contended writes.
-                entry
-                    .last_used
-                    .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return Arc::clone(&entry.analysis);
-            }
+        let cache = self.cache.as_ref().filter(|_| sql.len() <= MAX_CACHED_SQL);
+        if let Some(hit) = cache.and_then(|c| c.get(sql)) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return hit;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         let analysis = Arc::new(self.analyze_uncached(sql));
-        let bytes = footprint(sql, &analysis);
-        if let Ok(mut seg) = segment.write() {
-            while !seg.map.is_empty()
-                && (seg.map.len() >= self.per_segment || seg.bytes + bytes > self.bytes_per_segment)
-            {
-                evict_oldest(&mut seg);
-            }
-            seg.bytes += bytes;
-            let old = seg.map.insert(
-                sql.into(),
-                Entry {
-                    analysis: Arc::clone(&analysis),
-                    last_used: AtomicU64::new(now),
-                    bytes,
-                },
-            );
-            if let Some(old) = old {
-                seg.bytes -= old.bytes;
-            }
+        if let Some(cache) = cache {
+            cache.insert(sql, Arc::clone(&analysis));
         }
         analysis
     }
@@ -751,18 +172,12 @@ impl Router {
 
     /// Approximate bytes the cache holds right now.
     pub fn cache_bytes(&self) -> usize {
-        self.segments
-            .iter()
-            .map(|s| s.read().map_or(0, |m| m.bytes))
-            .sum()
+        self.cache.as_ref().map_or(0, AnalysisCache::bytes)
     }
 
     /// Cached analyses right now.
     pub fn cache_len(&self) -> usize {
-        self.segments
-            .iter()
-            .map(|s| s.read().map_or(0, |m| m.map.len()))
-            .sum()
+        self.cache.as_ref().map_or(0, AnalysisCache::len)
     }
 
     fn analyze_uncached(&self, sql: &str) -> Analysis {
@@ -778,7 +193,7 @@ impl Router {
             );
         }
         let simple = ops <= FAST_PATH_OPERATORS;
-        let ctx = analyze::Ctx {
+        let ctx = expr::Ctx {
             tables: &self.tables,
             key_column: &self.key_column,
             keep_ast: simple,
@@ -807,39 +222,4 @@ fn unparsed(sql: &str, why: String) -> Analysis {
     let mut a = Analysis::new(StatementKind::Unparsed(why));
     a.hint = text::shard_hint(sql);
     a
-}
-
-fn segment_of(sql: &str) -> usize {
-    (xxhash_rust::xxh64::xxh64(sql.as_bytes(), 0) % CACHE_SEGMENTS as u64) as usize
-}
-
-/// Approximate memory an entry holds.
-fn footprint(sql: &str, a: &Analysis) -> usize {
-    let shard_sql = a
-        .merge
-        .as_ref()
-        .and_then(|m| m.shard_sql.as_ref())
-        .map_or(0, String::len);
-    let template = a.detail.insert.as_ref().map_or(0, |t| t.sql.len());
-    sql.len() + shard_sql + template + std::mem::size_of::<Analysis>() + 128
-}
-
-/// Drops the least recently used eighth of a segment (exactly that many entries, even
-/// when many share a timestamp).
-fn evict_oldest(seg: &mut Segment) {
-    let drop = (seg.map.len() / 8).max(1);
-    let mut ages: Vec<(u64, &str)> = seg
-        .map
-        .iter()
-        .map(|(k, e)| (e.last_used.load(Ordering::Relaxed), k.as_ref()))
-        .collect();
-    if ages.len() > drop {
-        ages.select_nth_unstable_by_key(drop - 1, |(age, _)| *age);
-    }
-    let victims: Vec<Box<str>> = ages.iter().take(drop).map(|(_, k)| (*k).into()).collect();
-    for k in victims {
-        if let Some(e) = seg.map.remove(&k) {
-            seg.bytes -= e.bytes;
-        }
-    }
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::merge::{ColumnMerge, OrderKey};
+use crate::ring::Ring;
 
 fn rules() -> ShardingRules {
     ShardingRules {

@@ -8,7 +8,7 @@
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
-use super::{Analysis, StatementKind};
+use super::model::{Analysis, StatementKind};
 
 /// The shard named by the first `/* … shard=name … */` comment, if any. The name may be
 /// bare (`[A-Za-z0-9_.:-]`) or quoted with `'` or `"`.
@@ -19,16 +19,11 @@ pub(crate) fn shard_hint(sql: &str) -> Option<String> {
     let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
+        if let Some(next) = skip_non_code(sql, i) {
+            i = next;
+            continue;
+        }
         match b[i] {
-            b'\'' => i = skip_quoted(b, i + 1, b'\'', i > 0 && matches!(b[i - 1], b'e' | b'E')),
-            b'"' => i = skip_quoted(b, i + 1, b'"', false),
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|c| *c == b'\n')
-                    .map_or(b.len(), |p| i + p + 1);
-            }
-            b'$' => i = skip_dollar(sql, i),
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let (end, body) = block_comment(sql, i);
                 if let Some(name) = hint_in_comment(body) {
@@ -51,18 +46,13 @@ pub(crate) fn operator_count(sql: &str) -> usize {
     let mut count = 0;
     let mut i = 0;
     while i < b.len() {
+        if let Some(next) = skip_non_code(sql, i) {
+            i = next;
+            continue;
+        }
         let c = b[i];
         match c {
-            b'\'' => i = skip_quoted(b, i + 1, b'\'', i > 0 && matches!(b[i - 1], b'e' | b'E')),
-            b'"' => i = skip_quoted(b, i + 1, b'"', false),
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|c| *c == b'\n')
-                    .map_or(b.len(), |p| i + p + 1);
-            }
             b'/' if b.get(i + 1) == Some(&b'*') => i = block_comment(sql, i).0,
-            b'$' => i = skip_dollar(sql, i),
             b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'|' | b'&' | b'^'
             | b'~' | b'#' | b'@' | b'?' | b':' => {
                 count += 1;
@@ -90,6 +80,30 @@ pub(crate) fn operator_count(sql: &str) -> usize {
         }
     }
     count
+}
+
+/// If a string literal (`'…'`, `E'…'`), a quoted identifier, a `--` comment or a
+/// dollar-quoted body starts at `i`, the index just past it. The lexers here all skip
+/// these the same way; block comments are left to each caller (the hint lives in them).
+fn skip_non_code(sql: &str, i: usize) -> Option<usize> {
+    let b = sql.as_bytes();
+    match b[i] {
+        b'\'' => Some(skip_quoted(
+            b,
+            i + 1,
+            b'\'',
+            i > 0 && matches!(b[i - 1], b'e' | b'E'),
+        )),
+        b'"' => Some(skip_quoted(b, i + 1, b'"', false)),
+        b'-' if b.get(i + 1) == Some(&b'-') => Some(
+            b[i..]
+                .iter()
+                .position(|c| *c == b'\n')
+                .map_or(b.len(), |p| i + p + 1),
+        ),
+        b'$' => Some(skip_dollar(sql, i)),
+        _ => None,
+    }
 }
 
 /// Index after a quoted literal starting at `start` (just past the opening quote).
@@ -206,17 +220,7 @@ pub(crate) fn mentions(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> bool {
 
 /// Statements the parser rejects but whose kind is clear from their keywords.
 pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<Analysis> {
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
-    let tokens: Vec<Token> = tokens
-        .into_iter()
-        .filter(|t| !matches!(t, Token::Whitespace(_)))
-        .collect();
-    // Only single statements: a `;` may end the text but not separate two statements.
-    if let Some(p) = tokens.iter().position(|t| *t == Token::SemiColon) {
-        if tokens[p..].iter().any(|t| *t != Token::SemiColon) {
-            return None;
-        }
-    }
+    let tokens = single_statement_tokens(sql)?;
     let word = |i: usize| -> Option<String> {
         match tokens.get(i) {
             Some(Token::Word(w)) => Some(w.value.to_ascii_uppercase()),
@@ -253,15 +257,7 @@ pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<A
         "SHOW" => Analysis::new(StatementKind::Show),
         "DEALLOCATE" => Analysis::new(StatementKind::Deallocate),
         "COPY" => {
-            // COPY [ONLY] name [(cols)] FROM STDIN …
-            let from = tokens.iter().position(
-                |t| matches!(t, Token::Word(w) if w.value.eq_ignore_ascii_case("from")),
-            )?;
-            if word(from + 1).as_deref() != Some("STDIN") {
-                return None;
-            }
-            let mut a = Analysis::new(StatementKind::Copy { from_stdin: true });
-            a.is_write = true;
+            let mut a = copy_from_stdin(&tokens)?;
             a.touches_sharded = mentions_sharded;
             a
         }
@@ -278,5 +274,36 @@ pub(crate) fn fallback(sql: &str, is_sharded: &dyn Fn(&str) -> bool) -> Option<A
     if matches!(a.kind, StatementKind::Set | StatementKind::SetShard(_)) {
         a.is_write = false;
     }
+    Some(a)
+}
+
+/// The tokens of `sql` without whitespace, if it holds one statement: a `;` may end the
+/// text but not separate two statements.
+fn single_statement_tokens(sql: &str) -> Option<Vec<Token>> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    let tokens: Vec<Token> = tokens
+        .into_iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    if let Some(p) = tokens.iter().position(|t| *t == Token::SemiColon) {
+        if tokens[p..].iter().any(|t| *t != Token::SemiColon) {
+            return None;
+        }
+    }
+    Some(tokens)
+}
+
+/// `COPY [ONLY] name [(cols)] FROM STDIN …`, the form the parser rejects without its data;
+/// other COPY forms it can't parse are left unparsed.
+fn copy_from_stdin(tokens: &[Token]) -> Option<Analysis> {
+    let from = tokens
+        .iter()
+        .position(|t| matches!(t, Token::Word(w) if w.value.eq_ignore_ascii_case("from")))?;
+    match tokens.get(from + 1) {
+        Some(Token::Word(w)) if w.value.eq_ignore_ascii_case("stdin") => {}
+        _ => return None,
+    }
+    let mut a = Analysis::new(StatementKind::Copy { from_stdin: true });
+    a.is_write = true;
     Some(a)
 }

@@ -20,6 +20,11 @@ const GSSENC_REQUEST_CODE: i32 = 80_877_104;
 const CANCEL_REQUEST_CODE: i32 = 80_877_102;
 const PROTOCOL_V3: i32 = 196_608;
 
+/// Type tags of the messages [`decode_message`] accepts (checked from the header alone, so
+/// an unknown type is refused before its body is buffered); [`parse_body`] has one arm
+/// each.
+const KNOWN_TAGS: &[u8] = b"QPBDECHSXdcfpF";
+
 /// Why a client's bytes were refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -160,22 +165,7 @@ pub fn decode_message(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> 
     if total > MAX_MESSAGE_LEN {
         return Err(DecodeError::TooLarge(total));
     }
-    if !matches!(
-        tag,
-        b'Q' | b'P'
-            | b'B'
-            | b'D'
-            | b'E'
-            | b'C'
-            | b'H'
-            | b'S'
-            | b'X'
-            | b'd'
-            | b'c'
-            | b'f'
-            | b'p'
-            | b'F'
-    ) {
+    if !KNOWN_TAGS.contains(&tag) {
         return Err(DecodeError::UnknownType(char::from(tag)));
     }
     if buf.len() < total {
@@ -196,104 +186,16 @@ pub fn pending_len(buf: &[u8]) -> Option<usize> {
     usize::try_from(len).ok().map(|l| l + 1)
 }
 
+/// Decodes a message body by its type tag. Each kind has its own parser below; all of
+/// them bound every count and length by the bytes actually present, so a hostile length
+/// field can't make the proxy allocate or read past the message.
 fn parse_body(tag: u8, mut b: Bytes) -> Result<FrontendMessage, DecodeError> {
     let msg = match tag {
-        b'Q' => {
-            let q = cstr(&mut b, "Query")?;
-            FrontendMessage::Query(q)
-        }
-        b'P' => {
-            let name = cstr(&mut b, "Parse")?;
-            let query = cstr(&mut b, "Parse")?;
-            let n = i16_at(&mut b, "Parse")?;
-            if n < 0 {
-                return Err(DecodeError::Malformed("Parse", "negative parameter count"));
-            }
-            let n = n as usize;
-            if b.len() < n * 4 {
-                return Err(DecodeError::Malformed("Parse", "truncated parameter types"));
-            }
-            let param_types = (0..n).map(|_| b.get_u32()).collect();
-            FrontendMessage::Parse {
-                name,
-                query,
-                param_types,
-            }
-        }
-        b'B' => {
-            let total = b.len();
-            let portal = cstr(&mut b, "Bind")?;
-            let statement = cstr(&mut b, "Bind")?;
-            let tail_offset = 5 + (total - b.len());
-            let nf = count(&mut b, "Bind")?;
-            if b.len() < nf * 2 {
-                return Err(DecodeError::Malformed(
-                    "Bind",
-                    "truncated parameter formats",
-                ));
-            }
-            let param_formats: Vec<i16> = (0..nf).map(|_| b.get_i16()).collect();
-            let np = count(&mut b, "Bind")?;
-            if nf > 1 && nf != np {
-                return Err(DecodeError::Malformed(
-                    "Bind",
-                    "parameter format count does not match parameter count",
-                ));
-            }
-            let mut params = Vec::with_capacity(np.min(4096));
-            for _ in 0..np {
-                if b.len() < 4 {
-                    return Err(DecodeError::Malformed("Bind", "truncated parameter"));
-                }
-                let l = b.get_i32();
-                if l == -1 {
-                    params.push(None);
-                } else if l < 0 || l as usize > b.len() {
-                    return Err(DecodeError::Malformed("Bind", "invalid parameter length"));
-                } else {
-                    params.push(Some(b.split_to(l as usize)));
-                }
-            }
-            let nr = count(&mut b, "Bind")?;
-            if b.len() < nr * 2 {
-                return Err(DecodeError::Malformed("Bind", "truncated result formats"));
-            }
-            let result_formats = (0..nr).map(|_| b.get_i16()).collect();
-            FrontendMessage::Bind(Bind {
-                portal,
-                statement,
-                param_formats,
-                params,
-                result_formats,
-                tail_offset,
-            })
-        }
-        b'D' | b'C' => {
-            let what = if tag == b'D' { "Describe" } else { "Close" };
-            if b.is_empty() {
-                return Err(DecodeError::Malformed(what, "missing kind"));
-            }
-            let kind = b.get_u8();
-            if kind != b'S' && kind != b'P' {
-                return Err(DecodeError::Malformed(what, "kind must be 'S' or 'P'"));
-            }
-            let name = cstr(&mut b, what)?;
-            if tag == b'D' {
-                FrontendMessage::Describe { kind, name }
-            } else {
-                FrontendMessage::Close { kind, name }
-            }
-        }
-        b'E' => {
-            let portal = cstr(&mut b, "Execute")?;
-            if b.len() < 4 {
-                return Err(DecodeError::Malformed("Execute", "missing row limit"));
-            }
-            FrontendMessage::Execute {
-                portal,
-                max_rows: b.get_i32(),
-            }
-        }
+        b'Q' => FrontendMessage::Query(cstr(&mut b, "Query")?),
+        b'P' => parse_parse(b)?,
+        b'B' => FrontendMessage::Bind(parse_bind(b)?),
+        b'D' | b'C' => parse_describe_or_close(tag, b)?,
+        b'E' => parse_execute(b)?,
         b'H' => FrontendMessage::Flush,
         b'S' => FrontendMessage::Sync,
         b'X' => FrontendMessage::Terminate,
@@ -305,6 +207,114 @@ fn parse_body(tag: u8, mut b: Bytes) -> Result<FrontendMessage, DecodeError> {
         other => return Err(DecodeError::UnknownType(char::from(other))),
     };
     Ok(msg)
+}
+
+/// Parse: statement name, query text, parameter type OIDs.
+fn parse_parse(mut b: Bytes) -> Result<FrontendMessage, DecodeError> {
+    let name = cstr(&mut b, "Parse")?;
+    let query = cstr(&mut b, "Parse")?;
+    let n = i16_at(&mut b, "Parse")?;
+    if n < 0 {
+        return Err(DecodeError::Malformed("Parse", "negative parameter count"));
+    }
+    let n = n as usize;
+    if b.len() < n * 4 {
+        return Err(DecodeError::Malformed("Parse", "truncated parameter types"));
+    }
+    let param_types = (0..n).map(|_| b.get_u32()).collect();
+    Ok(FrontendMessage::Parse {
+        name,
+        query,
+        param_types,
+    })
+}
+
+/// Bind: portal, statement, parameter formats, parameter values, result formats. Records
+/// where the formats start so the proxy can re-emit the Bind for another statement name.
+fn parse_bind(mut b: Bytes) -> Result<Bind, DecodeError> {
+    let total = b.len();
+    let portal = cstr(&mut b, "Bind")?;
+    let statement = cstr(&mut b, "Bind")?;
+    let tail_offset = 5 + (total - b.len());
+    let param_formats = format_codes(&mut b, "truncated parameter formats")?;
+    let nf = param_formats.len();
+    let np = count(&mut b, "Bind")?;
+    if nf > 1 && nf != np {
+        return Err(DecodeError::Malformed(
+            "Bind",
+            "parameter format count does not match parameter count",
+        ));
+    }
+    let params = bind_values(&mut b, np)?;
+    let result_formats = format_codes(&mut b, "truncated result formats")?;
+    Ok(Bind {
+        portal,
+        statement,
+        param_formats,
+        params,
+        result_formats,
+        tail_offset,
+    })
+}
+
+/// A Bind's count-prefixed list of format codes; `truncated` says which list was short.
+fn format_codes(b: &mut Bytes, truncated: &'static str) -> Result<Vec<i16>, DecodeError> {
+    let n = count(b, "Bind")?;
+    if b.len() < n * 2 {
+        return Err(DecodeError::Malformed("Bind", truncated));
+    }
+    Ok((0..n).map(|_| b.get_i16()).collect())
+}
+
+/// A Bind's `n` parameter values (length -1 = NULL), sharing the message buffer.
+fn bind_values(b: &mut Bytes, n: usize) -> Result<Vec<Option<Bytes>>, DecodeError> {
+    // Capacity bounded: `n` comes from the client, the values must still be present.
+    let mut params = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        if b.len() < 4 {
+            return Err(DecodeError::Malformed("Bind", "truncated parameter"));
+        }
+        let l = b.get_i32();
+        if l == -1 {
+            params.push(None);
+        } else if l < 0 || l as usize > b.len() {
+            return Err(DecodeError::Malformed("Bind", "invalid parameter length"));
+        } else {
+            params.push(Some(b.split_to(l as usize)));
+        }
+    }
+    Ok(params)
+}
+
+/// Describe (`D`) or Close (`C`): the same body, a kind (`S`tatement or `P`ortal) and a
+/// name.
+fn parse_describe_or_close(tag: u8, mut b: Bytes) -> Result<FrontendMessage, DecodeError> {
+    let what = if tag == b'D' { "Describe" } else { "Close" };
+    if b.is_empty() {
+        return Err(DecodeError::Malformed(what, "missing kind"));
+    }
+    let kind = b.get_u8();
+    if kind != b'S' && kind != b'P' {
+        return Err(DecodeError::Malformed(what, "kind must be 'S' or 'P'"));
+    }
+    let name = cstr(&mut b, what)?;
+    Ok(if tag == b'D' {
+        FrontendMessage::Describe { kind, name }
+    } else {
+        FrontendMessage::Close { kind, name }
+    })
+}
+
+/// Execute: portal and row limit (0 = all).
+fn parse_execute(mut b: Bytes) -> Result<FrontendMessage, DecodeError> {
+    let portal = cstr(&mut b, "Execute")?;
+    if b.len() < 4 {
+        return Err(DecodeError::Malformed("Execute", "missing row limit"));
+    }
+    Ok(FrontendMessage::Execute {
+        portal,
+        max_rows: b.get_i32(),
+    })
 }
 
 fn cstr(b: &mut Bytes, what: &'static str) -> Result<String, DecodeError> {

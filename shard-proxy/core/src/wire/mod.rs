@@ -247,7 +247,7 @@ impl ColumnDesc {
     pub fn text(name: &str) -> Self {
         ColumnDesc {
             name: name.into(),
-            type_oid: 25,
+            type_oid: crate::oid::TEXT,
             type_size: -1,
             format: 0,
         }
@@ -257,7 +257,7 @@ impl ColumnDesc {
     pub fn int8(name: &str) -> Self {
         ColumnDesc {
             name: name.into(),
-            type_oid: 20,
+            type_oid: crate::oid::INT8,
             type_size: 8,
             format: 0,
         }

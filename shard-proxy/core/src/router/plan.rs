@@ -1,0 +1,315 @@
+//! [`Analysis::plan`]: the per-execution routing decision — cheap, because the parse
+//! happened once in the analysis. Binds `$n` keys from the Bind parameters, hashes them on
+//! the [`Ring`] and picks the target; a multi-row INSERT whose rows land on several shards
+//! is split (see `split`).
+
+use std::collections::BTreeSet;
+
+use super::model::{
+    Analysis, Count, KeyExpr, KeyValue, Params, Plan, RouteError, StatementKind, Target,
+};
+use super::split;
+use crate::ring::Ring;
+
+impl Analysis {
+    /// Decides where this statement goes for one execution.
+    ///
+    /// `session_shard` is the session's `SET taskflow.shard` value, if any.
+    pub fn plan(
+        &self,
+        ring: &Ring,
+        params: &Params,
+        session_shard: Option<&str>,
+    ) -> Result<Plan, RouteError> {
+        if let Some(name) = self.forced_shard(session_shard) {
+            let idx = ring
+                .index_of(name)
+                .ok_or_else(|| RouteError::UnknownShard(name.to_string()))?;
+            return Ok(Plan::to(Target::One(idx)));
+        }
+        if let Some(err) = &self.detail.refusal {
+            return Err(err.clone());
+        }
+        match &self.kind {
+            StatementKind::Empty | StatementKind::Show => self.keyed_or_first(ring, params),
+            StatementKind::Begin
+            | StatementKind::Commit
+            | StatementKind::Rollback
+            | StatementKind::Savepoint
+            | StatementKind::SetShard(_)
+            | StatementKind::Set
+            | StatementKind::Prepare
+            | StatementKind::Deallocate
+            | StatementKind::Utility
+                if !self.detail.multi =>
+            {
+                Ok(Plan::to(Target::All))
+            }
+            StatementKind::Execute if !self.detail.multi => Err(RouteError::Unsupported(
+                "SQL-level EXECUTE: the proxy can't see which shard the prepared statement's \
+                 key points to; use the extended protocol (Parse/Bind) or a /* shard=<name> */ hint"
+                    .into(),
+            )),
+            StatementKind::Unparsed(msg) => Err(RouteError::Unsupported(format!(
+                "the proxy could not parse this statement ({msg}); route it explicitly with \
+                 /* shard=<name> */ or SET taskflow.shard"
+            ))),
+            StatementKind::Copy { from_stdin } if !self.detail.multi => {
+                if *from_stdin {
+                    // Rows come later; the wire layer splits them by key column.
+                    Ok(Plan::to(Target::All))
+                } else {
+                    self.keyed_or_first(ring, params)
+                }
+            }
+            _ => {
+                if !self.touches_sharded {
+                    return Ok(Plan::to(if self.is_write || self.detail.broadcast {
+                        Target::All
+                    } else {
+                        Target::One(0)
+                    }));
+                }
+                self.plan_keyed(ring, params)
+            }
+        }
+    }
+
+    /// The shard named by a `/* shard=name */` hint, else by the session's
+    /// `SET taskflow.shard` (except for the statement that sets it).
+    fn forced_shard<'s>(&'s self, session_shard: Option<&'s str>) -> Option<&'s str> {
+        match (&self.hint, session_shard) {
+            (Some(h), _) => Some(h.as_str()),
+            (None, Some(s)) if !matches!(self.kind, StatementKind::SetShard(_)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A read that is the same on every shard unless it touches a sharded table.
+    fn keyed_or_first(&self, ring: &Ring, params: &Params) -> Result<Plan, RouteError> {
+        if self.touches_sharded {
+            self.plan_keyed(ring, params)
+        } else {
+            Ok(Plan::to(Target::One(0)))
+        }
+    }
+
+    /// Routing of a statement that touches a sharded table, by its keys.
+    fn plan_keyed(&self, ring: &Ring, params: &Params) -> Result<Plan, RouteError> {
+        match &self.keys {
+            KeyExpr::None => self.plan_unkeyed(params),
+            KeyExpr::Any(values) => self.plan_any(ring, params, values),
+            KeyExpr::PerRow(values) => self.plan_rows(ring, params, values),
+        }
+    }
+
+    /// No key: a read scatters to every shard and is merged, UPDATE/DELETE are broadcast,
+    /// EXPLAIN asks one shard. A multi-statement string can't be split by statement.
+    fn plan_unkeyed(&self, params: &Params) -> Result<Plan, RouteError> {
+        if self.detail.multi {
+            return Err(RouteError::Unsupported(
+                "a query string with several statements must give the shard key in \
+                 every statement that uses a sharded table (or a /* shard=<name> */ \
+                 hint); send them one at a time"
+                    .into(),
+            ));
+        }
+        if self.detail.single_shard_read {
+            if self.is_write {
+                return Err(RouteError::Unsupported(
+                    "EXPLAIN ANALYZE of a write without the shard key would run it on \
+                     one shard only; add the key or a /* shard=<name> */ hint"
+                        .into(),
+                ));
+            }
+            return Ok(Plan::to(Target::One(0)));
+        }
+        if self.is_write {
+            // UPDATE/DELETE without key: broadcast.
+            Ok(Plan::to(Target::All))
+        } else {
+            self.scatter(Target::All, params)
+        }
+    }
+
+    /// `WHERE key = v` / `IN` / `OR`: the shards owning those keys.
+    fn plan_any(
+        &self,
+        ring: &Ring,
+        params: &Params,
+        values: &[KeyValue],
+    ) -> Result<Plan, RouteError> {
+        let mut shards = BTreeSet::new();
+        for v in values {
+            if let Some(key) = resolve(*v, params)? {
+                shards.insert(ring.shard_for(key));
+            }
+        }
+        if let Some((new_key, moving)) = &self.detail.key_update {
+            return plan_key_update(ring, params, *new_key, moving, &shards);
+        }
+        let shards: Vec<usize> = shards.into_iter().collect();
+        match shards.as_slice() {
+            // Every key is NULL: nothing can match; any one shard answers.
+            [] => Ok(Plan::to(Target::One(0))),
+            [one] => Ok(Plan::to(Target::One(*one))),
+            _ => self.plan_many(shards, params),
+        }
+    }
+
+    /// Keys on several shards: a read is merged, a write goes to each; a multi-statement
+    /// string can't be, and EXPLAIN asks the first.
+    fn plan_many(&self, shards: Vec<usize>, params: &Params) -> Result<Plan, RouteError> {
+        if self.detail.multi {
+            return Err(RouteError::Unsupported(
+                "the statements of this query string route to different shards; \
+                 send them one at a time"
+                    .into(),
+            ));
+        }
+        if self.detail.single_shard_read {
+            if self.is_write {
+                return Err(RouteError::Unsupported(
+                    "EXPLAIN ANALYZE of a write spanning several shards".into(),
+                ));
+            }
+            return Ok(Plan::to(Target::One(shards[0])));
+        }
+        if self.is_write {
+            Ok(Plan::to(Target::Many(shards)))
+        } else {
+            self.scatter(Target::Many(shards), params)
+        }
+    }
+
+    /// INSERT VALUES: the shard of each row; rows on several shards are split into one
+    /// INSERT per shard.
+    fn plan_rows(
+        &self,
+        ring: &Ring,
+        params: &Params,
+        values: &[KeyValue],
+    ) -> Result<Plan, RouteError> {
+        let per_row = row_shards(ring, params, values)?;
+        let distinct: BTreeSet<usize> = per_row.iter().copied().collect();
+        let shards: Vec<usize> = distinct.into_iter().collect();
+        match shards.as_slice() {
+            [] => Ok(Plan::to(Target::One(0))),
+            [one] => Ok(Plan::to(Target::One(*one))),
+            _ => {
+                if self.detail.multi {
+                    return Err(RouteError::Unsupported(
+                        "a multi-row INSERT in a multi-statement query string whose \
+                         rows belong to different shards; send it on its own"
+                            .into(),
+                    ));
+                }
+                let template = self.detail.insert.as_ref().ok_or_else(|| {
+                    RouteError::Unsupported("cannot split this INSERT by shard".into())
+                })?;
+                let per_shard = split::split_insert(template, &per_row, &shards)?;
+                Ok(Plan {
+                    target: Target::Many(shards),
+                    per_shard_sql: Some(per_shard),
+                    scatter_read: false,
+                    merge: None,
+                })
+            }
+        }
+    }
+
+    /// A read spanning shards: merged by the analysis' [`MergeSpec`](crate::merge::MergeSpec), its
+    /// `$n` LIMIT/OFFSET resolved — or refused if it can't be merged exactly.
+    fn scatter(&self, target: Target, params: &Params) -> Result<Plan, RouteError> {
+        if let Some(why) = &self.detail.scatter_refusal {
+            return Err(RouteError::Unsupported(why.clone()));
+        }
+        let mut spec = self.merge.clone().unwrap_or_default();
+        if let Some(limit) = self.detail.limit {
+            spec.limit = resolve_count(limit, params, "LIMIT")?;
+        }
+        if let Some(offset) = self.detail.offset {
+            spec.offset = resolve_count(offset, params, "OFFSET")?.unwrap_or(0);
+        }
+        Ok(Plan {
+            target,
+            per_shard_sql: None,
+            scatter_read: true,
+            merge: Some(spec),
+        })
+    }
+}
+
+/// The shard of each INSERT row, in row order (a NULL key is an error: no shard owns it).
+fn row_shards(ring: &Ring, params: &Params, values: &[KeyValue]) -> Result<Vec<usize>, RouteError> {
+    let mut per_row = Vec::with_capacity(values.len());
+    for (row, v) in values.iter().enumerate() {
+        match resolve(*v, params)? {
+            Some(key) => per_row.push(ring.shard_for(key)),
+            None => {
+                let index = match v {
+                    KeyValue::Param(i) => *i,
+                    KeyValue::Literal(_) => 0,
+                };
+                return Err(RouteError::BadKeyParam {
+                    index,
+                    reason: format!("NULL shard key in row {} of the INSERT", row + 1),
+                });
+            }
+        }
+    }
+    Ok(per_row)
+}
+
+/// An UPDATE setting the key: allowed only when the new key lands on the row's shard.
+fn plan_key_update(
+    ring: &Ring,
+    params: &Params,
+    new_key: KeyValue,
+    moving: &RouteError,
+    shards: &BTreeSet<usize>,
+) -> Result<Plan, RouteError> {
+    let Some(new_key) = resolve(new_key, params)? else {
+        return Err(moving.clone());
+    };
+    let dest = ring.shard_for(new_key);
+    match shards.iter().copied().collect::<Vec<_>>().as_slice() {
+        [only] if *only == dest => Ok(Plan::to(Target::One(dest))),
+        _ => Err(moving.clone()),
+    }
+}
+
+impl Plan {
+    fn to(target: Target) -> Plan {
+        Plan {
+            target,
+            per_shard_sql: None,
+            scatter_read: false,
+            merge: None,
+        }
+    }
+}
+
+/// The key a [`KeyValue`] stands for in this execution (`None` = NULL).
+fn resolve(v: KeyValue, params: &Params) -> Result<Option<i64>, RouteError> {
+    match v {
+        KeyValue::Literal(k) => Ok(Some(k)),
+        KeyValue::Param(i) => params.key(i),
+    }
+}
+
+fn resolve_count(c: Count, params: &Params, what: &str) -> Result<Option<u64>, RouteError> {
+    match c {
+        Count::Literal(n) => Ok(Some(n)),
+        Count::Param(i) => match params.key(i) {
+            Ok(None) => Ok(None),
+            Ok(Some(n)) => u64::try_from(n)
+                .map(Some)
+                .map_err(|_| RouteError::Unsupported(format!("negative {what}"))),
+            Err(RouteError::BadKeyParam { index, reason }) => Err(RouteError::Unsupported(
+                format!("{what} parameter ${} is unusable: {reason}", index + 1),
+            )),
+            Err(e) => Err(e),
+        },
+    }
+}
