@@ -67,6 +67,7 @@ impl Session {
                     // committed (2PC) after the batch.
                     self.txn = Some(Txn::implicit(self.topo.clone()));
                     self.client.hold_output = true;
+                    begin_on_taken(plan)?;
                 }
                 let bound = BindOn {
                     b,
@@ -146,6 +147,39 @@ impl Session {
     }
 }
 
+/// Opens the transaction that just began on the backends this batch took before it (for
+/// its Parse): without it their part of the write would run in autocommit and stay
+/// applied even when the transaction rolls back. `BEGIN` goes right after the internal
+/// queries already queued ahead of the client's messages, and is read back with them.
+fn begin_on_taken(plan: &mut Plan) -> Result<(), ExecError> {
+    for w in plan.works.values_mut() {
+        let c = w.conn.conn();
+        let at = offset_after_messages(&c.wbuf, w.skip as usize).ok_or_else(|| {
+            ExecError::sql(
+                sqlstate::INTERNAL_ERROR,
+                "malformed queued backend messages",
+            )
+        })?;
+        let tail = c.wbuf.split_off(at);
+        frontend::query("BEGIN", &mut c.wbuf)
+            .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
+        c.wbuf.unsplit(tail);
+        w.skip += 1;
+    }
+    Ok(())
+}
+
+/// Byte offset just past the first `n` protocol messages in `buf`.
+fn offset_after_messages(buf: &[u8], n: usize) -> Option<usize> {
+    let mut at = 0usize;
+    for _ in 0..n {
+        let len = buf.get(at + 1..at + 5)?;
+        let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+        at = at.checked_add(1 + len).filter(|&end| end <= buf.len())?;
+    }
+    Some(at)
+}
+
 /// A Bind being spread over several shards, with what its route decided.
 struct BindOn<'a> {
     b: &'a Bind,
@@ -153,4 +187,22 @@ struct BindOn<'a> {
     stmt: &'a Arc<Stmt>,
     merge: Option<&'a MergeSpec>,
     per_shard_sql: Option<&'a PerShardSql>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offset_after_messages;
+
+    #[test]
+    fn finds_the_end_of_queued_messages() {
+        let mut buf = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query("SET a = 1", &mut buf).expect("encode");
+        let first = buf.len();
+        postgres_protocol::message::frontend::query("BEGIN", &mut buf).expect("encode");
+        assert_eq!(offset_after_messages(&buf, 0), Some(0));
+        assert_eq!(offset_after_messages(&buf, 1), Some(first));
+        assert_eq!(offset_after_messages(&buf, 2), Some(buf.len()));
+        assert_eq!(offset_after_messages(&buf, 3), None);
+        assert_eq!(offset_after_messages(&buf[..3], 1), None);
+    }
 }
