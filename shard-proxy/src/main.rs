@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use taskflow_kit::deps::Checks;
 use taskflow_kit::http::Readiness;
 use taskflow_kit::{Daemon, DaemonArgs};
 use taskflow_shard_proxy::config::{BackendTarget, ProxyConfig};
+use taskflow_shard_proxy::proxy::Proxy;
 use tokio_util::sync::CancellationToken;
 
 const NAME: &str = "taskflow-shard-proxy";
@@ -63,18 +65,33 @@ async fn serve(mut daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("metrics_listen {metrics_listen}"))?;
     let proxy = running.proxy.clone();
-    let status = probe(&proxy, &readiness).await;
-    daemon.lifecycle.ready(&format!(
-        "listening on {}; metrics on {ops}; {status}",
-        running.addr
-    ));
+    if backend_checks(&proxy)
+        .wait_ready(&readiness, &daemon.lifecycle)
+        .await
+    {
+        daemon.lifecycle.ready(&format!(
+            "listening on {}; metrics on {ops}; {}",
+            running.addr,
+            backend_status(&proxy, &readiness)
+        ));
+        supervise(&mut daemon, &proxy, &readiness).await;
+    }
+    tracing::info!("draining clients");
+    inner_shutdown.cancel();
+    running.stop(daemon.lifecycle.grace).await;
+    Ok(())
+}
 
+/// Until shutdown: status every 10 s, and reloads on SIGHUP (all of the new configuration
+/// or none of it).
+async fn supervise(daemon: &mut Daemon<ProxyConfig>, proxy: &Proxy, readiness: &Readiness) {
+    let shutdown = daemon.lifecycle.shutdown.clone();
     let mut probe_tick = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => return,
             _ = probe_tick.tick() => {
-                let status = probe_cached(&proxy, &readiness);
+                let status = backend_status(proxy, readiness);
                 daemon.lifecycle.status(&status);
             }
             reload = daemon.reloads.recv() => {
@@ -92,27 +109,36 @@ async fn serve(mut daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("draining clients");
-    inner_shutdown.cancel();
-    running.stop(daemon.lifecycle.grace).await;
-    Ok(())
 }
 
-/// Connects once to every backend and records readiness; returns a status line.
-async fn probe(proxy: &taskflow_shard_proxy::proxy::Proxy, readiness: &Readiness) -> String {
-    let topo = proxy.topology();
-    for p in topo.all_pools() {
-        match p.connect().await {
-            Ok(c) => c.terminate().await,
-            Err(e) => {
-                tracing::warn!(shard = %p.name, error = %e, "backend not reachable at startup")
+/// One check per backend of the start-up configuration (the auth database and every
+/// shard): READY waits until each accepts a connection.
+fn backend_checks(proxy: &Arc<Proxy>) -> Checks {
+    let mut checks = Checks::new();
+    for pool in proxy.topology().all_pools() {
+        let (proxy, name) = (proxy.clone(), pool.name.clone());
+        checks = checks.add(&pool.name.clone(), move || {
+            let (proxy, name) = (proxy.clone(), name.clone());
+            async move {
+                let Some(pool) = proxy
+                    .topology()
+                    .pool_by_name(&name)
+                    .cloned()
+                    .or_else(|| (name == "auth").then(|| proxy.topology().auth.clone()))
+                else {
+                    return Ok(());
+                };
+                let conn = pool.connect().await.map_err(|e| e.to_string())?;
+                conn.terminate().await;
+                Ok(())
             }
-        }
+        });
     }
-    probe_cached(proxy, readiness)
+    checks
 }
 
-fn probe_cached(proxy: &taskflow_shard_proxy::proxy::Proxy, readiness: &Readiness) -> String {
+/// Records each current backend's health in `/readyz`; returns a status line.
+fn backend_status(proxy: &Proxy, readiness: &Readiness) -> String {
     let topo = proxy.topology();
     let mut down = Vec::new();
     for p in topo.all_pools() {
