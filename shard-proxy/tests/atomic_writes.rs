@@ -85,7 +85,10 @@ async fn keyless_update_in_one_unnamed_batch_is_atomic() {
         )
         .await
         .expect_err("NOT NULL violated");
-    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
     assert!(message.contains("null"), "{err:?}");
     assert_eq!(
         rows_per_shard(&env, "SELECT count(*) FROM tasks WHERE title = 'renamed'").await,

@@ -50,7 +50,11 @@ async fn reload_racing_with_clients_never_mixes_users_and_databases() {
         tokio::spawn(async move {
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let next = if i.is_multiple_of(2) { b.clone() } else { a.clone() };
+                let next = if i.is_multiple_of(2) {
+                    b.clone()
+                } else {
+                    a.clone()
+                };
                 proxy.reload(next).await.expect("reload");
                 reloads.fetch_add(1, Ordering::Relaxed);
                 i += 1;

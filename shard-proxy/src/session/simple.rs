@@ -59,8 +59,11 @@ impl Session {
                     .map(drop)
             }
             StatementKind::Unparsed(reason) => {
-                let (shard, hinted) =
-                    self.route_unparsed_sql(analysis.hint.as_deref(), sql, reason)?;
+                let (shard, hinted) = self.route_unparsed_sql(
+                    analysis.hint.as_deref(),
+                    analysis.touches_sharded,
+                    reason,
+                )?;
                 self.run_single(shard, raw, sql, hinted, None)
                     .await
                     .map(drop)
@@ -70,12 +73,12 @@ impl Session {
     }
 
     /// Where a statement the router could not parse runs: the shard a hint names (`true`:
-    /// hinted), else any shard — unless it names a sharded table, which would silently read
-    /// only one shard's rows.
+    /// hinted), else any shard — unless one of its words names a sharded table
+    /// (`touches_sharded`), which would silently read only one shard's rows.
     pub(super) fn route_unparsed_sql(
         &self,
         hint: Option<&str>,
-        sql: &str,
+        touches_sharded: bool,
         reason: &str,
     ) -> Result<(usize, bool), ExecError> {
         if let Some(hint) = hint.or(self.shard_hint.as_deref()) {
@@ -87,20 +90,13 @@ impl Session {
             })?;
             return Ok((shard, true));
         }
-        let lower = sql.to_ascii_lowercase();
-        // Catalog queries (psql's \d) name tables only as data: any shard answers.
-        let mentions_sharded = !lower.contains("pg_catalog")
-            && self
-                .topo
-                .sharded_tables
-                .iter()
-                .any(|t| lower.contains(&t.to_ascii_lowercase()));
-        if mentions_sharded {
+        if touches_sharded {
             return Err(ExecError::sql(
                 sqlstate::SYNTAX_ERROR,
                 format!("the shard proxy cannot route this statement ({reason}); add /* shard=<name> */ or SET taskflow.shard"),
             ));
         }
+        // Catalog queries and the like: any shard answers the same.
         Ok((self.default_shard(), false))
     }
 

@@ -56,7 +56,10 @@ fn the_proxy_core_is_pure() {
 fn the_purity_check_sees_io() {
     // The check must be able to fail: the proxy's runtime crate does I/O.
     let bad = impure_in(&graph(), "taskflow-shard-proxy");
-    assert!(bad.contains("tokio"), "the runtime crate's graph has tokio: {bad:?}");
+    assert!(
+        bad.contains("tokio"),
+        "the runtime crate's graph has tokio: {bad:?}"
+    );
 }
 
 #[test]

@@ -42,8 +42,13 @@ impl Ctx<'_> {
                 [one] => self.statement(one),
                 many => self.multi(many),
             },
-            Err(e) => text::fallback(sql, &|n| self.is_sharded_name(n))
-                .unwrap_or_else(|| Analysis::new(StatementKind::Unparsed(e.to_string()))),
+            Err(e) => text::fallback(sql, &|n| self.is_sharded_name(n)).unwrap_or_else(|| {
+                let mut a = Analysis::new(StatementKind::Unparsed(e.to_string()));
+                // Decided by the words of the statement, not by what else its text holds
+                // (a `pg_catalog` in a comment must not let `tasks` through unrouted).
+                a.touches_sharded = text::mentions(sql, &|n| self.is_sharded_name(n));
+                a
+            }),
         };
         a.hint = hint;
         a

@@ -218,8 +218,10 @@ const MAX_OPERATORS: usize = 16_000;
 /// Stack reserved per operator on the slow path (debug builds need ~4 KiB per level).
 const STACK_PER_OPERATOR: usize = 16 * 1024;
 
+/// A statement too complex to analyse: it may touch sharded data, so only a hint routes it.
 fn unparsed(sql: &str, why: String) -> Analysis {
     let mut a = Analysis::new(StatementKind::Unparsed(why));
     a.hint = text::shard_hint(sql);
+    a.touches_sharded = true;
     a
 }

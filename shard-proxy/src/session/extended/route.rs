@@ -29,20 +29,15 @@ impl Session {
             StatementKind::Set | StatementKind::Show => {
                 return Ok(PortalRoute::One(self.default_shard()))
             }
-            StatementKind::Unparsed(reason) => return self.route_unparsed(stmt, analysis, reason),
+            StatementKind::Unparsed(reason) => return self.route_unparsed(analysis, reason),
             _ => {}
         }
         self.route_planned(stmt, analysis, b)
     }
 
     /// A statement the router could not parse: routed as in the simple protocol.
-    fn route_unparsed(
-        &self,
-        stmt: &Stmt,
-        analysis: &Analysis,
-        reason: &str,
-    ) -> Result<PortalRoute, Box<Slot>> {
-        self.route_unparsed_sql(analysis.hint.as_deref(), &stmt.sql, reason)
+    fn route_unparsed(&self, analysis: &Analysis, reason: &str) -> Result<PortalRoute, Box<Slot>> {
+        self.route_unparsed_sql(analysis.hint.as_deref(), analysis.touches_sharded, reason)
             .map(|(shard, _)| PortalRoute::One(shard))
             .map_err(|e| boxed_error(e.code(), &e.to_string()))
     }
