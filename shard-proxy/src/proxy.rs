@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::backend::Pool;
-use crate::config::{resolve, BackendTarget, ProxyConfig, SetupError};
+use crate::config::{resolve, BackendTarget, ProxyConfig, SetupError, User};
 use crate::metrics::Metrics;
 use crate::scram::{random_bytes, Verifier};
 use proxy_core::ring::Ring;
@@ -52,7 +52,7 @@ impl Topology {
 pub struct Snapshot {
     pub config: Arc<ProxyConfig>,
     /// Client logins by name.
-    pub users: HashMap<String, Verifier>,
+    pub users: HashMap<String, User>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub topology: Arc<Topology>,
 }
@@ -164,7 +164,7 @@ impl Proxy {
     /// nobody can satisfy (with a salt stable per name) when the name is unknown.
     pub fn verifier(&self, snapshot: &Snapshot, user: &str) -> (Verifier, bool) {
         match snapshot.users.get(user) {
-            Some(v) => (v.clone(), true),
+            Some(u) => (u.verifier.clone(), true),
             None => (Verifier::impossible(user, &self.mock_key), false),
         }
     }

@@ -17,6 +17,8 @@ fn variant(base: &ProxyConfig, user: &str, db: &str) -> ProxyConfig {
         name: user.into(),
         password: Some("secret".into()),
         password_file: None,
+        databases: None,
+        admin: false,
     });
     c.sharding.database = db.into();
     c

@@ -8,7 +8,7 @@ mod resolve;
 mod target;
 mod validate;
 
-pub use resolve::{resolve, Resolved, SetupError};
+pub use resolve::{resolve, Resolved, SetupError, User};
 pub use target::BackendTarget;
 
 use std::net::SocketAddr;
@@ -56,6 +56,8 @@ impl Default for ProxyConfig {
                 name: "taskflow".into(),
                 password_file: Some("proxy-password".into()),
                 password: None,
+                databases: None,
+                admin: false,
             }],
             tls: TlsConfig::default(),
             pool: PoolConfig::default(),
@@ -78,6 +80,30 @@ pub struct UserConfig {
     /// Inline password: accepted for development only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// Databases this user may open. Unset: the sharded database and `auth` (plus `admin`
+    /// for an admin user). `admin` may be listed only by an admin user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub databases: Option<Vec<String>>,
+    /// May open the `admin` console (`PAUSE`, `RELOAD`, …), like pgbouncer's `admin_users`.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl UserConfig {
+    /// The databases this user may open, given the sharded database's name.
+    pub fn allowed_databases(&self, sharded: &str) -> std::collections::BTreeSet<String> {
+        match &self.databases {
+            Some(list) => list.iter().cloned().collect(),
+            None => {
+                let mut all: std::collections::BTreeSet<String> =
+                    [sharded.to_owned(), "auth".to_owned()].into();
+                if self.admin {
+                    all.insert("admin".into());
+                }
+                all
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -6,7 +6,7 @@
 //! must read the same files the same way, and configuration code must not call up into
 //! the runtime. The runtime consumes a [`Resolved`]; it never reads these files itself.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use taskflow_kit::config::ConfigError;
@@ -45,10 +45,18 @@ impl SetupError {
     }
 }
 
+/// A client login, ready to authenticate and authorise.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub verifier: Verifier,
+    /// The databases this user may open.
+    pub databases: BTreeSet<String>,
+}
+
 /// What the files named by a configuration hold, ready for use.
 pub struct Resolved {
     /// Client logins by name.
-    pub users: HashMap<String, Verifier>,
+    pub users: HashMap<String, User>,
     /// The password the proxy presents to every backend, if one is configured.
     pub backend_password: Option<String>,
     /// The TLS server configuration, when `tls.cert_file`/`tls.key_file` are set.
@@ -64,7 +72,7 @@ pub fn resolve(config: &ProxyConfig) -> Result<Resolved, SetupError> {
     })
 }
 
-fn users(config: &ProxyConfig) -> Result<HashMap<String, Verifier>, SetupError> {
+fn users(config: &ProxyConfig) -> Result<HashMap<String, User>, SetupError> {
     let mut users = HashMap::new();
     for (i, u) in config.users.iter().enumerate() {
         let password = match (&u.password_file, &u.password) {
@@ -84,7 +92,14 @@ fn users(config: &ProxyConfig) -> Result<HashMap<String, Verifier>, SetupError> 
             key: format!("users[{i}]"),
             message: e.to_string(),
         })?;
-        users.insert(u.name.clone(), verifier);
+        let databases = u.allowed_databases(&config.sharding.database);
+        users.insert(
+            u.name.clone(),
+            User {
+                verifier,
+                databases,
+            },
+        );
     }
     Ok(users)
 }

@@ -55,6 +55,37 @@ fn users(c: &ProxyConfig) -> Result<(), ConfigError> {
             }
             _ => {}
         }
+        user_databases(c, i, u)?;
+    }
+    Ok(())
+}
+
+/// A user's `databases` names only databases the proxy serves, and `admin` only for an
+/// admin user.
+fn user_databases(c: &ProxyConfig, i: usize, u: &super::UserConfig) -> Result<(), ConfigError> {
+    let Some(list) = &u.databases else {
+        return Ok(());
+    };
+    let key = format!("users[{i}].databases");
+    if list.is_empty() {
+        return Err(ConfigError::invalid(key, "must name at least one database"));
+    }
+    for db in list {
+        if db == "admin" && !u.admin {
+            return Err(ConfigError::invalid(
+                key,
+                "`admin` is only for users with `admin = true`",
+            ));
+        }
+        if db != "admin" && db != "auth" && *db != c.sharding.database {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "unknown database `{db}` (the proxy serves `{}`, `auth` and `admin`)",
+                    c.sharding.database
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -75,6 +75,24 @@ async fn handshake(
     if !authenticate(&mut conn, &user, verifier, known).await? {
         return Ok(None);
     }
+    // Authorisation after authentication, as PostgreSQL does: a refusal tells nothing to
+    // someone without the password.
+    let allowed = snapshot
+        .users
+        .get(&user)
+        .is_some_and(|u| u.databases.contains(&database));
+    if !allowed {
+        tracing::info!(user = %user, database = %database, "database not allowed for user");
+        fatal(
+            &mut conn,
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            &format!(
+                "permission denied for database \"{database}\": user \"{user}\" may not open it"
+            ),
+        )
+        .await;
+        return Ok(None);
+    }
     Ok(Some(Authenticated {
         conn,
         user,

@@ -14,6 +14,8 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 pub const PASSWORD: &str = "taskflow";
+/// The operator's login: the only one that may open the `admin` console.
+pub const ADMIN_USER: &str = "taskflow_admin";
 
 pub struct Env {
     pub shards: Shards,
@@ -50,11 +52,22 @@ impl Env {
             listen: "127.0.0.1:0".parse().expect("addr"),
             metrics_listen: "127.0.0.1:0".parse().expect("addr"),
             state_dir: dir.path().join("state"),
-            users: vec![UserConfig {
-                name: "taskflow".into(),
-                password: Some(PASSWORD.into()),
-                password_file: None,
-            }],
+            users: vec![
+                UserConfig {
+                    name: "taskflow".into(),
+                    password: Some(PASSWORD.into()),
+                    password_file: None,
+                    databases: None,
+                    admin: false,
+                },
+                UserConfig {
+                    name: ADMIN_USER.into(),
+                    password: Some(PASSWORD.into()),
+                    password_file: None,
+                    databases: None,
+                    admin: true,
+                },
+            ],
             ..ProxyConfig::default()
         };
         config.pool.size = 8;
@@ -109,6 +122,7 @@ impl Env {
             "listen = \"{listen}\"\nmetrics_listen = \"127.0.0.1:0\"\nstate_dir = \"{state}\"\n\
              {extra}\n\
              [[users]]\nname = \"taskflow\"\npassword = \"taskflow\"\n\
+             [[users]]\nname = \"taskflow_admin\"\npassword = \"taskflow\"\nadmin = true\n\
              [backend]\nuser = \"taskflow\"\npassword_file = \"{pw}\"\n\
              [auth_database]\nurl = \"{auth}\"\n",
             listen = self.proxy.as_ref().map(|p| p.addr).unwrap_or(self.config.listen),
@@ -129,9 +143,15 @@ impl Env {
         self.config.state_dir.clone()
     }
 
+    /// Connection string for `db`: the operator's login for `admin`, the daemons' otherwise.
     pub fn conn_string(&self, db: &str) -> String {
+        let user = if db == "admin" {
+            ADMIN_USER
+        } else {
+            "taskflow"
+        };
         format!(
-            "host=127.0.0.1 port={} user=taskflow password={PASSWORD} dbname={db}",
+            "host=127.0.0.1 port={} user={user} password={PASSWORD} dbname={db}",
             self.addr().port()
         )
     }

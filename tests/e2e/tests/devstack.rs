@@ -173,7 +173,12 @@ async fn up_serves_the_seed_requests_and_down_leaves_nothing_running() {
                 "-p",
                 &port.to_string(),
                 "-U",
-                "taskflow",
+                // Only the operator's login may open the admin console.
+                if db == "admin" {
+                    "taskflow_admin"
+                } else {
+                    "taskflow"
+                },
                 "-d",
                 db,
             ])

@@ -308,7 +308,10 @@ fn write_configs(layout: &Layout) -> anyhow::Result<Configs> {
 listen = "127.0.0.1:{proxy}"
 metrics_listen = "127.0.0.1:{metrics}"
 state_dir = "{state}"
-users = [{{ name = "taskflow", password_file = "{proxy_pw}" }}]
+users = [
+    {{ name = "taskflow", password_file = "{proxy_pw}", databases = ["tasks", "auth"] }},
+    {{ name = "taskflow_admin", password_file = "{proxy_pw}", admin = true, databases = ["admin"] }},
+]
 
 [backend]
 user = "taskflow"
@@ -401,7 +404,7 @@ TaskFlow is up. (Dev-only credentials: role taskflow / password taskflow.)
 
   REST API        http://127.0.0.1:{gw}/            Swagger  http://127.0.0.1:{gw}/swagger/index.html
   Auth daemon     http://127.0.0.1:{auth}/
-  Shard proxy     psql "postgres://taskflow:taskflow@127.0.0.1:{proxy}/tasks"   (also /auth, /admin)
+  Shard proxy     psql "postgres://taskflow:taskflow@127.0.0.1:{proxy}/tasks"   (also /auth; /admin as taskflow_admin)
   Proxy metrics   http://127.0.0.1:{pm}/metrics
   Mail (web UI)   http://127.0.0.1:{ui}/
 
@@ -412,7 +415,7 @@ A short tour:
        -d '{{"email":"user@example.com","password":"securepassword"}}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
   curl -s localhost:{gw}/tasks -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
        -d '{{"title":"Complete project","performer_id":1}}'
-  PGPASSWORD=taskflow psql -h 127.0.0.1 -p {proxy} -U taskflow -d admin -c 'SHOW SHARDS'
+  PGPASSWORD=taskflow psql -h 127.0.0.1 -p {proxy} -U taskflow_admin -d admin -c 'SHOW SHARDS'
 
 State: {state}   Logs: make logs   Stop: Ctrl-C (dev) or make down (up)
 "#,

@@ -26,6 +26,7 @@ pub mod sqlstate {
     pub const IN_FAILED_TRANSACTION: &str = "25P02";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const QUERY_CANCELED: &str = "57014";
     pub const TRANSACTION_ROLLBACK: &str = "40000";
