@@ -298,14 +298,17 @@ impl Proxy {
             .unwrap_or_default()
     }
 
-    /// Waits while the proxy is PAUSEd.
-    pub async fn wait_unpaused(&self) {
+    /// Waits while the proxy is PAUSEd, at most `limit`; false when still paused then.
+    pub async fn wait_unpaused(&self, limit: std::time::Duration) -> bool {
         let mut rx = self.paused.subscribe();
-        while *rx.borrow_and_update() {
-            if rx.changed().await.is_err() {
-                return;
+        let wait = async {
+            while *rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
             }
-        }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     /// Refreshes pool gauges (called periodically).
@@ -366,7 +369,7 @@ fn build_topology(
 ) -> Result<Topology, SetupError> {
     let make_pool = |name: &str, url: &str, key: String| -> Result<Arc<Pool>, SetupError> {
         if let Some(prev) = previous.and_then(|p| p.all_pools().find(|p| p.name == name).cloned()) {
-            if prev.same_backend(url, &config.backend.user, password, config.pool.size) {
+            if prev.same_backend(url, &config.backend.user, password, &config.pool) {
                 return Ok(prev);
             }
         }
@@ -378,8 +381,7 @@ fn build_topology(
             target,
             config.backend.user.clone(),
             password.map(str::to_owned),
-            config.pool.size,
-            config.pool.connect_timeout(),
+            &config.pool,
         ))
     };
     let ring = Ring::new(

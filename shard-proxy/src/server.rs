@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -133,6 +134,7 @@ async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let connected = Arc::new(AtomicUsize::new(0));
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -145,13 +147,40 @@ async fn accept_loop(
             },
             () = shutdown.cancelled() => break,
         };
+        let max = proxy.config().limits.max_clients;
+        let Some(slot) = ClientSlot::take(&connected, max) else {
+            tracing::warn!(client = %addr, max, "refusing a client: limits.max_clients reached");
+            tracker.spawn(crate::frontend::refuse_too_many(tcp, max));
+            continue;
+        };
         let proxy = proxy.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _slot = slot;
             if let Err(e) = serve_client(proxy, tcp, addr, shutdown).await {
                 tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
             }
         });
+    }
+}
+
+/// One of `limits.max_clients` connection slots, given back when dropped.
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl ClientSlot {
+    fn take(connected: &Arc<AtomicUsize>, max: usize) -> Option<ClientSlot> {
+        let taken = connected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| ClientSlot(connected.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -14,7 +14,11 @@ async fn open(env: &Env, user: &str, password: &str, db: &str) -> Result<(), Str
     match tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await {
         Ok((client, conn)) => {
             tokio::spawn(conn);
-            let probe = if db == "admin" { "SHOW STATS" } else { "SELECT 1" };
+            let probe = if db == "admin" {
+                "SHOW STATS"
+            } else {
+                "SELECT 1"
+            };
             client
                 .simple_query(probe)
                 .await

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{BackendConn, BackendError};
-use crate::config::BackendTarget;
+use crate::config::{BackendTarget, PoolConfig};
 
 /// Most prepared statements a pooled connection may carry before it is retired.
 const MAX_PREPARED_PER_CONN: usize = 2000;
@@ -55,6 +55,8 @@ pub struct Pool {
     sem: Arc<Semaphore>,
     pub size: usize,
     connect_timeout: Duration,
+    /// How long a client waits for a free connection before its statement fails.
+    checkout_timeout: Duration,
     pub stats: PoolStats,
     pub healthy: AtomicBool,
     /// ParameterStatus values from the most recent connection (server_version, ...).
@@ -74,9 +76,9 @@ impl Pool {
         target: BackendTarget,
         user: String,
         password: Option<String>,
-        size: usize,
-        connect_timeout: Duration,
+        settings: &PoolConfig,
     ) -> Arc<Pool> {
+        let size = settings.size;
         Arc::new(Pool {
             name,
             url,
@@ -86,7 +88,8 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             sem: Arc::new(Semaphore::new(size)),
             size,
-            connect_timeout,
+            connect_timeout: settings.connect_timeout(),
+            checkout_timeout: Duration::from_secs(settings.checkout_timeout_secs),
             stats: PoolStats::default(),
             healthy: AtomicBool::new(true),
             server_params: Mutex::new(Vec::new()),
@@ -94,18 +97,26 @@ impl Pool {
     }
 
     /// Whether this pool serves the same backend with the same credentials as `other` would.
-    pub fn same_backend(&self, url: &str, user: &str, password: Option<&str>, size: usize) -> bool {
+    pub fn same_backend(
+        &self,
+        url: &str,
+        user: &str,
+        password: Option<&str>,
+        settings: &PoolConfig,
+    ) -> bool {
         self.url == url
             && self.user == user
             && self.password.as_deref() == password
-            && self.size == size
+            && self.size == settings.size
+            && self.connect_timeout == settings.connect_timeout()
+            && self.checkout_timeout == Duration::from_secs(settings.checkout_timeout_secs)
     }
 
     /// Takes a connection: an idle one if a healthy one exists, else a new one.
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let permit =
-            tokio::time::timeout(Duration::from_secs(60), self.sem.clone().acquire_owned()).await;
+            tokio::time::timeout(self.checkout_timeout, self.sem.clone().acquire_owned()).await;
         self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         let permit = match permit {
             Err(_) => return Err(PoolError::Exhausted(self.name.clone())),

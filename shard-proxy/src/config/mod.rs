@@ -38,6 +38,7 @@ pub struct ProxyConfig {
     pub users: Vec<UserConfig>,
     pub tls: TlsConfig,
     pub pool: PoolConfig,
+    pub limits: LimitsConfig,
     pub ring: RingConfig,
     pub sharding: ShardingConfig,
     pub backend: BackendConfig,
@@ -61,6 +62,7 @@ impl Default for ProxyConfig {
             }],
             tls: TlsConfig::default(),
             pool: PoolConfig::default(),
+            limits: LimitsConfig::default(),
             ring: RingConfig::default(),
             sharding: ShardingConfig::default(),
             backend: BackendConfig::default(),
@@ -115,12 +117,14 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct PoolConfig {
     /// Server connections per shard.
     pub size: usize,
     pub connect_timeout_secs: u64,
+    /// How long a statement waits for a free server connection before it fails (53300).
+    pub checkout_timeout_secs: u64,
 }
 
 impl Default for PoolConfig {
@@ -128,6 +132,37 @@ impl Default for PoolConfig {
         PoolConfig {
             size: 20,
             connect_timeout_secs: 5,
+            checkout_timeout_secs: 60,
+        }
+    }
+}
+
+/// Limits on what one client, or all of them, may take; each breach is an error for that
+/// client alone.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Client connections served at once; more are refused (53300, as PostgreSQL does).
+    pub max_clients: usize,
+    /// Largest message a client may send before it has authenticated.
+    pub pre_auth_message_bytes: usize,
+    /// Extended-protocol messages a client may queue before Sync.
+    pub max_pipeline_messages: usize,
+    /// Bytes those queued messages may hold.
+    pub max_pipeline_bytes: usize,
+    /// How long a new transaction waits while the proxy is PAUSEd before it fails (57P03,
+    /// retryable).
+    pub pause_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_clients: 10_000,
+            pre_auth_message_bytes: 8 * 1024,
+            max_pipeline_messages: 10_000,
+            max_pipeline_bytes: 64 * 1024 * 1024,
+            pause_timeout_secs: 30,
         }
     }
 }

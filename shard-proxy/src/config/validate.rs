@@ -117,10 +117,57 @@ fn limits(c: &ProxyConfig) -> Result<(), ConfigError> {
             "must be at least 1",
         ));
     }
+    if c.pool.checkout_timeout_secs == 0 {
+        return Err(ConfigError::invalid(
+            "pool.checkout_timeout_secs",
+            "must be at least 1",
+        ));
+    }
+    client_limits(&c.limits)?;
     if c.ring.virtual_nodes == 0 || c.ring.virtual_nodes > 65_536 {
         return Err(ConfigError::invalid(
             "ring.virtual_nodes",
             "must be between 1 and 65536",
+        ));
+    }
+    Ok(())
+}
+
+fn client_limits(l: &super::LimitsConfig) -> Result<(), ConfigError> {
+    let max = proxy_core::wire::frontend::MAX_MESSAGE_LEN;
+    let checks: [(&str, usize, usize, usize); 4] = [
+        ("limits.max_clients", l.max_clients, 1, 1_000_000),
+        (
+            "limits.pre_auth_message_bytes",
+            l.pre_auth_message_bytes,
+            512,
+            1 << 20,
+        ),
+        (
+            "limits.max_pipeline_messages",
+            l.max_pipeline_messages,
+            1,
+            1_000_000,
+        ),
+        (
+            "limits.max_pipeline_bytes",
+            l.max_pipeline_bytes,
+            1024,
+            16 * max,
+        ),
+    ];
+    for (key, value, low, high) in checks {
+        if !(low..=high).contains(&value) {
+            return Err(ConfigError::invalid(
+                key,
+                format!("must be between {low} and {high}"),
+            ));
+        }
+    }
+    if l.pause_timeout_secs == 0 {
+        return Err(ConfigError::invalid(
+            "limits.pause_timeout_secs",
+            "must be at least 1",
         ));
     }
     Ok(())

@@ -35,15 +35,20 @@ pub struct ClientConn {
     /// While set, output is only written at ReadyForQuery (so it can still be retracted,
     /// e.g. when an implicit cross-shard commit fails).
     pub hold_output: bool,
+    /// Largest message accepted now: small until the client has authenticated, so nobody
+    /// without a password can make the proxy reserve megabytes.
+    pub max_message: usize,
 }
 
 impl ClientConn {
-    pub fn new(stream: Box<dyn ClientStream>) -> Self {
+    /// A connection accepting messages of at most `max_message` bytes.
+    pub fn new(stream: Box<dyn ClientStream>, max_message: usize) -> Self {
         ClientConn {
             stream,
             rbuf: BytesMut::new(),
             out: BytesMut::new(),
             hold_output: false,
+            max_message,
         }
     }
 
@@ -58,7 +63,10 @@ impl ClientConn {
             let want = frontend::pending_len(&self.rbuf)
                 .map(|l| l.saturating_sub(self.rbuf.len()))
                 .unwrap_or(0)
-                .clamp(4096, frontend::MAX_MESSAGE_LEN);
+                .clamp(
+                    4096,
+                    self.max_message.clamp(4096, frontend::MAX_MESSAGE_LEN),
+                );
             self.rbuf.reserve(want);
         }
         let n = self.stream.read_buf(&mut self.rbuf).await?;
@@ -84,7 +92,7 @@ impl ClientConn {
     /// Reads the next message. `Ok(None)` on a clean EOF between messages.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ClientError> {
         loop {
-            if let Some(f) = frontend::decode_message(&mut self.rbuf)? {
+            if let Some(f) = frontend::decode_message_within(&mut self.rbuf, self.max_message)? {
                 if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
                     self.rbuf = BytesMut::new();
                 }

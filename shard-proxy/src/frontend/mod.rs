@@ -40,7 +40,8 @@ pub struct Authenticated {
 /// told why), or took too long.
 pub async fn accept(proxy: &Proxy, tcp: TcpStream) -> Result<Option<Authenticated>, ClientError> {
     let _ = tcp.set_nodelay(true);
-    let conn = ClientConn::new(Box::new(tcp));
+    let limit = proxy.config().limits.pre_auth_message_bytes;
+    let conn = ClientConn::new(Box::new(tcp), limit);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(proxy, conn)).await {
         Ok(result) => result,
         Err(_) => Ok(None),
@@ -93,6 +94,7 @@ async fn handshake(
         .await;
         return Ok(None);
     }
+    conn.max_message = proxy_core::wire::frontend::MAX_MESSAGE_LEN;
     Ok(Some(Authenticated {
         conn,
         user,
@@ -100,6 +102,31 @@ async fn handshake(
         params,
         tls,
     }))
+}
+
+/// Refuses a connection over `limits.max_clients` the way PostgreSQL does: the client's
+/// SSLRequest is declined, its startup packet answered with FATAL 53300.
+pub async fn refuse_too_many(tcp: TcpStream, max: usize) {
+    let mut conn = ClientConn::new(Box::new(tcp), 1024);
+    let refuse = async {
+        loop {
+            match conn.read_startup().await {
+                Ok(Some(Startup::SslRequest | Startup::GssEncRequest)) => {
+                    if conn.stream.write_all(b"N").await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(Startup::Startup { .. })) => {
+                    let message =
+                        format!("sorry, too many clients already ({max}; limits.max_clients)");
+                    fatal(&mut conn, sqlstate::TOO_MANY_CONNECTIONS, &message).await;
+                    return;
+                }
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), refuse).await;
 }
 
 /// Startup parameters of a client.

@@ -32,6 +32,7 @@ use postgres_protocol::message::frontend;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{PoolError, Pooled};
+use crate::config::LimitsConfig;
 use crate::frontend::io::{ClientConn, ClientError};
 use crate::frontend::Authenticated;
 use crate::proxy::{CancelSlot, CancelTarget, Proxy, Topology};
@@ -176,6 +177,10 @@ pub struct Session {
     pub txn: Option<Txn>,
     pub cancel_slot: CancelSlot,
     pub pending: Vec<proxy_core::wire::frontend::Frame>,
+    /// Bytes held by `pending`.
+    pub pending_bytes: usize,
+    /// This client's limits (from the configuration it connected under).
+    pub limits: LimitsConfig,
     /// After an error in extended mode, messages are discarded until Sync.
     pub skip_until_sync: bool,
 }
@@ -191,6 +196,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     let topo = proxy.topology();
+    let limits = proxy.config().limits.clone();
     let passthrough = auth.database != topo.sharded_database;
     let mut settings = BTreeMap::new();
     for (k, v) in &auth.params {
@@ -215,6 +221,8 @@ pub async fn run(
         txn: None,
         cancel_slot,
         pending: Vec::new(),
+        pending_bytes: 0,
+        limits,
         skip_until_sync: false,
     };
     s.send_startup_params(&auth.params, pid, secret).await;
@@ -331,6 +339,7 @@ impl Session {
             FrontendMessage::Query(ref sql) => {
                 let sql = sql.clone();
                 self.pending.clear();
+                self.pending_bytes = 0;
                 self.skip_until_sync = false;
                 self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
                 self.simple_query(Some(frame.raw.clone()), &sql).await?;
@@ -342,14 +351,13 @@ impl Session {
             | FrontendMessage::Describe { .. }
             | FrontendMessage::Execute { .. }
             | FrontendMessage::Close { .. } => {
-                if self.pending.len() > 10_000 {
-                    self.protocol_violation(&DecodeError::Malformed(
-                        "pipeline",
-                        "more than 10000 messages without Sync",
-                    ))
-                    .await;
+                if self.pending.len() >= self.limits.max_pipeline_messages
+                    || self.pending_bytes + frame.raw.len() > self.limits.max_pipeline_bytes
+                {
+                    self.pipeline_too_long().await;
                     return Ok(Flow::Stop);
                 }
+                self.pending_bytes += frame.raw.len();
                 self.pending.push(frame);
             }
             FrontendMessage::Flush => self.flush_pending().await?,
@@ -382,6 +390,22 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Too many messages (or bytes) queued without Sync: the client is told which limit,
+    /// and disconnected (its queued work cannot be answered in order any more).
+    async fn pipeline_too_long(&mut self) {
+        let message = format!(
+            "more than {} messages or {} bytes queued without Sync (limits.max_pipeline_messages, limits.max_pipeline_bytes)",
+            self.limits.max_pipeline_messages, self.limits.max_pipeline_bytes
+        );
+        wire::error(
+            &mut self.client.out,
+            "FATAL",
+            sqlstate::PROGRAM_LIMIT,
+            &message,
+        );
+        let _ = self.client.flush().await;
     }
 
     /// Writes ReadyForQuery with the session's transaction status, and flushes.
@@ -452,7 +476,16 @@ impl Session {
         })?;
         let starting = self.txn.as_ref().is_none_or(|t| t.conns.is_empty());
         if starting {
-            self.proxy.wait_unpaused().await;
+            let limit = std::time::Duration::from_secs(self.limits.pause_timeout_secs);
+            if !self.proxy.wait_unpaused(limit).await {
+                return Err(ExecError::sql(
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    format!(
+                        "the shard proxy is paused (admin PAUSE) and did not resume within {} s; retry later",
+                        self.limits.pause_timeout_secs
+                    ),
+                ));
+            }
         }
         let mut conn = pool.get().await?;
         let mut skip = 0;

@@ -30,8 +30,8 @@ const KNOWN_TAGS: &[u8] = b"QPBDECHSXdcfpF";
 pub enum DecodeError {
     #[error("invalid message length {0}")]
     BadLength(i64),
-    #[error("message of {0} bytes exceeds the limit of {MAX_MESSAGE_LEN} bytes")]
-    TooLarge(usize),
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
     #[error("startup packet of {0} bytes is invalid")]
     BadStartupLength(i64),
     #[error("unsupported frontend protocol {major}.{minor}")]
@@ -153,6 +153,17 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<Startup>, DecodeError
 
 /// Decodes one regular message. `Ok(None)`: more bytes needed (the buffer is untouched).
 pub fn decode_message(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+    decode_message_within(buf, MAX_MESSAGE_LEN)
+}
+
+/// [`decode_message`] with a lower size limit (e.g. before authentication, when nobody
+/// should be able to make the proxy reserve more than a few KiB). A message declaring more
+/// is refused from its header, before its body is buffered.
+pub fn decode_message_within(
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<Option<Frame>, DecodeError> {
+    let limit = limit.min(MAX_MESSAGE_LEN);
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -162,8 +173,8 @@ pub fn decode_message(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> 
         return Err(DecodeError::BadLength(len.into()));
     }
     let total = len as usize + 1;
-    if total > MAX_MESSAGE_LEN {
-        return Err(DecodeError::TooLarge(total));
+    if total > limit {
+        return Err(DecodeError::TooLarge { size: total, limit });
     }
     if !KNOWN_TAGS.contains(&tag) {
         return Err(DecodeError::UnknownType(char::from(tag)));
@@ -422,8 +433,20 @@ mod tests {
         let mut b = BytesMut::from(&b"Q\x7f\x00\x00\x04"[..]);
         assert!(matches!(
             decode_message(&mut b),
-            Err(DecodeError::TooLarge(_))
+            Err(DecodeError::TooLarge { .. })
         ));
+        // Within a lower limit, a message declaring more is refused from its header alone,
+        // and nothing is reserved for its body.
+        let mut b = BytesMut::from(&b"p\x00\x10\x00\x04"[..]);
+        let before = b.capacity();
+        assert_eq!(
+            decode_message_within(&mut b, 8192).err(),
+            Some(DecodeError::TooLarge {
+                size: 0x10_0005,
+                limit: 8192
+            })
+        );
+        assert_eq!(b.capacity(), before);
         let mut b = BytesMut::from(&b"Q\x00\x00\x00\x08abcd"[..]);
         assert!(matches!(
             decode_message(&mut b),

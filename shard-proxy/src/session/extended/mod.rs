@@ -162,6 +162,7 @@ impl Session {
     pub async fn flush_pending(&mut self) -> Result<(), crate::frontend::io::ClientError> {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
+            self.pending_bytes = 0;
             self.run_batch_reporting(batch).await?;
         }
         self.client.flush().await?;
@@ -171,6 +172,7 @@ impl Session {
     /// Sync: run the pending batch (ReadyForQuery is written by the caller).
     pub async fn sync(&mut self) -> Result<(), crate::frontend::io::ClientError> {
         let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
         self.run_batch_reporting(batch).await?;
         self.skip_until_sync = false;
         if self.txn.as_ref().is_none_or(|t| !t.explicit) {
