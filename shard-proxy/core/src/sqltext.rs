@@ -332,6 +332,101 @@ fn split_top_level(s: &str) -> Vec<&str> {
     out
 }
 
+/// Session state a statement may leave on a server connection that the proxy can neither
+/// replay on another connection nor take back: the kind, for the log, or `None`.
+///
+/// Why lexical and conservative: this runs on every statement, so a cheap case-insensitive
+/// search for a few markers comes first; only when one is present are the statement's words
+/// read (skipping string literals and comments, so a marker inside data does not count). A
+/// false positive costs one server reconnect, a false negative a leak to the next client.
+pub fn session_state(sql: &str) -> Option<&'static str> {
+    const MARKERS: &[(&str, &str)] = &[
+        ("set_config", "set_config()"),
+        ("pg_advisory_lock", "session advisory lock"),
+        ("pg_advisory_lock_shared", "session advisory lock"),
+        ("pg_try_advisory_lock", "session advisory lock"),
+        ("pg_try_advisory_lock_shared", "session advisory lock"),
+        ("listen", "LISTEN"),
+        ("temp", "temporary object"),
+        ("temporary", "temporary object"),
+        ("authorization", "SET SESSION AUTHORIZATION"),
+        ("hold", "cursor WITH HOLD"),
+    ];
+    let bytes = sql.as_bytes();
+    let present = |m: &str| {
+        bytes
+            .windows(m.len())
+            .any(|w| w.eq_ignore_ascii_case(m.as_bytes()))
+    };
+    if !MARKERS.iter().any(|(m, _)| present(m)) {
+        return None;
+    }
+    let words = code_words(sql);
+    for (i, w) in words.iter().enumerate() {
+        let next = words.get(i + 1).map(String::as_str);
+        let prev = i
+            .checked_sub(1)
+            .and_then(|j| words.get(j))
+            .map(String::as_str);
+        let hit = match w.as_str() {
+            "temp" | "temporary" => {
+                matches!(prev, Some("create" | "or" | "global" | "local"))
+                    || words.first().map(String::as_str) == Some("create") && i < 4
+            }
+            "authorization" => {
+                prev == Some("session") && words.first().map(String::as_str) != Some("reset")
+            }
+            "hold" => prev == Some("with") && words.iter().any(|x| x == "cursor"),
+            "listen" => i == 0,
+            other => MARKERS.iter().any(|(m, _)| *m == other) && next == Some("("),
+        };
+        if hit {
+            return MARKERS
+                .iter()
+                .find(|(m, _)| *m == w.as_str())
+                .map(|(_, kind)| *kind);
+        }
+    }
+    None
+}
+
+/// The statement's words (lower-cased) and `(`, outside string literals, quoted names and
+/// comments.
+fn code_words(sql: &str) -> Vec<String> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\'' || c == b'"' {
+            i = b[i + 1..]
+                .iter()
+                .position(|&x| x == c)
+                .map_or(b.len(), |p| i + p + 2);
+        } else if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            i = b[i..]
+                .iter()
+                .position(|&x| x == b'\n')
+                .map_or(b.len(), |p| i + p + 1);
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i = sql[i + 2..].find("*/").map_or(b.len(), |p| i + p + 4);
+        } else if c.is_ascii_alphabetic() || c == b'_' {
+            let end = b[i..]
+                .iter()
+                .position(|x| !(x.is_ascii_alphanumeric() || *x == b'_'))
+                .map_or(b.len(), |p| i + p);
+            out.push(sql[i..end].to_ascii_lowercase());
+            i = end;
+        } else {
+            if c == b'(' {
+                out.push("(".into());
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,5 +674,53 @@ mod copy_tests {
         );
         assert_eq!(copy_field(b"\"a,b\",,7", 1, true, b','), Some(None));
         assert_eq!(copy_field(b"1,2", 5, true, b','), None);
+    }
+}
+
+#[cfg(test)]
+mod session_state_tests {
+    use super::session_state;
+
+    #[test]
+    fn finds_what_cannot_be_replayed() {
+        for (sql, kind) in [
+            (
+                "select set_config('search_path','nope',false)",
+                "set_config()",
+            ),
+            ("SELECT pg_advisory_lock(42)", "session advisory lock"),
+            (
+                "select pg_try_advisory_lock_shared(1, 2)",
+                "session advisory lock",
+            ),
+            ("LISTEN chan", "LISTEN"),
+            ("CREATE TEMP TABLE t (x int)", "temporary object"),
+            ("create temporary view v as select 1", "temporary object"),
+            ("CREATE LOCAL TEMPORARY TABLE t (x int)", "temporary object"),
+            ("SET SESSION AUTHORIZATION bob", "SET SESSION AUTHORIZATION"),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                "cursor WITH HOLD",
+            ),
+        ] {
+            assert_eq!(session_state(sql), Some(kind), "{sql}");
+        }
+    }
+
+    #[test]
+    fn ignores_what_is_safe_or_only_data() {
+        for sql in [
+            "SELECT 1",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT 'set_config(x)' AS s",
+            "SELECT 1 -- LISTEN chan",
+            "/* CREATE TEMP TABLE t */ SELECT 1",
+            "SELECT temperature FROM readings",
+            "UPDATE tasks SET title = 'listen to me' WHERE id = 1",
+            "RESET SESSION AUTHORIZATION",
+            "SELECT * FROM holdings",
+        ] {
+            assert_eq!(session_state(sql), None, "{sql}");
+        }
     }
 }

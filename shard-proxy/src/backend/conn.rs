@@ -62,6 +62,10 @@ pub struct BackendConn {
     pub settings: BTreeMap<String, String>,
     /// Last ReadyForQuery status.
     pub status: u8,
+    /// Session state a client left here that cannot be replayed or reset piecemeal
+    /// (`sqltext::session_state`): the connection is closed instead of going back to the
+    /// pool, so the next client never inherits it.
+    pub session_state: Option<&'static str>,
     pub created: Instant,
 }
 
@@ -108,6 +112,7 @@ impl BackendConn {
             prepared: HashSet::new(),
             settings: BTreeMap::new(),
             status: b'I',
+            session_state: None,
             created: Instant::now(),
         };
         let user = target.user.as_deref().unwrap_or(user);

@@ -242,7 +242,9 @@ impl Pooled {
     pub fn release(mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
-            if conn.status == b'I'
+            if let Some(what) = conn.session_state {
+                tracing::debug!(shard = %self.pool.name, state = what, "closing a server connection that holds a client's session state");
+            } else if conn.status == b'I'
                 && conn.wbuf.is_empty()
                 && conn.prepared.len() <= MAX_PREPARED_PER_CONN
             {

@@ -52,6 +52,14 @@ impl From<std::io::Error> for RelayError {
     }
 }
 
+/// Records on `conn` any session state `sql` may leave that cannot be replayed elsewhere,
+/// so the connection is closed rather than pooled once this client is done with it.
+pub(super) fn mark_session_state(conn: &mut crate::backend::BackendConn, sql: &str) {
+    if let Some(what) = proxy_core::sqltext::session_state(sql) {
+        conn.session_state.get_or_insert(what);
+    }
+}
+
 /// Why a COPY that is not `FROM STDIN` cannot span shards.
 const COPY_NEEDS_A_SHARD: &str =
     "COPY on the sharded database needs a shard: add /* shard=<name> */ or SET taskflow.shard";
@@ -121,6 +129,7 @@ impl Session {
         let mut work = self.acquire(shard).await?;
         {
             let c = work.conn.conn();
+            mark_session_state(c, sql);
             match raw {
                 Some(r) => c.wbuf.extend_from_slice(&r),
                 None => frontend::query(sql, &mut c.wbuf)
@@ -407,6 +416,7 @@ impl Session {
         for (shard, q) in sqls {
             match self.acquire(*shard).await {
                 Ok(mut w) => {
+                    mark_session_state(w.conn.conn(), q);
                     if let Err(e) = frontend::query(q, &mut w.conn.conn().wbuf) {
                         failure = Some(ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()));
                     }
