@@ -11,11 +11,12 @@
 // side is only ever built once per failed request, so boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -91,9 +92,24 @@ pub fn problem_with(status: StatusCode, detail: &str, errors: &[FieldError]) -> 
     r
 }
 
-/// Reads a body of at most [`BODY_LIMIT`] bytes; 413 beyond, 400 on a broken stream.
+/// Reads a body of at most [`BODY_LIMIT`] bytes; 413 beyond, 400 on a broken stream,
+/// 408 (and the connection closed) when it does not arrive within the server's body read
+/// timeout ([`ServerLimits::body_read_timeout_ms`]; 10 s outside [`serve`]).
 pub async fn read_body(body: Incoming) -> Result<Bytes, Resp> {
-    match Limited::new(body, BODY_LIMIT).collect().await {
+    let limit = BODY_TIMEOUT
+        .try_with(|d| *d)
+        .unwrap_or(Duration::from_secs(10));
+    let Ok(read) = tokio::time::timeout(limit, Limited::new(body, BODY_LIMIT).collect()).await
+    else {
+        let mut r = problem(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive in time",
+        );
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(r);
+    };
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -179,40 +195,205 @@ impl HttpMetrics {
     }
 }
 
+/// Limits of the HTTP server, the `[server]` table of the gateway's and the auth daemon's
+/// configuration (docs/configuration.md).
+///
+/// Why each exists: without a header timeout a client can hold a connection forever by
+/// sending one header byte a minute (slowloris); without a body timeout the same works
+/// with a declared `Content-Length` that never arrives; without connection caps one host
+/// can take every file descriptor. The caps apply to TCP peers (the address that actually
+/// connected), IPv6 peers grouped by [`ServerLimits::ipv6_prefix`] since one host
+/// usually owns a whole /64.
+#[derive(Debug, Clone, Copy, serde::Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerLimits {
+    /// Milliseconds a client may take to send a request's headers.
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a handler waits for a request body to arrive in full (408 after).
+    pub body_read_timeout_ms: u64,
+    /// Open connections over all clients; beyond it new ones get 503 and are closed.
+    pub max_connections: usize,
+    /// Open connections per client address (IPv6: per prefix).
+    pub max_connections_per_ip: usize,
+    /// IPv6 peers sharing this many leading bits count as one client.
+    pub ipv6_prefix: u8,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            ipv6_prefix: 64,
+        }
+    }
+}
+
+impl ServerLimits {
+    /// Checks the values; `table` is the key prefix used in errors (`server`).
+    pub fn validate(&self, table: &str) -> Result<(), crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        for (key, v) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(
+                    format!("{table}.{key}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                format!("{table}.max_connections"),
+                "must be at least 1",
+            ));
+        }
+        if self.max_connections_per_ip == 0 || self.max_connections_per_ip > self.max_connections {
+            return Err(ConfigError::invalid(
+                format!("{table}.max_connections_per_ip"),
+                "must be 1 to max_connections",
+            ));
+        }
+        if !(1..=128).contains(&self.ipv6_prefix) {
+            return Err(ConfigError::invalid(
+                format!("{table}.ipv6_prefix"),
+                "must be 1 to 128",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The address a client is counted under: IPv4 as is (IPv4-mapped IPv6 too), IPv6 cut to
+/// its first `v6_prefix` bits — a host gets a /64 from its provider and can pick any
+/// address in it, so counting per /128 would let it multiply every per-IP limit.
+pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let bits = u128::from(v6);
+            let keep = u32::from(v6_prefix.min(128));
+            let mask = if keep == 0 {
+                0
+            } else {
+                u128::MAX << (128 - keep)
+            };
+            IpAddr::V6(std::net::Ipv6Addr::from(bits & mask))
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The body read timeout of the server the current request came through; read by
+    /// [`read_body`] so handlers need not carry it around.
+    static BODY_TIMEOUT: Duration;
+}
+
+/// Open connections per client key; the guard gives its slot back when dropped.
+#[derive(Default)]
+struct PerIp {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct IpSlot {
+    table: Arc<PerIp>,
+    key: IpAddr,
+}
+
+impl PerIp {
+    fn acquire(self: &Arc<Self>, key: IpAddr, cap: usize) -> Option<IpSlot> {
+        let mut m = self.open.lock().ok()?;
+        let n = m.entry(key).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.table.open.lock() {
+            if let Some(n) = m.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+/// Written to a connection refused by a cap, without waiting for its request: the client
+/// learns why, and a slow reader cannot hold the accept loop (`try_write` never blocks).
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 97\r\n\r\n{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"detail\":\"too many connections\"}";
+
 /// Serves HTTP/1.1 on `listener` until `shutdown`, then waits for in-flight requests.
-pub async fn serve<H, Fut>(listener: TcpListener, shutdown: CancellationToken, handler: Arc<H>)
-where
+/// Enforces `limits`: header and body read timeouts and the connection caps.
+pub async fn serve<H, Fut>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    limits: ServerLimits,
+    handler: Arc<H>,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let total = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_ip = Arc::new(PerIp::default());
+    let body_timeout = Duration::from_millis(limits.body_read_timeout_ms);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = shutdown.cancelled() => break,
         };
+        let key = client_key(peer.ip(), limits.ipv6_prefix);
+        let slots = total
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .zip(per_ip.acquire(key, limits.max_connections_per_ip));
+        let Some(slots) = slots else {
+            tracing::debug!(%peer, "connection refused: connection cap reached");
+            let _ = stream.try_write(BUSY);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let fut = handler(req, peer);
+            let fut = BODY_TIMEOUT.scope(body_timeout, handler(req, peer));
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(std::time::Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), svc);
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = watched.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slots);
         });
     }
     drop(listener);
@@ -231,6 +412,30 @@ pub fn query_pairs(q: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_keys_group_ipv6_by_prefix() {
+        let ip = |s: &str| {
+            s.parse::<IpAddr>()
+                .unwrap_or(IpAddr::V4([0, 0, 0, 0].into()))
+        };
+        assert_eq!(client_key(ip("203.0.113.7"), 64), ip("203.0.113.7"));
+        assert_eq!(client_key(ip("::ffff:203.0.113.7"), 64), ip("203.0.113.7"));
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), 64),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa::1"), 64),
+            client_key(ip("2001:db8:1:2:ffff::2"), 64)
+        );
+        assert_ne!(
+            client_key(ip("2001:db8:1:2::1"), 64),
+            client_key(ip("2001:db8:1:3::1"), 64)
+        );
+        assert_eq!(client_key(ip("2001:db8:1:2::1"), 48), ip("2001:db8:1::"));
+        assert_eq!(client_key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+    }
 
     #[test]
     fn query_decoding() {

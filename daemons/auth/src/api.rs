@@ -11,22 +11,22 @@
 //!
 //! Login does the same work whether or not the email exists: an unknown email is checked
 //! against a dummy hash of the configured cost, so response time does not reveal which
-//! emails are registered. bcrypt runs on the blocking pool behind a semaphore sized to the
-//! CPU count, so hashing never stalls the async workers that serve other requests.
+//! emails are registered. bcrypt runs on blocking threads through a bounded queue
+//! ([`crate::hashing`]: workers, waiting requests and wait time all capped, 503 with
+//! `Retry-After` beyond), so hashing never stalls the async workers that serve other
+//! requests and a flood of logins cannot make the admitted ones wait without bound.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::body::Incoming;
-use hyper::header::AUTHORIZATION;
+use hyper::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode};
-use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use taskflow_contracts::Claims;
-use taskflow_kit::http::Readiness;
-use tokio::sync::Semaphore;
 
+use crate::hashing::{BcryptPool, HashError};
 use crate::keys::SigningKeys;
 use crate::users::{StoreError, User, Users};
 use taskflow_kit::web::{self, problem, problem_with, FieldError, Resp};
@@ -40,9 +40,7 @@ pub struct App {
     /// A hash of a random password at the configured cost, verified against for unknown
     /// emails.
     pub dummy_hash: String,
-    pub hashing: Semaphore,
-    pub readiness: Readiness,
-    pub registry: Registry,
+    pub hashing: BcryptPool,
     pub metrics: web::HttpMetrics,
 }
 
@@ -79,6 +77,15 @@ pub fn valid_email(email: &str) -> bool {
         && !domain.contains("..")
 }
 
+/// `/` or `/seg/seg…` with no empty, `.` or `..` segment and no percent-escape.
+fn canonical(path: &str) -> bool {
+    path == "/"
+        || path.strip_prefix('/').is_some_and(|rest| {
+            rest.split('/')
+                .all(|s| !s.is_empty() && s != "." && s != ".." && !s.contains('%'))
+        })
+}
+
 fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -105,19 +112,29 @@ impl App {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: SocketAddr) -> Resp {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
-        if let Some(r) =
-            taskflow_kit::http::ops_response(&path, &self.readiness, Some(&self.registry))
-        {
-            return r;
-        }
-        let (route, resp) = self.route(req, &path).await;
+        let (route, resp) = if path == "/healthz" {
+            (
+                "ops",
+                web::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            )
+        } else {
+            self.route(req, &path).await
+        };
         self.metrics.observe(route, resp.status(), started);
         resp
     }
 
     async fn route(&self, req: Request<Incoming>, path: &str) -> (&'static str, Resp) {
-        let rel = path.strip_prefix("/auth").unwrap_or(path);
-        let segs: Vec<&str> = rel.trim_matches('/').split('/').collect();
+        // Only canonical paths match: `/auth//login` or `/auth/login/` reaching the login
+        // handler would let them skip limits keyed on the path (issue 12).
+        if !canonical(path) {
+            return ("unknown", problem(StatusCode::NOT_FOUND, "no such route"));
+        }
+        let rel = match path.strip_prefix("/auth") {
+            Some(r) if r.starts_with('/') => r,
+            _ => path,
+        };
+        let segs: Vec<&str> = rel.trim_start_matches('/').split('/').collect();
         let method = req.method().clone();
         match segs.as_slice() {
             [".well-known", "jwks.json"] if path.starts_with("/.well-known") => (
@@ -164,14 +181,31 @@ impl App {
         }
     }
 
+    /// The 503 for bcrypt work refused by the pool's bounds, or a 500 for a failed one.
+    fn busy(&self, e: &HashError) -> Resp {
+        match e {
+            HashError::QueueFull | HashError::TimedOut => {
+                tracing::warn!(error = %e, "password check refused");
+                let mut r = problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many password checks in progress; retry shortly",
+                );
+                if let Ok(v) = HeaderValue::from_str(&self.hashing.retry_after_secs().to_string()) {
+                    r.headers_mut().insert(RETRY_AFTER, v);
+                }
+                r
+            }
+            HashError::Closed => problem(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+            HashError::Worker(_) => {
+                tracing::error!(error = %e, "bcrypt task failed");
+                problem(StatusCode::INTERNAL_SERVER_ERROR, "cannot check password")
+            }
+        }
+    }
+
     async fn hash(&self, password: String) -> Result<String, Resp> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|_| problem(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
         let cost = self.bcrypt_cost;
-        match tokio::task::spawn_blocking(move || bcrypt::hash(password, cost)).await {
+        match self.hashing.run(move || bcrypt::hash(password, cost)).await {
             Ok(Ok(h)) => Ok(h),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "bcrypt hash failed");
@@ -180,36 +214,23 @@ impl App {
                     "cannot hash password",
                 ))
             }
-            Err(e) => {
-                tracing::error!(error = %e, "bcrypt task failed");
-                Err(problem(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "cannot hash password",
-                ))
-            }
+            Err(e) => Err(self.busy(&e)),
         }
     }
 
     async fn verify(&self, password: String, hash: String) -> Result<bool, Resp> {
-        let _permit = self
+        match self
             .hashing
-            .acquire()
+            .run(move || bcrypt::verify(password, &hash))
             .await
-            .map_err(|_| problem(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
-        match tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash)).await {
+        {
             Ok(Ok(ok)) => Ok(ok),
             Ok(Err(e)) => {
                 // A corrupt stored hash: treat as a failed login, but say so in the log.
                 tracing::error!(error = %e, "bcrypt verify failed");
                 Ok(false)
             }
-            Err(e) => {
-                tracing::error!(error = %e, "bcrypt task failed");
-                Err(problem(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "cannot verify password",
-                ))
-            }
+            Err(e) => Err(self.busy(&e)),
         }
     }
 
@@ -455,6 +476,24 @@ mod tests {
             "", "a", "a@b", "@x.io", "a@.io", "a b@x.io", "a@x..io", "a@b@c.io",
         ] {
             assert!(!valid_email(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_canonical_paths_route() {
+        for ok in ["/", "/auth/login", "/login", "/.well-known/jwks.json"] {
+            assert!(canonical(ok), "{ok}");
+        }
+        for bad in [
+            "/auth/login/",
+            "/auth//login",
+            "//auth/login",
+            "/auth/./login",
+            "/auth/x/../login",
+            "/auth/%6cogin",
+            "",
+        ] {
+            assert!(!canonical(bad), "{bad}");
         }
     }
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use taskflow_kit::config::{CommonConfig, ConfigError, DaemonConfig};
+use taskflow_kit::web::ServerLimits;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -17,6 +18,10 @@ pub struct AuthConfig {
     pub common: CommonConfig,
     /// HTTP listener.
     pub listen: SocketAddr,
+    /// Listener of `/metrics` and `/readyz`, off the API port; loopback by default.
+    pub ops_listen: SocketAddr,
+    /// Read timeouts and connection caps of the API listener.
+    pub server: ServerLimits,
     /// The `auth` database, normally through the shard proxy's passthrough.
     pub database_url: String,
     /// File holding the database password (secret-file rules); unset = none/URL's.
@@ -29,6 +34,12 @@ pub struct AuthConfig {
     pub token_ttl_secs: u64,
     /// bcrypt work factor, 4–31.
     pub bcrypt_cost: u32,
+    /// Threads hashing at once; 0: one per CPU.
+    pub bcrypt_workers: usize,
+    /// Requests allowed to wait for a hashing thread; more are answered 503 at once.
+    pub bcrypt_queue: usize,
+    /// Milliseconds a request waits for a hashing thread before it is answered 503.
+    pub bcrypt_queue_timeout_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -36,12 +47,17 @@ impl Default for AuthConfig {
         AuthConfig {
             common: CommonConfig::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9933)),
+            server: ServerLimits::default(),
             database_url: "postgres://taskflow@127.0.0.1:6432/auth".into(),
             database_password_file: None,
             database_pool_size: 8,
             jwt_private_key_file: "jwt-private.pem".into(),
             token_ttl_secs: 86_400,
             bcrypt_cost: 12,
+            bcrypt_workers: 0,
+            bcrypt_queue: 16,
+            bcrypt_queue_timeout_ms: 1_000,
         }
     }
 }
@@ -58,6 +74,19 @@ impl DaemonConfig for AuthConfig {
                 "must be between 4 and 31",
             ));
         }
+        if self.bcrypt_queue_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "bcrypt_queue_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.ops_listen == self.listen && self.listen.port() != 0 {
+            return Err(ConfigError::invalid(
+                "ops_listen",
+                "must differ from `listen` (ops endpoints are not served on the API port)",
+            ));
+        }
+        self.server.validate("server")?;
         if self.token_ttl_secs == 0 {
             return Err(ConfigError::invalid("token_ttl_secs", "must be at least 1"));
         }

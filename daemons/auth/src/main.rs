@@ -3,7 +3,8 @@
 //! Started through the daemon kit: configuration (exit 78 naming a bad key), logging,
 //! systemd readiness and graceful drain come from there. This file wires the pieces:
 //! wait for the `auth` database, compute the dummy hash used to equalise login timing,
-//! bind the listener, report READY, keep `/readyz` current, and drain on SIGTERM.
+//! bind the ops listener (`/metrics`, `/readyz`) and the API listener, report READY, keep
+//! `/readyz` current, and drain on SIGTERM.
 //!
 //! `taskflow-auth --generate-keys DIR` writes a fresh Ed25519 key pair
 //! (`jwt-private.pem`, `jwt-public.pem`) for development stacks and tests.
@@ -14,6 +15,7 @@
 
 mod api;
 mod config;
+mod hashing;
 mod keys;
 mod users;
 
@@ -116,18 +118,31 @@ async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("taskflow_auth");
     let metrics = web::HttpMetrics::register(&mut registry);
-    let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = match cfg.bcrypt_workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
     let app = Arc::new(api::App {
         users: users.clone(),
         keys,
         token_ttl_secs: cfg.token_ttl_secs,
         bcrypt_cost: cfg.bcrypt_cost,
         dummy_hash,
-        hashing: tokio::sync::Semaphore::new(parallelism),
-        readiness: readiness.clone(),
-        registry,
+        hashing: hashing::BcryptPool::new(
+            workers,
+            cfg.bcrypt_queue,
+            Duration::from_millis(cfg.bcrypt_queue_timeout_ms),
+        ),
         metrics,
     });
+    let ops = taskflow_kit::http::serve_ops(
+        cfg.ops_listen,
+        readiness.clone(),
+        Arc::new(registry),
+        lifecycle.shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding ops_listen {}", cfg.ops_listen))?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -150,9 +165,9 @@ async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
         });
     }
 
-    lifecycle.ready(&format!("listening on {addr}"));
+    lifecycle.ready(&format!("listening on {addr} (ops on {ops})"));
     let handler = Arc::new(move |req, peer| app.clone().handle(req, peer));
-    web::serve(listener, lifecycle.shutdown.clone(), handler).await;
+    web::serve(listener, lifecycle.shutdown.clone(), cfg.server, handler).await;
     Ok(())
 }
 

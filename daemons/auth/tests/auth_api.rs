@@ -22,6 +22,8 @@ struct Env {
     _db: AuthDb,
     dir: tempfile::TempDir,
     base: String,
+    /// The ops listener (`/metrics`, `/readyz`).
+    ops: String,
     port: u16,
     proc: Option<Proc>,
 }
@@ -30,12 +32,23 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_taskflow-auth")
 }
 
-fn write_config(dir: &Path, port: u16, db_url: &str, extra: &str) -> std::path::PathBuf {
+fn write_config(
+    dir: &Path,
+    port: u16,
+    ops_port: u16,
+    db_url: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.join("auth.toml");
+    let cost = if extra.contains("bcrypt_cost") {
+        ""
+    } else {
+        "bcrypt_cost = 4\n"
+    };
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndatabase_url = \"{db_url}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n{extra}",
+            "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\ndatabase_url = \"{db_url}\"\njwt_private_key_file = \"{}\"\n{cost}{extra}",
             dir.join("jwt-private.pem").display()
         ),
     )
@@ -55,7 +68,8 @@ async fn start(notify: Option<&NotifySocket>, extra: &str) -> Env {
         .unwrap();
     assert!(st.success());
     let port = free_port().unwrap();
-    let cfg = write_config(dir.path(), port, &db.url(), extra);
+    let ops_port = free_port().unwrap();
+    let cfg = write_config(dir.path(), port, ops_port, &db.url(), extra);
     let mut cmd = Command::new(bin());
     cmd.arg("--config").arg(&cfg).stdin(Stdio::null());
     if let Some(n) = notify {
@@ -67,12 +81,13 @@ async fn start(notify: Option<&NotifySocket>, extra: &str) -> Env {
         _db: db,
         dir,
         base,
+        ops: format!("http://127.0.0.1:{ops_port}"),
         port,
         proc: Some(Proc(child)),
     };
     let http = reqwest::Client::new();
     for _ in 0..200 {
-        if let Ok(r) = http.get(format!("{}/readyz", env.base)).send().await {
+        if let Ok(r) = http.get(format!("{}/readyz", env.ops)).send().await {
             if r.status() == 200 {
                 return env;
             }
@@ -114,16 +129,33 @@ async fn readiness_and_graceful_stop() {
         .unwrap();
     let (s, body) = call(
         reqwest::Method::GET,
-        format!("{}/readyz", env.base),
+        format!("{}/readyz", env.ops),
         None,
         None,
     )
     .await;
     assert_eq!(s, 200);
     assert_eq!(body["checks"]["postgres"], "ok");
+    let (s, text) = call(
+        reqwest::Method::GET,
+        format!("{}/metrics", env.ops),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(text
+        .as_str()
+        .unwrap_or("")
+        .contains("taskflow_auth_http_requests"));
+    // Neither is on the API port; `/healthz` is.
+    for p in ["/metrics", "/readyz"] {
+        let (s, _) = call(reqwest::Method::GET, format!("{}{p}", env.base), None, None).await;
+        assert_eq!(s, 404, "{p}");
+    }
     let (s, _) = call(
         reqwest::Method::GET,
-        format!("{}/metrics", env.base),
+        format!("{}/healthz", env.base),
         None,
         None,
     )
@@ -394,4 +426,78 @@ fn base64_url(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Non-canonical paths never reach a handler (issue 12): `/auth/login/` and friends once
+/// reached the login handler while a limit keyed on the path did not apply.
+#[tokio::test]
+async fn non_canonical_paths_do_not_route() {
+    let env = start(None, "").await;
+    let body = json!({"email": "nobody@example.com", "password": "wrong-password"});
+    let (s, _) = call(
+        reqwest::Method::POST,
+        format!("{}/auth/login", env.base),
+        None,
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(s, 401);
+    for p in [
+        "/auth/login/",
+        "/auth//login",
+        "//auth/login",
+        "/auth/%6cogin",
+    ] {
+        let (s, _) = call(
+            reqwest::Method::POST,
+            format!("{}{p}", env.base),
+            None,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, 404, "{p}");
+    }
+}
+
+/// bcrypt work is bounded: with one worker, one waiting slot and a 300 ms wait, a burst
+/// of logins gets 503 + Retry-After for what does not fit instead of queueing without
+/// bound, and the daemon keeps answering.
+#[tokio::test]
+async fn bcrypt_queue_is_bounded() {
+    let env = start(
+        None,
+        "bcrypt_cost = 12\nbcrypt_workers = 1\nbcrypt_queue = 1\nbcrypt_queue_timeout_ms = 300\n",
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let logins: Vec<_> = (0..8).map(|i| {
+        let client = client.clone();
+        let url = format!("{}/auth/login", env.base);
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .json(&json!({"email": format!("flood{i}@example.com"), "password": "wrong-password"}))
+                .send()
+                .await
+                .unwrap();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (r.status().as_u16(), retry)
+        })
+    }).collect();
+    let mut results = Vec::new();
+    for l in logins {
+        results.push(l.await.unwrap());
+    }
+    let refused: Vec<_> = results.iter().filter(|(s, _)| *s == 503).collect();
+    assert!(!refused.is_empty(), "no login was refused: {results:?}");
+    assert!(refused.iter().all(|(_, r)| r.is_some()), "{results:?}");
+    assert!(results.iter().any(|(s, _)| *s == 401), "{results:?}");
+    assert!(
+        results.iter().all(|(s, _)| *s == 401 || *s == 503),
+        "{results:?}"
+    );
 }
