@@ -164,6 +164,9 @@ let
       listens = s: [ s.listen ];
       settingsOptions = {
         listen = listenOption "127.0.0.1:3000" "HTTP listener of the REST API and WebSocket.";
+        # Not in `listens`: openFirewall never opens it; a scraper elsewhere needs an explicit
+        # networking.firewall rule.
+        ops_listen = listenOption "127.0.0.1:9932" "Listener of /metrics and /readyz (kept off the API port; never opened by openFirewall).";
         auth_url = optionalStr "URL of the auth daemon (daemon default `http://127.0.0.1:8081`).";
         database_url = optionalStr "Task database, through the shard proxy (daemon default `postgres://taskflow@127.0.0.1:6432/tasks`).";
         database_password_file = optionalStr "Secret file with the database password.";
@@ -182,6 +185,7 @@ let
       listens = s: [ s.listen ];
       settingsOptions = {
         listen = listenOption "127.0.0.1:8081" "HTTP listener.";
+        ops_listen = listenOption "127.0.0.1:9933" "Listener of /metrics and /readyz (never opened by openFirewall).";
         database_url = optionalStr "Auth database, through the shard proxy (daemon default `postgres://taskflow@127.0.0.1:6432/auth`).";
         database_password_file = optionalStr "Secret file with the database password.";
         jwt_private_key_file = secretRef "jwt-private.pem" "Ed25519 private key (PKCS#8 PEM) used to sign tokens.";

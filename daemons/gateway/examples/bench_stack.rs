@@ -27,7 +27,9 @@ impl Drop for Proc {
 async fn wait_http(base: &str) {
     let c = reqwest::Client::new();
     for _ in 0..600 {
-        if let Ok(r) = c.get(format!("{base}/readyz")).send().await {
+        // `/healthz` on the API port: the daemons bind it once their dependencies answer
+        // (`/readyz` is on the ops listener).
+        if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
             if r.status() == 200 {
                 return;
             }
@@ -113,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         d.join("auth.toml"),
         format!(
-            "listen = \"127.0.0.1:{auth_port}\"\ndatabase_url = \"{auth_db_url}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n[log]\nlevel = \"warn\"\n",
+            "listen = \"127.0.0.1:{auth_port}\"\nops_listen = \"127.0.0.1:0\"\ndatabase_url = \"{auth_db_url}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n[log]\nlevel = \"warn\"\n",
             d.join("jwt-private.pem").display()
         ),
     )?;
@@ -133,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         d.join("gw.toml"),
         format!(
-            "listen = \"127.0.0.1:{gw_port}\"\nauth_url = \"{auth_url}\"\njwt_public_key_file = \"{}\"\n\
+            "listen = \"127.0.0.1:{gw_port}\"\nops_listen = \"127.0.0.1:0\"\nauth_url = \"{auth_url}\"\njwt_public_key_file = \"{}\"\n\
              database_url = \"{tasks_url}\"\nredis_url = \"{}\"\nkafka_brokers = \"{}\"\n{outbox_shards}\
              database_pool_size = 32\n[rate_limit]\nenabled = {rl_enabled}\nper_second = 1000000\nburst = 1000000\nlogin_per_minute = 1000000\n[log]\nlevel = \"warn\"\n",
             d.join("jwt-public.pem").display(),

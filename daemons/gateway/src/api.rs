@@ -1,17 +1,20 @@
-//! The gateway's REST surface (SPEC §2): routing, middleware and the task handlers.
+//! The gateway's REST surface (SPEC §2): the request pipeline and the task handlers.
 //!
 //! Every request passes, in order: request id (taken from `X-Request-Id` or minted) →
-//! ops endpoints (`/healthz`, `/readyz`, `/metrics`, never limited) → CORS preflight →
-//! bearer-token verification for `/tasks` → one Redis rate-limit call charging the
-//! client IP bucket and, when authenticated, the user bucket (plus the per-email login
-//! bucket for `/auth/login`) → the handler → CORS, `RateLimit-*` and `X-Request-Id`
-//! response headers → metrics and one access-log line inside the request's span.
+//! canonical path or 308/404 ([`crate::routes`]) → `/healthz` → CORS preflight → docs →
+//! bearer-token verification for `/tasks` → rate limits ([`crate::middleware`]) → the
+//! handler → CORS, `RateLimit-*` and `X-Request-Id` response headers → metrics and one
+//! access-log line inside the request's span. `/metrics` and `/readyz` are not here: they
+//! are on the ops listener (`ops_listen`).
 //!
-//! Redis trouble degrades instead of failing: rate limits and the cache are skipped with
-//! a warning; only id allocation and `Idempotency-Key` requests need Redis and answer 503.
+//! Task reads go through the in-process cache, then Redis, then the shards
+//! ([`crate::hotcache`] explains how the levels stay coherent). Redis trouble degrades
+//! instead of failing: rate limits are decided in process, the Redis cache is skipped;
+//! only id allocation and `Idempotency-Key` requests need Redis and answer 503.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,61 +23,25 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use prometheus_client::registry::Registry;
 use taskflow_contracts::{Task, TaskEvent, TaskEventType};
-use taskflow_kit::http::Readiness;
 use tokio::sync::Notify;
 use tracing::Instrument as _;
 
+use crate::clientip::TrustedProxies;
 use crate::config::GatewayConfig;
+use crate::hotcache::{HotCache, Lookup, Unsynced};
 use crate::input::{self, Mode, Rejection, Valid};
 use crate::jwt::Verifier;
-use crate::kv::{Bucket, Kv, Limit};
+use crate::kv::{Cached, Kv};
+use crate::limiter::Limiter;
+use crate::middleware::{
+    header_str, method_not_allowed, unauthorized, valid_request_id, with_limit_headers, Ctx,
+    X_REQUEST_ID,
+};
+use crate::routes::{self, Route};
 use crate::store::{self, ListFilter, Store, StoreError};
 use taskflow_kit::web::{self, problem, problem_with, FieldError, Resp};
 
-const OPENAPI: &str = include_str!("../openapi.json");
-
-struct Asset {
-    path: &'static str,
-    content_type: &'static str,
-    body: &'static [u8],
-}
-
-const ASSETS: &[Asset] = &[
-    Asset {
-        path: "/swagger/index.html",
-        content_type: "text/html; charset=utf-8",
-        body: include_bytes!("../assets/swagger/index.html"),
-    },
-    Asset {
-        path: "/swagger/swagger-ui.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../assets/swagger/swagger-ui.css"),
-    },
-    Asset {
-        path: "/swagger/swagger-ui-bundle.js",
-        content_type: "application/javascript; charset=utf-8",
-        body: include_bytes!("../assets/swagger/swagger-ui-bundle.js"),
-    },
-    Asset {
-        path: "/swagger/swagger-ui-standalone-preset.js",
-        content_type: "application/javascript; charset=utf-8",
-        body: include_bytes!("../assets/swagger/swagger-ui-standalone-preset.js"),
-    },
-    Asset {
-        path: "/swagger/swagger-initializer.js",
-        content_type: "application/javascript; charset=utf-8",
-        body: include_bytes!("../assets/swagger/swagger-initializer.js"),
-    },
-    Asset {
-        path: "/swagger/favicon-32x32.png",
-        content_type: "image/png",
-        body: include_bytes!("../assets/swagger/favicon-32x32.png"),
-    },
-];
-
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Shared state of the request handlers.
@@ -88,25 +55,15 @@ pub struct App {
     /// Users known to exist (users are never deleted, so this only grows; bounded).
     pub known_users: Mutex<HashSet<i64>>,
     pub kick: Arc<Notify>,
-    pub readiness: Readiness,
-    pub registry: Registry,
     pub metrics: web::HttpMetrics,
-}
-
-/// Per-request facts the middleware gathered.
-struct Ctx {
-    ip: IpAddr,
-    user: Option<i64>,
-    token: Option<String>,
-    limit: Option<Limit>,
-}
-
-fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn valid_request_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
+    pub trusted: TrustedProxies,
+    pub limiter: Arc<Limiter>,
+    pub hot: Arc<HotCache>,
+    pub unsynced: Arc<Unsynced>,
+    /// Request ids minted here: a per-process random prefix and a counter (a UUID per
+    /// request cost a syscall on the hot path).
+    pub rid_prefix: String,
+    pub rid_counter: AtomicU64,
 }
 
 fn etag(version: i64) -> HeaderValue {
@@ -120,24 +77,6 @@ fn etag_matches(list: &str, version: i64) -> bool {
     list.split(',')
         .map(str::trim)
         .any(|t| t == "*" || t.trim_start_matches("W/") == want)
-}
-
-fn method_not_allowed(allowed: &str) -> Resp {
-    let mut r = problem(
-        StatusCode::METHOD_NOT_ALLOWED,
-        &format!("allowed: {allowed}"),
-    );
-    if let Ok(v) = HeaderValue::from_str(allowed) {
-        r.headers_mut().insert(header::ALLOW, v);
-    }
-    r
-}
-
-fn unauthorized(detail: &str) -> Resp {
-    let mut r = problem(StatusCode::UNAUTHORIZED, detail);
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    r
 }
 
 fn store_error(e: &StoreError) -> Resp {
@@ -183,10 +122,16 @@ impl App {
         let started = Instant::now();
         let rid = header_str(req.headers(), &X_REQUEST_ID)
             .filter(|s| valid_request_id(s))
-            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+            .map_or_else(
+                || {
+                    let n = self.rid_counter.fetch_add(1, Ordering::Relaxed);
+                    format!("{}-{n}", self.rid_prefix)
+                },
+                str::to_owned,
+            );
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let span = tracing::info_span!("request", request_id = %rid, %method, %path);
+        let span =
+            tracing::info_span!("request", request_id = %rid, %method, path = %req.uri().path());
         async move {
             let origin = req.headers().get(header::ORIGIN).cloned();
             let (route, mut resp) = self.dispatch(req, peer).await;
@@ -197,18 +142,11 @@ impl App {
             self.cors(origin.as_ref(), h);
             let status = resp.status();
             self.metrics.observe(route, status, started);
+            let elapsed_us = started.elapsed().as_micros() as u64;
             if status.is_server_error() {
-                tracing::warn!(
-                    status = status.as_u16(),
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "request failed"
-                );
+                tracing::warn!(status = status.as_u16(), elapsed_us, "request failed");
             } else {
-                tracing::debug!(
-                    status = status.as_u16(),
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "request"
-                );
+                tracing::debug!(status = status.as_u16(), elapsed_us, "request");
             }
             resp
         }
@@ -216,330 +154,90 @@ impl App {
         .await
     }
 
-    fn cors(&self, origin: Option<&HeaderValue>, h: &mut HeaderMap) {
-        let Some(origin) = origin else { return };
-        let allowed = self
-            .cfg
-            .cors_origins
-            .iter()
-            .any(|o| o == "*" || o.as_bytes() == origin.as_bytes());
-        if !allowed {
-            return;
-        }
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-        h.append(header::VARY, HeaderValue::from_static("Origin"));
-        h.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static(
-                "ETag, Location, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, RateLimit-Policy, X-Request-Id",
-            ),
-        );
-    }
-
-    fn client_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> IpAddr {
-        if self.cfg.trust_forwarded_for {
-            if let Some(ip) = req
-                .headers()
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-                .and_then(|v| v.trim().parse::<IpAddr>().ok())
-            {
-                return ip;
-            }
-        }
-        peer.ip()
-    }
-
+    /// Routing and middleware; the handlers are in [`App::tasks`] and
+    /// [`App::auth_route`].
     async fn dispatch(&self, req: Request<Incoming>, peer: SocketAddr) -> (&'static str, Resp) {
-        let path = req.uri().path().to_owned();
-        if let Some(r) =
-            taskflow_kit::http::ops_response(&path, &self.readiness, Some(&self.registry))
-        {
-            return ("ops", r);
+        if let Err(r) = routes::canonical(req.uri().path(), req.uri().query()) {
+            return ("noncanonical", r);
         }
-        // CORS preflight: answered before authentication, as browsers send no token.
-        if req.method() == Method::OPTIONS
-            && req
-                .headers()
-                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-        {
-            return ("preflight", self.preflight(&req));
+        let route = Route::of(req.uri().path());
+        let method = req.method().clone();
+        match route {
+            Route::Health => {
+                return (
+                    "ops",
+                    web::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+                )
+            }
+            // CORS preflight: answered before authentication, as browsers send no token.
+            _ if method == Method::OPTIONS
+                && req
+                    .headers()
+                    .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) =>
+            {
+                return ("preflight", self.preflight(&req))
+            }
+            Route::Docs => return ("docs", crate::docs::serve(req.uri().path(), &method)),
+            _ => {}
         }
-        if let Some(r) = static_route(&path, req.method()) {
-            return ("docs", r);
-        }
-
         let mut ctx = Ctx {
             ip: self.client_ip(&req, peer),
             user: None,
             token: None,
             limit: None,
         };
-        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let is_tasks = segs.first() == Some(&"tasks");
-        let is_auth = segs.first() == Some(&"auth");
-
-        // Authentication for the task API.
-        let mut auth_failure = None;
-        if is_tasks {
+        if let Route::Auth(kind) = route {
+            return ("auth", self.auth_route(kind, req, &mut ctx).await);
+        }
+        let auth_failure = if route.needs_token() {
             match self.authenticate(req.headers()) {
                 Ok((user, token)) => {
                     ctx.user = Some(user);
                     ctx.token = Some(token);
+                    None
                 }
-                Err(r) => auth_failure = Some(r),
+                Err(r) => Some(r),
             }
-        }
-
-        // Login attempts are limited per email as well; that needs the body.
-        let mut extra = Vec::new();
-        if is_auth && path == "/auth/login" && req.method() == Method::POST {
-            let (parts, body) = req.into_parts();
-            let login_body = match web::read_body(body).await {
-                Ok(b) => {
-                    if let Some(email) = serde_json::from_slice::<serde_json::Value>(&b)
-                        .ok()
-                        .and_then(|v| {
-                            v.get("email")
-                                .and_then(|e| e.as_str())
-                                .map(|e| e.trim().to_lowercase())
-                        })
-                    {
-                        let per_min = u64::from(self.cfg.rate_limit.login_per_minute);
-                        extra.push(Bucket {
-                            key: format!(
-                                "rl:login:{:016x}",
-                                xxhash_rust::xxh64::xxh64(email.as_bytes(), 0)
-                            ),
-                            interval_ms: 60_000 / per_min.max(1),
-                            burst: self.cfg.rate_limit.login_per_minute,
-                        });
-                    }
-                    (parts, b)
-                }
-                Err(r) => return ("auth", r),
-            };
-            let (route, resp) = match self.rate_limit(&mut ctx, extra).await {
-                Some(r) => ("auth", r),
-                None => ("auth", self.proxy_auth(login_body.0, login_body.1).await),
-            };
-            return (route, with_limit_headers(resp, &ctx, &self.cfg));
-        }
-
-        // A cached single-task read is the hot path: fetch the cache entry in the same
-        // Redis round trip as the rate-limit check (the multiplexed connection pipelines
-        // the two commands).
-        let prefetch = match (segs.as_slice(), req.method()) {
-            (["tasks", id], &Method::GET) if auth_failure.is_none() => id.parse::<i64>().ok(),
-            _ => None,
+        } else {
+            None
         };
-        let (limited, mut cached) = match prefetch {
-            Some(id) => {
-                let (l, c) = tokio::join!(self.rate_limit(&mut ctx, extra), self.kv.cached(id));
-                (l, Some(c))
-            }
-            None => (self.rate_limit(&mut ctx, extra).await, None),
-        };
-        if let Some(r) = limited {
+        if let Some(r) = self.rate_limit(&mut ctx) {
             return ("limited", with_limit_headers(r, &ctx, &self.cfg));
         }
         if let Some(r) = auth_failure {
             return ("unauthorized", with_limit_headers(r, &ctx, &self.cfg));
         }
+        let resp = self.tasks(route, &method, req, &ctx).await;
+        (
+            route.label(&method),
+            with_limit_headers(resp, &ctx, &self.cfg),
+        )
+    }
 
-        let method = req.method().clone();
-        let (route, resp) = match (segs.as_slice(), &method) {
-            ([""], &Method::GET) => (
-                "root",
-                web::json(
-                    StatusCode::OK,
-                    &serde_json::json!({"message": "API is working"}),
-                ),
+    /// `/`, `/tasks` and `/tasks/{id}` once authenticated and within limits.
+    async fn tasks(
+        &self,
+        route: Route,
+        method: &Method,
+        req: Request<Incoming>,
+        ctx: &Ctx,
+    ) -> Resp {
+        match (route, method) {
+            (Route::Root, &Method::GET) => web::json(
+                StatusCode::OK,
+                &serde_json::json!({"message": "API is working"}),
             ),
-            ([""], _) => ("root", method_not_allowed("GET")),
-            (["auth", ..], _) => {
-                let (parts, body) = req.into_parts();
-                match web::read_body(body).await {
-                    Ok(b) => ("auth", self.proxy_auth(parts, b).await),
-                    Err(r) => ("auth", r),
-                }
-            }
-            (["tasks"], &Method::GET) => (
-                "list_tasks",
-                self.list(&ctx, req.uri().query().unwrap_or("")).await,
-            ),
-            (["tasks"], &Method::POST) => ("create_task", self.create(&ctx, req).await),
-            (["tasks"], _) => ("tasks", method_not_allowed("GET, POST")),
-            (["tasks", id], m) => {
-                let Some(id) = id.parse::<i64>().ok().filter(|i| *i > 0) else {
-                    return ("task", problem(StatusCode::NOT_FOUND, "no such task"));
-                };
-                match *m {
-                    Method::GET => ("get_task", self.get(id, req.headers(), cached.take()).await),
-                    Method::PUT => ("put_task", self.update(&ctx, id, req, Mode::Replace).await),
-                    Method::PATCH => ("patch_task", self.update(&ctx, id, req, Mode::Patch).await),
-                    Method::DELETE => ("delete_task", self.delete(&ctx, id, req.headers()).await),
-                    _ => ("task", method_not_allowed("GET, PUT, PATCH, DELETE")),
-                }
-            }
-            _ => ("unknown", problem(StatusCode::NOT_FOUND, "no such route")),
-        };
-        (route, with_limit_headers(resp, &ctx, &self.cfg))
-    }
-
-    fn preflight(&self, req: &Request<Incoming>) -> Resp {
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::NO_CONTENT;
-        let origin = req.headers().get(header::ORIGIN);
-        let allowed = origin.is_some_and(|o| {
-            self.cfg
-                .cors_origins
-                .iter()
-                .any(|c| c == "*" || c.as_bytes() == o.as_bytes())
-        });
-        if allowed {
-            let h = r.headers_mut();
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("Authorization, Content-Type, If-Match, If-None-Match, Idempotency-Key, X-Request-Id"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_MAX_AGE,
-                HeaderValue::from_static("600"),
-            );
-        }
-        r
-    }
-
-    fn authenticate(&self, h: &HeaderMap) -> Result<(i64, String), Resp> {
-        let value = header_str(h, &header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("missing bearer token"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthorized("malformed Authorization header"))?;
-        match self.verifier.verify(token) {
-            Ok((_, id)) => Ok((id, token.to_owned())),
-            Err(e) => {
-                tracing::debug!(error = %e, "token refused");
-                Err(unauthorized("invalid or expired token"))
-            }
-        }
-    }
-
-    /// Charges the IP bucket, the user bucket when known, and `extra`; returns the 429.
-    async fn rate_limit(&self, ctx: &mut Ctx, extra: Vec<Bucket>) -> Option<Resp> {
-        let rl = &self.cfg.rate_limit;
-        if !rl.enabled {
-            return None;
-        }
-        let interval = 1000 / u64::from(rl.per_second).max(1);
-        let mut buckets = vec![Bucket {
-            key: format!("rl:ip:{}", ctx.ip),
-            interval_ms: interval.max(1),
-            burst: rl.burst,
-        }];
-        if let Some(u) = ctx.user {
-            buckets.push(Bucket {
-                key: format!("rl:user:{u}"),
-                interval_ms: interval.max(1),
-                burst: rl.burst,
-            });
-        }
-        buckets.extend(extra);
-        match self.kv.limit(&buckets).await {
-            Ok(l) => {
-                ctx.limit = Some(l);
-                if l.allowed {
-                    None
-                } else {
-                    let mut r = problem(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "rate limit exceeded; retry later",
-                    );
-                    let secs = l.retry_after_ms.div_ceil(1000).max(1);
-                    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                        r.headers_mut().insert(header::RETRY_AFTER, v);
-                    }
-                    Some(r)
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "rate limiter unavailable (Redis); request allowed");
-                None
-            }
-        }
-    }
-
-    /// Forwards an `/auth/*` request to the auth daemon.
-    async fn proxy_auth(&self, parts: hyper::http::request::Parts, body: Bytes) -> Resp {
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let url = format!("{}{pq}", self.auth_url);
-        let Ok(method) = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()) else {
-            return problem(StatusCode::METHOD_NOT_ALLOWED, "unsupported method");
-        };
-        let mut rb = self.http.request(method, url).body(body);
-        for name in [
-            header::CONTENT_TYPE,
-            header::AUTHORIZATION,
-            header::ACCEPT,
-            X_REQUEST_ID.clone(),
-        ] {
-            if let Some(v) = parts.headers.get(&name).and_then(|v| v.to_str().ok()) {
-                rb = rb.header(name.as_str(), v);
-            }
-        }
-        match rb.send().await {
-            Ok(r) => {
-                let status =
-                    StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-                let ct = r
-                    .headers()
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let www = r
-                    .headers()
-                    .get("www-authenticate")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let allow = r
-                    .headers()
-                    .get("allow")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                match r.bytes().await {
-                    Ok(b) => {
-                        let mut resp = Response::new(Full::new(b));
-                        *resp.status_mut() = status;
-                        for (name, v) in [
-                            (header::CONTENT_TYPE, ct),
-                            (header::WWW_AUTHENTICATE, www),
-                            (header::ALLOW, allow),
-                        ] {
-                            if let Some(v) = v.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                                resp.headers_mut().insert(name, v);
-                            }
-                        }
-                        resp
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "auth daemon response broken");
-                        problem(StatusCode::BAD_GATEWAY, "auth service failed")
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "auth daemon unreachable");
-                problem(StatusCode::SERVICE_UNAVAILABLE, "auth service unavailable")
-            }
+            (Route::Root, _) => method_not_allowed("GET"),
+            (Route::Tasks, &Method::GET) => self.list(ctx, req.uri().query().unwrap_or("")).await,
+            (Route::Tasks, &Method::POST) => self.create(ctx, req).await,
+            (Route::Tasks, _) => method_not_allowed("GET, POST"),
+            (Route::Task(id), &Method::GET) => self.get(id, req.headers()).await,
+            (Route::Task(id), &Method::PUT) => self.update(ctx, id, req, Mode::Replace).await,
+            (Route::Task(id), &Method::PATCH) => self.update(ctx, id, req, Mode::Patch).await,
+            (Route::Task(id), &Method::DELETE) => self.delete(ctx, id, req.headers()).await,
+            (Route::Task(_), _) => method_not_allowed("GET, PUT, PATCH, DELETE"),
+            (Route::NoSuchTask, _) => problem(StatusCode::NOT_FOUND, "no such task"),
+            _ => problem(StatusCode::NOT_FOUND, "no such route"),
         }
     }
 
@@ -661,16 +359,29 @@ impl App {
         }
     }
 
-    async fn after_write(&self, id: i64, task: Option<&Task>, json: Option<&str>) {
+    /// After a committed write: kick the outbox relay, update this instance's cache
+    /// before the response goes out, then Redis (version-checked, announced to the other
+    /// instances). A Redis failure leaves the task in `unsynced` until a retry lands, so
+    /// neither level can serve what the write replaced.
+    async fn after_write(&self, id: i64, state: Cached, performer: Option<i64>) {
         self.kick.notify_one();
-        if let Err(e) = self.kv.after_write(id, task.map(|t| t.performer_id)).await {
-            tracing::warn!(error = %e, task_id = id, "cannot update Redis after a write; cache entry may be stale until its TTL");
+        match &state {
+            Cached::Live { version, json } => {
+                self.hot
+                    .changed(id, *version, Some(Bytes::from(json.clone())), false);
+            }
+            Cached::Deleted { version } => self.hot.changed(id, *version, None, true),
         }
-        if let (Some(t), Some(j)) = (task, json) {
-            let _ = self
-                .kv
-                .cache(id, t.version, j, self.cfg.cache_ttl_secs, false)
-                .await;
+        if let Err(e) = self
+            .kv
+            .cache(id, &state, self.cfg.cache_ttl_secs, true)
+            .await
+        {
+            tracing::warn!(error = %e, task_id = id, "cannot update the Redis cache after a write; retrying in the background");
+            self.unsynced.add(id, state);
+        }
+        if let Err(e) = self.kv.after_write(id, performer).await {
+            tracing::warn!(error = %e, task_id = id, "cannot update the performer map after a write");
         }
     }
 
@@ -798,7 +509,12 @@ impl App {
         if let Ok(loc) = HeaderValue::from_str(&format!("/tasks/{id}")) {
             resp.headers_mut().insert(header::LOCATION, loc);
         }
-        self.after_write(id, Some(&task), Some(&json)).await;
+        let performer = task.performer_id;
+        let state = Cached::Live {
+            version: task.version,
+            json,
+        };
+        self.after_write(id, state, Some(performer)).await;
         resp
     }
 
@@ -830,53 +546,46 @@ impl App {
         Ok(found)
     }
 
-    async fn get(
-        &self,
-        id: i64,
-        h: &HeaderMap,
-        prefetched: Option<redis::RedisResult<Option<(i64, String)>>>,
-    ) -> Resp {
-        let inm = header_str(h, &header::IF_NONE_MATCH).map(str::to_owned);
-        let not_modified = |version: i64| {
-            let mut r = Response::new(Full::new(Bytes::new()));
-            *r.status_mut() = StatusCode::NOT_MODIFIED;
-            r.headers_mut().insert(header::ETAG, etag(version));
-            r
-        };
-        let cached = match prefetched {
-            Some(c) => c,
-            None => self.kv.cached(id).await,
-        };
-        match cached {
-            Ok(Some((version, json))) => {
-                if inm.as_deref().is_some_and(|l| etag_matches(l, version)) {
-                    return not_modified(version);
+    /// A single task: the in-process cache, else Redis (unless this instance has a write
+    /// Redis missed for it), else the shards; each level a read passes is filled.
+    async fn get(&self, id: i64, h: &HeaderMap) -> Resp {
+        let inm = header_str(h, &header::IF_NONE_MATCH);
+        match self.hot.get(id) {
+            Lookup::Hit { version, body } => return cached_response(version, body, inm),
+            Lookup::Deleted => return problem(StatusCode::NOT_FOUND, "no such task"),
+            Lookup::Miss => {}
+        }
+        let epoch = self.hot.epoch();
+        if !self.unsynced.contains(id) {
+            match self.kv.cached(id).await {
+                Ok(Some(state)) => {
+                    self.hot.fill(id, &state, epoch);
+                    return match state {
+                        Cached::Live { version, json } => {
+                            cached_response(version, Bytes::from(json), inm)
+                        }
+                        Cached::Deleted { .. } => problem(StatusCode::NOT_FOUND, "no such task"),
+                    };
                 }
-                let mut r = Response::new(Full::new(Bytes::from(json)));
-                let hh = r.headers_mut();
-                hh.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                hh.insert(header::ETAG, etag(version));
-                return r;
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cache unavailable"),
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cache unavailable"),
         }
         match self.locate(id).await {
             Ok(Some(task)) => {
-                if inm
-                    .as_deref()
-                    .is_some_and(|l| etag_matches(l, task.version))
-                {
-                    return not_modified(task.version);
-                }
                 let (resp, json) = task_response(StatusCode::OK, &task);
+                let state = Cached::Live {
+                    version: task.version,
+                    json,
+                };
                 let _ = self
                     .kv
-                    .cache(id, task.version, &json, self.cfg.cache_ttl_secs, true)
+                    .cache(id, &state, self.cfg.cache_ttl_secs, false)
                     .await;
+                self.hot.fill(id, &state, epoch);
+                if inm.is_some_and(|l| etag_matches(l, task.version)) {
+                    return not_modified(task.version);
+                }
                 resp
             }
             Ok(None) => problem(StatusCode::NOT_FOUND, "no such task"),
@@ -1026,7 +735,11 @@ impl App {
         match self.locked(id, decide).await {
             Ok(Some((task, _))) => {
                 let (resp, json) = task_response(StatusCode::OK, &task);
-                self.after_write(id, Some(&task), Some(&json)).await;
+                let state = Cached::Live {
+                    version: task.version,
+                    json,
+                };
+                self.after_write(id, state, Some(task.performer_id)).await;
                 resp
             }
             Ok(None) => problem(StatusCode::NOT_FOUND, "no such task"),
@@ -1058,8 +771,12 @@ impl App {
             Ok((None, event))
         };
         match self.locked(id, decide).await {
-            Ok(Some(_)) => {
-                self.after_write(id, None, None).await;
+            Ok(Some((old, _))) => {
+                // The tombstone outranks every version the task ever had.
+                let state = Cached::Deleted {
+                    version: old.version + 1,
+                };
+                self.after_write(id, state, None).await;
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 r
@@ -1068,6 +785,28 @@ impl App {
             Err(r) => r,
         }
     }
+}
+
+fn not_modified(version: i64) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NOT_MODIFIED;
+    r.headers_mut().insert(header::ETAG, etag(version));
+    r
+}
+
+/// A task from a cache level: its JSON as stored, or 304 for a matching `If-None-Match`.
+fn cached_response(version: i64, body: Bytes, if_none_match: Option<&str>) -> Resp {
+    if if_none_match.is_some_and(|l| etag_matches(l, version)) {
+        return not_modified(version);
+    }
+    let mut r = Response::new(Full::new(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ETAG, etag(version));
+    r
 }
 
 /// Replays a stored idempotent response (or refuses a reuse / in-flight duplicate).
@@ -1113,54 +852,6 @@ fn replay(record: &str, fingerprint: &str) -> Resp {
     r
 }
 
-fn with_limit_headers(mut r: Resp, ctx: &Ctx, cfg: &GatewayConfig) -> Resp {
-    let Some(l) = ctx.limit else { return r };
-    let h = r.headers_mut();
-    let num = |n: u64| {
-        HeaderValue::from_str(&n.to_string()).unwrap_or_else(|_| HeaderValue::from_static("0"))
-    };
-    h.insert("ratelimit-limit", num(u64::from(cfg.rate_limit.burst)));
-    h.insert("ratelimit-remaining", num(l.remaining));
-    h.insert("ratelimit-reset", num(l.reset_ms.div_ceil(1000)));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "{};w=1;burst={}",
-        cfg.rate_limit.per_second, cfg.rate_limit.burst
-    )) {
-        h.insert("ratelimit-policy", v);
-    }
-    r
-}
-
-/// `/openapi.json` and the embedded Swagger UI.
-fn static_route(path: &str, method: &Method) -> Option<Resp> {
-    let serve = |ct: &'static str, body: &'static [u8]| {
-        let mut r = Response::new(Full::new(Bytes::from_static(body)));
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-        r
-    };
-    let found = if path == "/openapi.json" {
-        Some(serve("application/json", OPENAPI.as_bytes()))
-    } else if path == "/swagger" || path == "/swagger/" {
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
-        r.headers_mut().insert(
-            header::LOCATION,
-            HeaderValue::from_static("/swagger/index.html"),
-        );
-        Some(r)
-    } else {
-        ASSETS
-            .iter()
-            .find(|a| a.path == path)
-            .map(|a| serve(a.content_type, a.body))
-    }?;
-    if *method != Method::GET && *method != Method::HEAD {
-        return Some(method_not_allowed("GET"));
-    }
-    Some(found)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1171,26 +862,5 @@ mod tests {
         assert!(etag_matches("W/\"3\", \"4\"", 4));
         assert!(etag_matches("*", 9));
         assert!(!etag_matches("\"3\"", 4));
-    }
-
-    #[test]
-    fn openapi_is_json_and_covers_routes() {
-        let v: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_default();
-        assert_eq!(v["openapi"], "3.1.0");
-        for p in [
-            "/",
-            "/auth/register",
-            "/auth/login",
-            "/auth/me",
-            "/auth/users",
-            "/auth/users/{id}",
-            "/tasks",
-            "/tasks/{id}",
-            "/healthz",
-            "/readyz",
-            "/metrics",
-        ] {
-            assert!(v["paths"].get(p).is_some(), "{p} missing from openapi.json");
-        }
     }
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use taskflow_kit::config::{CommonConfig, ConfigError, DaemonConfig};
+use taskflow_kit::web::ServerLimits;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -16,6 +17,11 @@ pub struct GatewayConfig {
     #[serde(flatten)]
     pub common: CommonConfig,
     pub listen: SocketAddr,
+    /// Listener of `/metrics` and `/readyz` (detailed readiness), kept off the public API
+    /// port: metrics and dependency errors tell an attacker too much. Loopback by default.
+    pub ops_listen: SocketAddr,
+    /// Read timeouts and connection caps of the API listener.
+    pub server: ServerLimits,
     /// Base URL of the auth daemon; `/auth/*` is proxied there.
     pub auth_url: String,
     /// Ed25519 public key (SPKI PEM), secret-file rules.
@@ -38,9 +44,16 @@ pub struct GatewayConfig {
     pub cache_ttl_secs: u64,
     /// Seconds an `Idempotency-Key` response is remembered.
     pub idempotency_ttl_secs: u64,
-    /// Use the first `X-Forwarded-For` address as the client IP (only behind a trusted
-    /// reverse proxy).
-    pub trust_forwarded_for: bool,
+    /// Reverse proxies (addresses or CIDR blocks) whose `X-Forwarded-For` is believed. The
+    /// client is the right-most address not in this list: everything left of it was
+    /// written by the client itself and proves nothing. Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
+    /// Replaced by `trusted_proxies`; only kept so an old file fails with a message that
+    /// says so instead of "unknown key".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_forwarded_for: Option<bool>,
+    /// The in-process cache of hot tasks in front of Redis.
+    pub local_cache: LocalCacheConfig,
     /// Shard names of the proxy (`shard-1`, …): the outbox relay polls each with a
     /// `/* shard=<name> */` hint. Empty: poll the database as one (direct connection).
     pub outbox_shards: Vec<String>,
@@ -59,6 +72,37 @@ pub struct RateLimitConfig {
     pub burst: u32,
     /// Login attempts per minute per email address (also the burst).
     pub login_per_minute: u32,
+    /// Logins and registrations per minute per client IP, whatever the email: each one
+    /// costs a bcrypt hash in the auth daemon, so this bounds what one address can make
+    /// it spend.
+    pub auth_per_ip_per_minute: u32,
+    /// Burst of `auth_per_ip_per_minute`.
+    pub auth_per_ip_burst: u32,
+    /// IPv6 clients sharing this many leading bits share one bucket (a host usually
+    /// owns a whole /64).
+    pub ipv6_prefix: u8,
+    /// Milliseconds between reconciliations of the in-process buckets with Redis. Larger
+    /// is cheaper; the over-admission bound grows with it (docs/configuration.md).
+    pub sync_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LocalCacheConfig {
+    /// Tasks kept in process; 0 disables the in-process cache (every read asks Redis).
+    pub capacity: usize,
+    /// Milliseconds an in-process entry is served before it is fetched again: the bound
+    /// on staleness should an invalidation message be lost.
+    pub ttl_ms: u64,
+}
+
+impl Default for LocalCacheConfig {
+    fn default() -> Self {
+        LocalCacheConfig {
+            capacity: 10_000,
+            ttl_ms: 2_000,
+        }
+    }
 }
 
 impl Default for RateLimitConfig {
@@ -68,6 +112,10 @@ impl Default for RateLimitConfig {
             per_second: 10,
             burst: 20,
             login_per_minute: 10,
+            auth_per_ip_per_minute: 20,
+            auth_per_ip_burst: 5,
+            ipv6_prefix: 64,
+            sync_ms: 50,
         }
     }
 }
@@ -77,6 +125,8 @@ impl Default for GatewayConfig {
         GatewayConfig {
             common: CommonConfig::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9932)),
+            server: ServerLimits::default(),
             auth_url: "http://127.0.0.1:8081".into(),
             jwt_public_key_file: "jwt-public.pem".into(),
             database_url: "postgres://taskflow@127.0.0.1:6432/tasks".into(),
@@ -91,7 +141,9 @@ impl Default for GatewayConfig {
             rate_limit: RateLimitConfig::default(),
             cache_ttl_secs: 300,
             idempotency_ttl_secs: 86_400,
-            trust_forwarded_for: false,
+            trusted_proxies: vec![],
+            trust_forwarded_for: None,
+            local_cache: LocalCacheConfig::default(),
             outbox_shards: vec![],
             outbox_poll_ms: 500,
             outbox_batch_size: 200,
@@ -113,7 +165,8 @@ fn valid_origin(o: &str) -> bool {
 }
 
 impl DaemonConfig for GatewayConfig {
-    const ENV_LIST_KEYS: &'static [&'static str] = &["cors_origins", "outbox_shards"];
+    const ENV_LIST_KEYS: &'static [&'static str] =
+        &["cors_origins", "outbox_shards", "trusted_proxies"];
 
     fn common(&self) -> &CommonConfig {
         &self.common
@@ -188,6 +241,7 @@ impl DaemonConfig for GatewayConfig {
                 "must be at least 1",
             ));
         }
+        self.validate_abuse_limits()?;
         if self.cache_ttl_secs == 0 {
             return Err(ConfigError::invalid("cache_ttl_secs", "must be at least 1"));
         }
@@ -230,6 +284,55 @@ impl DaemonConfig for GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// The keys of issue 12 (forwarded-for, per-IP auth limits, server limits, caches).
+    fn validate_abuse_limits(&self) -> Result<(), ConfigError> {
+        if self.trust_forwarded_for.is_some() {
+            return Err(ConfigError::invalid(
+                "trust_forwarded_for",
+                "replaced by `trusted_proxies` (list the reverse proxies' addresses)",
+            ));
+        }
+        crate::clientip::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|e| ConfigError::invalid("trusted_proxies", e))?;
+        let rl = &self.rate_limit;
+        for (key, v) in [
+            (
+                "rate_limit.auth_per_ip_per_minute",
+                rl.auth_per_ip_per_minute,
+            ),
+            ("rate_limit.auth_per_ip_burst", rl.auth_per_ip_burst),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        if !(1..=128).contains(&rl.ipv6_prefix) {
+            return Err(ConfigError::invalid(
+                "rate_limit.ipv6_prefix",
+                "must be 1 to 128",
+            ));
+        }
+        if !(1..=10_000).contains(&rl.sync_ms) {
+            return Err(ConfigError::invalid(
+                "rate_limit.sync_ms",
+                "must be 1 to 10000",
+            ));
+        }
+        if self.local_cache.ttl_ms == 0 {
+            return Err(ConfigError::invalid(
+                "local_cache.ttl_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.ops_listen == self.listen && self.listen.port() != 0 {
+            return Err(ConfigError::invalid(
+                "ops_listen",
+                "must differ from `listen` (ops endpoints are not served on the API port)",
+            ));
+        }
+        self.server.validate("server")
+    }
+
     /// The database connection settings, with the password from its secret file.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
         taskflow_kit::postgres::daemon_database(

@@ -6,8 +6,9 @@
 //! the shards' maximum id (plus a margin covering ids handed out but not yet committed),
 //! the performer map falls back to a scatter read, and the cache simply misses.
 //!
-//! Keys: `task:id_counter`, `task:{id}` (cache, TTL), `task:shard:{id}` (performer id),
-//! `rl:{scope}:{who}` (GCRA state), `idem:{user}:{key}`.
+//! Keys: `task:id_counter`, `task:{id}` (cache or tombstone, TTL), `task:shard:{id}`
+//! (performer id), `rl2:{scope}:{who}` (GCRA state, µs), `idem:{user}:{key}`; channel
+//! [`CHANGES_CHANNEL`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,20 +103,28 @@ pub struct Kv {
     conn: Guarded,
     next_id: redis::Script,
     limiter: redis::Script,
+    sync: redis::Script,
     cache_set: redis::Script,
 }
 
-/// Version-aware cache store; see [`Kv::cache`].
+/// Version-checked cache store; see [`Kv::cache`]. An entry is `"{version}\n{json}"`, or
+/// `"{version}\n"` — a tombstone — for a deleted task. ARGV: version, entry, TTL seconds,
+/// and optionally a pub/sub channel and message announcing the change to the other
+/// instances' in-process caches (sent only when the entry was stored).
 const CACHE_LUA: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  if ARGV[4] == 'fill' then return 0 end
   local v = tonumber(string.match(cur, '^(%-?%d+)\n'))
   if v and v >= tonumber(ARGV[1]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+if ARGV[4] and ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
 ";
+
+/// Pub/sub channel of task changes: `"{id} {version} {u|d}"` (`d`: deleted, `version` is
+/// then the tombstone's).
+pub const CHANGES_CHANNEL: &str = "taskflow:task-changes";
 
 /// `INCR` only when the counter exists; `false` (nil) tells the caller to re-seed.
 const NEXT_ID_LUA: &str = r"
@@ -123,23 +132,26 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return redis.call('INCR', KEYS[1])
 ";
 
-/// GCRA over every key in KEYS (all must allow, then all are charged).
-/// ARGV: per key, interval_ms and burst. Returns {allowed, remaining, reset_ms,
-/// retry_after_ms} of the most restrictive key.
+/// GCRA over every key in KEYS (all must allow, then all are charged), in microseconds.
+/// ARGV: per key, interval_us and burst. Returns {allowed, remaining, reset_ms,
+/// retry_after_ms} of the most restrictive key, then each key's backlog (µs its
+/// theoretical arrival time is ahead of now) so the caller's in-process buckets learn it.
 const LIMIT_LUA: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = #KEYS
 local allowed = 1
 local remaining = 1e18
 local reset = 0
 local retry = 0
 local tats = {}
+local old = {}
 for i = 1, n do
   local interval = tonumber(ARGV[2 * i - 1])
   local burst = tonumber(ARGV[2 * i])
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if tat < now then tat = now end
+  old[i] = tat
   local new_tat = tat + interval
   local allow_at = new_tat - burst * interval
   if allow_at > now then
@@ -154,12 +166,37 @@ for i = 1, n do
     reset = math.max(reset, new_tat - now)
   end
 end
-if allowed == 1 then
-  for i = 1, n do
-    redis.call('SET', KEYS[i], tats[i], 'PX', math.max(1, math.ceil(tats[i] - now)))
+local out = {allowed, remaining, math.ceil(reset / 1000), math.ceil(retry / 1000)}
+for i = 1, n do
+  if allowed == 1 then
+    redis.call('SET', KEYS[i], tats[i], 'PX', math.max(1, math.ceil((tats[i] - now) / 1000)))
+    out[4 + i] = tats[i] - now
+  else
+    out[4 + i] = old[i] - now
   end
 end
-return {allowed, remaining, reset, retry}
+return out
+";
+
+/// Reconciliation of in-process buckets ([`crate::limiter`]): charges each key with the
+/// admissions an instance made locally (ARGV per key: count, interval_us) and returns
+/// each key's backlog in µs, which includes every instance's traffic.
+const SYNC_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i = 1, #KEYS do
+  local count = tonumber(ARGV[2 * i - 1])
+  local interval = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  if count > 0 then
+    tat = tat + count * interval
+    redis.call('SET', KEYS[i], tat, 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+  end
+  out[i] = tat - now
+end
+return out
 ";
 
 /// Outcome of a rate-limit check.
@@ -173,11 +210,36 @@ pub struct Limit {
     pub retry_after_ms: u64,
 }
 
-/// One bucket: key, sustained rate and burst.
+impl Limit {
+    /// What a check that could not be made answers: allowed, no headers worth sending.
+    pub fn open() -> Self {
+        Limit {
+            allowed: true,
+            remaining: 0,
+            reset_ms: 0,
+            retry_after_ms: 0,
+        }
+    }
+}
+
+/// One bucket checked strictly in Redis: key, sustained rate and burst.
 pub struct Bucket {
     pub key: String,
-    pub interval_ms: u64,
+    pub interval_us: u64,
     pub burst: u32,
+}
+
+/// A cached task as Redis holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    Live {
+        version: i64,
+        json: String,
+    },
+    /// Deleted; the version a tombstone carries is the last live version + 1.
+    Deleted {
+        version: i64,
+    },
 }
 
 impl Kv {
@@ -195,6 +257,7 @@ impl Kv {
             },
             next_id: redis::Script::new(NEXT_ID_LUA),
             limiter: redis::Script::new(LIMIT_LUA),
+            sync: redis::Script::new(SYNC_LUA),
             cache_set: redis::Script::new(CACHE_LUA),
         })
     }
@@ -225,54 +288,61 @@ impl Kv {
         Ok(())
     }
 
-    /// Cached `(version, json)` of a task.
-    pub async fn cached(&self, id: i64) -> redis::RedisResult<Option<(i64, String)>> {
+    /// The cached state of a task.
+    pub async fn cached(&self, id: i64) -> redis::RedisResult<Option<Cached>> {
         let mut c = self.conn.clone();
         let v: Option<String> = c.get(format!("task:{id}")).await?;
         Ok(v.and_then(|s| {
             let (ver, json) = s.split_once('\n')?;
-            Some((ver.parse().ok()?, json.to_owned()))
+            let version = ver.parse().ok()?;
+            Some(if json.is_empty() {
+                Cached::Deleted { version }
+            } else {
+                Cached::Live {
+                    version,
+                    json: json.to_owned(),
+                }
+            })
         }))
     }
 
-    /// Caches a task. A read-path `fill` only writes an absent entry; a write-path store
-    /// only replaces an older version. So a slow reader cannot put back a version that a
-    /// concurrent write already superseded, and two racing writers leave the newest.
+    /// Stores `state` unless Redis already holds the same or a newer version, so a slow
+    /// reader can never put back a version a write superseded, and a delete's tombstone
+    /// (version = last + 1) can never be overwritten by a read that saw the task alive.
+    /// With `announce`, a stored change is also published on [`CHANGES_CHANNEL`] in the
+    /// same script, for the other instances' in-process caches.
     pub async fn cache(
         &self,
         id: i64,
-        version: i64,
-        json: &str,
+        state: &Cached,
         ttl_secs: u64,
-        fill: bool,
+        announce: bool,
     ) -> redis::RedisResult<()> {
         let mut c = self.conn.clone();
-        self.cache_set
-            .key(format!("task:{id}"))
+        let (version, entry, kind) = match state {
+            Cached::Live { version, json } => (*version, format!("{version}\n{json}"), 'u'),
+            Cached::Deleted { version } => (*version, format!("{version}\n"), 'd'),
+        };
+        let mut inv = self.cache_set.prepare_invoke();
+        inv.key(format!("task:{id}"))
             .arg(version)
-            .arg(format!("{version}\n{json}"))
-            .arg(ttl_secs)
-            .arg(if fill { "fill" } else { "write" })
-            .invoke_async::<i64>(&mut c)
-            .await
-            .map(|_| ())
+            .arg(entry)
+            .arg(ttl_secs);
+        if announce {
+            inv.arg(CHANGES_CHANNEL)
+                .arg(format!("{id} {version} {kind}"));
+        }
+        inv.invoke_async::<i64>(&mut c).await.map(|_| ())
     }
 
-    /// Records the performer after a write; with `None` (a delete, or a stale entry)
-    /// forgets both the performer and the cache entry. (An update's new version replaces
-    /// the cache entry through [`Kv::cache`], which keeps the newest.)
+    /// Records where a task lives after a write (`None`: forget it — deleted, or found
+    /// stale). The cache entry is handled by [`Kv::cache`].
     pub async fn after_write(&self, id: i64, performer: Option<i64>) -> redis::RedisResult<()> {
         let mut c = self.conn.clone();
-        let mut pipe = redis::pipe();
         match performer {
-            Some(p) => pipe.set(format!("task:shard:{id}"), p).ignore(),
-            None => pipe
-                .del(format!("task:{id}"))
-                .ignore()
-                .del(format!("task:shard:{id}"))
-                .ignore(),
-        };
-        pipe.query_async::<()>(&mut c).await
+            Some(p) => c.set(format!("task:shard:{id}"), p).await,
+            None => c.del(format!("task:shard:{id}")).await,
+        }
     }
 
     pub async fn performer_of(&self, id: i64) -> redis::RedisResult<Option<i64>> {
@@ -285,22 +355,41 @@ impl Kv {
         c.set(format!("task:shard:{id}"), performer).await
     }
 
-    /// Checks and charges every bucket atomically.
-    pub async fn limit(&self, buckets: &[Bucket]) -> redis::RedisResult<Limit> {
+    /// Checks and charges every bucket atomically; also each bucket's backlog in µs.
+    pub async fn limit(&self, buckets: &[Bucket]) -> redis::RedisResult<(Limit, Vec<u64>)> {
         let mut c = self.conn.clone();
         let mut inv = self.limiter.prepare_invoke();
         for b in buckets {
-            inv.key(&b.key).arg(b.interval_ms).arg(b.burst);
+            inv.key(&b.key).arg(b.interval_us).arg(b.burst);
         }
-        let (allowed, remaining, reset, retry): (i64, i64, i64, i64) =
-            inv.invoke_async(&mut c).await?;
-        let u = |v: i64| u64::try_from(v).unwrap_or(0);
-        Ok(Limit {
-            allowed: allowed == 1,
-            remaining: u(remaining),
-            reset_ms: u(reset),
-            retry_after_ms: u(retry),
-        })
+        let v: Vec<i64> = inv.invoke_async(&mut c).await?;
+        let u = |i: usize| v.get(i).map_or(0, |x| u64::try_from(*x).unwrap_or(0));
+        Ok((
+            Limit {
+                allowed: u(0) == 1,
+                remaining: u(1),
+                reset_ms: u(2),
+                retry_after_ms: u(3),
+            },
+            (0..buckets.len()).map(|i| u(4 + i)).collect(),
+        ))
+    }
+
+    /// Reports in-process admissions (key, rate, count) and returns each key's shared
+    /// backlog in µs; see [`crate::limiter`].
+    pub async fn limit_sync(
+        &self,
+        active: &[(crate::limiter::Key, crate::limiter::Rate, u64)],
+    ) -> redis::RedisResult<Vec<u64>> {
+        let mut c = self.conn.clone();
+        let mut inv = self.sync.prepare_invoke();
+        for (key, rate, count) in active {
+            inv.key(key.redis_key()).arg(*count).arg(rate.interval_us);
+        }
+        let v: Vec<i64> = inv.invoke_async(&mut c).await?;
+        Ok(v.into_iter()
+            .map(|x| u64::try_from(x).unwrap_or(0))
+            .collect())
     }
 
     /// Claims an idempotency key: `Ok(None)` when claimed now, `Ok(Some(record))` when a

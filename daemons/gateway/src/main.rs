@@ -15,11 +15,17 @@
 #![allow(clippy::result_large_err)]
 
 mod api;
+mod clientip;
 mod config;
+mod docs;
+mod hotcache;
 mod input;
 mod jwt;
 mod kv;
+mod limiter;
+mod middleware;
 mod outbox;
+mod routes;
 mod store;
 
 use std::process::ExitCode;
@@ -30,11 +36,13 @@ use anyhow::Context as _;
 use clap::Parser;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use taskflow_kit::http::Readiness;
+use taskflow_kit::http::{serve_ops, Readiness};
 use taskflow_kit::web;
 use taskflow_kit::{Daemon, DaemonArgs, Lifecycle};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::GatewayConfig;
 
@@ -130,15 +138,21 @@ async fn ensure_topics(cfg: &GatewayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
-    let cfg = daemon.config.clone();
-    let lifecycle = daemon.lifecycle.clone();
-    drop(daemon.reloads);
-    let readiness = Readiness::new();
+/// What the gateway talks to, connected and answering.
+struct Deps {
+    pool: deadpool_postgres::Pool,
+    store: store::Store,
+    kv: kv::Kv,
+    producer: rdkafka::producer::FutureProducer,
+}
 
-    // Checked by `check_secrets` before start-up; an error here means the file changed since.
-    let verifier = jwt::Verifier::load(&cfg.jwt_public_key_file)
-        .map_err(|e| anyhow::anyhow!("jwt_public_key_file: {e}"))?;
+/// Connects the task database, Redis and Kafka, waiting until each answers; `None` if
+/// shutdown came first.
+async fn connect(
+    cfg: &GatewayConfig,
+    lifecycle: &Lifecycle,
+    readiness: &Readiness,
+) -> anyhow::Result<Option<Deps>> {
     let mgr = deadpool_postgres::Manager::from_config(
         cfg.pg_config()?,
         tokio_postgres::NoTls,
@@ -154,9 +168,8 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         .build()
         .context("building the database pool")?;
     let store = store::Store::new(pool.clone());
-
-    if !wait_for(&lifecycle, &readiness, "postgres", || store.ping()).await {
-        return Ok(());
+    if !wait_for(lifecycle, readiness, "postgres", || store.ping()).await {
+        return Ok(None);
     }
     let kv = loop {
         match kv::Kv::connect(&cfg.redis_url).await {
@@ -167,32 +180,37 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "redis not answering yet");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    () = lifecycle.shutdown.cancelled() => return Ok(()),
+                    () = lifecycle.shutdown.cancelled() => return Ok(None),
                 }
             }
         }
     };
-    if !wait_for(&lifecycle, &readiness, "redis", || kv.ping()).await {
-        return Ok(());
+    if !wait_for(lifecycle, readiness, "redis", || kv.ping()).await {
+        return Ok(None);
     }
     let producer = outbox::producer(&cfg.kafka_brokers).context("creating the Kafka producer")?;
-    if !wait_for(&lifecycle, &readiness, "kafka", || {
-        kafka_metadata(&producer)
-    })
-    .await
-    {
-        return Ok(());
+    if !wait_for(lifecycle, readiness, "kafka", || kafka_metadata(&producer)).await {
+        return Ok(None);
     }
-    if let Err(e) = ensure_topics(&cfg).await {
+    if let Err(e) = ensure_topics(cfg).await {
         tracing::warn!(error = format!("{e:#}"), "cannot ensure Kafka topics");
     }
+    Ok(Some(Deps {
+        pool,
+        store,
+        kv,
+        producer,
+    }))
+}
 
+/// The HTTP client for the auth daemon, after probing it (a warning if it does not
+/// answer: task reads work without it).
+async fn auth_client(auth_url: &str) -> anyhow::Result<reqwest::Client> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(32)
         .build()
         .context("building the HTTP client")?;
-    let auth_url = cfg.auth_url.trim_end_matches('/').to_owned();
     match http.get(format!("{auth_url}/healthz")).send().await {
         Ok(r) if r.status().is_success() => {}
         Ok(r) => tracing::warn!(
@@ -203,9 +221,17 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "auth daemon not reachable yet; /auth/* will answer 503 until it is")
         }
     }
+    Ok(http)
+}
 
-    let mut registry = prometheus_client::registry::Registry::with_prefix("taskflow_gateway");
-    let metrics = web::HttpMetrics::register(&mut registry);
+/// Registers the relay's metrics and starts it.
+fn start_relay(
+    cfg: &GatewayConfig,
+    deps: &Deps,
+    registry: &mut Registry,
+    kick: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let published = Counter::default();
     let failures = Counter::default();
     let pending = Gauge::default();
@@ -224,11 +250,9 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         "Rows left unsent by the last relay batch",
         pending.clone(),
     );
-
-    let kick = Arc::new(tokio::sync::Notify::new());
     let relay = outbox::Relay {
-        pool: pool.clone(),
-        producer: producer.clone(),
+        pool: deps.pool.clone(),
+        producer: deps.producer.clone(),
         targets: if cfg.outbox_shards.is_empty() {
             vec![None]
         } else {
@@ -236,56 +260,111 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         },
         batch: cfg.outbox_batch_size,
         poll: Duration::from_millis(cfg.outbox_poll_ms),
-        kick: kick.clone(),
+        kick,
         published,
         failures,
         pending,
     };
-    let relay_task = tokio::spawn(relay.run(lifecycle.shutdown.clone()));
+    tokio::spawn(relay.run(shutdown))
+}
 
-    // Keep /readyz current (Kafka is not part of it: writes go to the outbox when it is
-    // down, so the gateway still serves; the relay catches up).
-    {
-        let store = store.clone();
-        let kv = kv.clone();
-        let readiness = readiness.clone();
-        let shutdown = lifecycle.shutdown.clone();
-        readiness.set("kafka", Ok(()));
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                readiness.set("postgres", store.ping().await.map_err(|e| e.to_string()));
-                readiness.set("redis", kv.ping().await.map_err(|e| e.to_string()));
+/// Keeps `/readyz` current (Kafka is not part of it: writes go to the outbox when it is
+/// down, so the gateway still serves; the relay catches up).
+fn keep_readiness(deps: &Deps, readiness: Readiness, shutdown: CancellationToken) {
+    let store = deps.store.clone();
+    let kv = deps.kv.clone();
+    readiness.set("kafka", Ok(()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = shutdown.cancelled() => break,
             }
-        });
-    }
+            readiness.set("postgres", store.ping().await.map_err(|e| e.to_string()));
+            readiness.set("redis", kv.ping().await.map_err(|e| e.to_string()));
+        }
+    });
+}
+
+/// The background halves of the in-process limits and cache: bucket reconciliation,
+/// the change subscription, and the retry of cache writes Redis missed.
+fn start_coherence(app: &Arc<api::App>, shutdown: &CancellationToken) {
+    let every = Duration::from_millis(app.cfg.rate_limit.sync_ms);
+    let (a, s) = (app.clone(), shutdown.clone());
+    tokio::spawn(async move { a.limiter.run_sync(&a.kv, every, s).await });
+    let (a, s) = (app.clone(), shutdown.clone());
+    tokio::spawn(async move { hotcache::follow_changes(a.cfg.redis_url.clone(), &a.hot, s).await });
+    let (a, s) = (app.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        hotcache::retry_unsynced(&a.kv, &a.unsynced, a.cfg.cache_ttl_secs, s).await;
+    });
+}
+
+async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
+    let cfg = daemon.config.clone();
+    let lifecycle = daemon.lifecycle.clone();
+    drop(daemon.reloads);
+    let readiness = Readiness::new();
+    let shutdown = lifecycle.shutdown.clone();
+
+    // Checked by `check_secrets` before start-up; an error here means the file changed since.
+    let verifier = jwt::Verifier::load(&cfg.jwt_public_key_file)
+        .map_err(|e| anyhow::anyhow!("jwt_public_key_file: {e}"))?;
+    let trusted = clientip::TrustedProxies::parse(&cfg.trusted_proxies)
+        .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?;
+    let Some(deps) = connect(&cfg, &lifecycle, &readiness).await? else {
+        return Ok(());
+    };
+    let auth_url = cfg.auth_url.trim_end_matches('/').to_owned();
+    let http = auth_client(&auth_url).await?;
+
+    let mut registry = Registry::with_prefix("taskflow_gateway");
+    let metrics = web::HttpMetrics::register(&mut registry);
+    let kick = Arc::new(tokio::sync::Notify::new());
+    let relay_task = start_relay(&cfg, &deps, &mut registry, kick.clone(), shutdown.clone());
+    keep_readiness(&deps, readiness.clone(), shutdown.clone());
 
     let app = Arc::new(api::App {
         cfg: cfg.clone(),
         verifier,
-        store,
-        kv,
+        store: deps.store.clone(),
+        kv: deps.kv.clone(),
         http,
         auth_url,
         known_users: std::sync::Mutex::new(std::collections::HashSet::new()),
         kick,
-        readiness,
-        registry,
         metrics,
+        trusted,
+        limiter: Arc::new(limiter::Limiter::default()),
+        hot: Arc::new(hotcache::HotCache::new(
+            cfg.local_cache.capacity,
+            Duration::from_millis(cfg.local_cache.ttl_ms),
+        )),
+        unsynced: Arc::new(hotcache::Unsynced::default()),
+        rid_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+        rid_counter: std::sync::atomic::AtomicU64::new(0),
     });
+    start_coherence(&app, &shutdown);
+
+    let ops = serve_ops(
+        cfg.ops_listen,
+        readiness,
+        Arc::new(registry),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding ops_listen {}", cfg.ops_listen))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    lifecycle.ready(&format!("listening on {addr}"));
+    lifecycle.ready(&format!("listening on {addr} (ops on {ops})"));
     let handler = Arc::new(move |req, peer| app.clone().handle(req, peer));
-    web::serve(listener, lifecycle.shutdown.clone(), handler).await;
+    web::serve(listener, shutdown, cfg.server, handler).await;
     // The relay stops on the same token; let it finish its batch so stamps are not lost.
     let _ = relay_task.await;
     use rdkafka::producer::Producer as _;
+    let producer = deps.producer;
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(2))).await;
     Ok(())
 }

@@ -52,10 +52,12 @@ struct Infra {
     _auth: Proc,
 }
 
+/// Waits for `/healthz` (on the API port; the daemons bind it only once their
+/// dependencies answer).
 async fn wait_ready(base: &str, what: &str) {
     let http = reqwest::Client::new();
     for _ in 0..600 {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
             if r.status() == 200 {
                 return;
             }
@@ -102,7 +104,7 @@ impl Infra {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndatabase_url = \"{}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n[log]\nlevel = \"warn\"\n",
+                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:0\"\ndatabase_url = \"{}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n[log]\nlevel = \"warn\"\n",
                 auth_db.url(),
                 dir.path().join("jwt-private.pem").display()
             ),
@@ -127,13 +129,25 @@ impl Infra {
         }
     }
 
+    /// `http://` + the `ops_listen` address written into gateway `name`'s configuration.
+    fn ops_base(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.toml"))).unwrap();
+        let addr = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ops_listen = "))
+            .unwrap()
+            .trim_matches('"');
+        format!("http://{addr}")
+    }
+
     fn gateway_config(&self, name: &str, port: u16, extra: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &path,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nauth_url = \"{}\"\njwt_public_key_file = \"{}\"\ndatabase_url = \"{}\"\n\
+                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{}\"\nauth_url = \"{}\"\njwt_public_key_file = \"{}\"\ndatabase_url = \"{}\"\n\
                  redis_url = \"{}\"\nkafka_brokers = \"{}\"\ncors_origins = [\"http://localhost:5173\"]\noutbox_poll_ms = 100\n{extra}\n[log]\nlevel = \"warn\"\n",
+                free_port().unwrap(),
                 self.auth_url,
                 self.dir.path().join("jwt-public.pem").display(),
                 self.shard.url("tasks"),
@@ -335,6 +349,11 @@ fn bad_config_exits_78_naming_the_key() {
         ("[rate_limit]\nburst = 0\n", "rate_limit.burst"),
         ("cors_origins = [\"not an origin\"]\n", "cors_origins"),
         ("redis_url = \"nope://x\"\n", "redis_url"),
+        ("trusted_proxies = [\"proxy.example\"]\n", "trusted_proxies"),
+        ("trust_forwarded_for = true\n", "trust_forwarded_for"),
+        ("[server]\nmax_connections = 0\n", "server.max_connections"),
+        ("[rate_limit]\nipv6_prefix = 0\n", "rate_limit.ipv6_prefix"),
+        ("[local_cache]\nttl_ms = 0\n", "local_cache.ttl_ms"),
     ] {
         let cfg = dir.path().join("g.toml");
         let text = if body.contains("jwt_public_key_file") {
@@ -363,7 +382,8 @@ fn bad_config_exits_78_naming_the_key() {
 async fn gateway_end_to_end() {
     let mut infra = Infra::start().await;
     let notify = NotifySocket::bind().unwrap();
-    let high = "[rate_limit]\nper_second = 100000\nburst = 100000\nlogin_per_minute = 100000\n";
+    let high = "[rate_limit]\nper_second = 100000\nburst = 100000\nlogin_per_minute = 100000\n\
+                auth_per_ip_per_minute = 100000\nauth_per_ip_burst = 100000\n";
     let (mut gw, base) = infra.gateway("gw-main", high, Some(notify.path())).await;
     notify
         .wait_for_assignment("READY=1", Duration::from_secs(10))
@@ -551,12 +571,20 @@ async fn gateway_end_to_end() {
             .status,
         200
     );
-    let r = h.call(M::GET, "/metrics", None, None).await;
-    assert!(r
-        .body
-        .as_str()
+    // Metrics and detailed readiness are on the ops listener only.
+    for p in ["/metrics", "/readyz"] {
+        assert_eq!(h.call(M::GET, p, None, None).await.status, 404, "{p}");
+    }
+    let ops = infra.ops_base("gw-main");
+    let text = reqwest::get(format!("{ops}/metrics"))
+        .await
         .unwrap()
-        .contains("taskflow_gateway_http_requests"));
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("taskflow_gateway_http_requests"));
+    let r = reqwest::get(format!("{ops}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 200);
     let r = h.call(M::GET, "/auth/me", Some(&t1), None).await;
     assert_eq!((r.status, r.body["id"].clone()), (200, json!(1)));
 
@@ -1086,6 +1114,9 @@ async fn gateway_end_to_end() {
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["ratelimit-limit"], "3");
     assert_eq!(r.headers["ratelimit-remaining"], "0");
+    // Per-request buckets are decided in process and reconciled through Redis every
+    // rate_limit.sync_ms (50 ms): instance B sees A's last request after that.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let r = hb.call(M::GET, "/", None, None).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.headers["content-type"], "application/problem+json");

@@ -30,7 +30,9 @@ impl Drop for Proc {
 async fn wait_http(base: &str) {
     let c = reqwest::Client::new();
     for _ in 0..600 {
-        if let Ok(r) = c.get(format!("{base}/readyz")).send().await {
+        // `/healthz` on the API port: the daemons bind it once their dependencies answer
+        // (`/readyz` is on the ops listener).
+        if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
             if r.status() == 200 {
                 return;
             }
@@ -151,7 +153,7 @@ async fn run(strict: bool) {
     std::fs::write(
         d.join("auth.toml"),
         format!(
-            "listen = \"127.0.0.1:{auth_port}\"\ndatabase_url = \"postgres://taskflow:taskflow@127.0.0.1:{proxy_port}/auth\"\n\
+            "listen = \"127.0.0.1:{auth_port}\"\nops_listen = \"127.0.0.1:0\"\ndatabase_url = \"postgres://taskflow:taskflow@127.0.0.1:{proxy_port}/auth\"\n\
              jwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n[log]\nlevel = \"warn\"\n",
             d.join("jwt-private.pem").display()
         ),
@@ -173,7 +175,7 @@ async fn run(strict: bool) {
     std::fs::write(
         d.join("gw.toml"),
         format!(
-            "listen = \"127.0.0.1:{gw_port}\"\nauth_url = \"{auth_url}\"\njwt_public_key_file = \"{}\"\n\
+            "listen = \"127.0.0.1:{gw_port}\"\nops_listen = \"127.0.0.1:0\"\nauth_url = \"{auth_url}\"\njwt_public_key_file = \"{}\"\n\
              database_url = \"postgres://taskflow:taskflow@127.0.0.1:{proxy_port}/tasks\"\nredis_url = \"{}\"\n\
              kafka_brokers = \"{}\"\noutbox_shards = [\"shard-1\", \"shard-2\", \"shard-3\"]\noutbox_poll_ms = 100\n\
              [rate_limit]\nenabled = false\n[log]\nlevel = \"warn\"\n",

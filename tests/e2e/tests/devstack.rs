@@ -21,7 +21,9 @@ const SERVICES: [&str; 13] = [
     "shard-proxy",
     "proxy-metrics",
     "auth",
+    "auth-ops",
     "gateway",
+    "gateway-ops",
     "notify-metrics",
 ];
 

@@ -71,9 +71,19 @@ pub const SERVICES: &[Service] = &[
         what: "taskflow-auth",
     },
     Service {
+        name: "auth-ops",
+        port: 9933,
+        what: "taskflow-auth /metrics, /readyz",
+    },
+    Service {
         name: "gateway",
         port: 3000,
         what: "taskflow-gateway",
+    },
+    Service {
+        name: "gateway-ops",
+        port: 9932,
+        what: "taskflow-gateway /metrics, /readyz",
     },
     Service {
         name: "notify-metrics",
