@@ -63,14 +63,13 @@ fn main() -> ExitCode {
     taskflow_kit::run("taskflow-auth", cli.daemon, run)
 }
 
-async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
-    let cfg = daemon.config.clone();
-    let lifecycle = daemon.lifecycle.clone();
-    drop(daemon.reloads);
-
-    // Checked by `check_secrets` before start-up; an error here means the file changed since.
-    let keys = keys::SigningKeys::load(&cfg.jwt_private_key_file)
-        .map_err(|e| anyhow::anyhow!("jwt_private_key_file: {e}"))?;
+/// The user store, once the auth database answers; `None` if shutdown came first.
+/// (Waiting before binding: READY must mean "answers requests".)
+async fn connect(
+    cfg: &AuthConfig,
+    lifecycle: &taskflow_kit::Lifecycle,
+    readiness: &Readiness,
+) -> anyhow::Result<Option<users::Users>> {
     let mgr = deadpool_postgres::Manager::from_config(
         cfg.pg_config()?,
         tokio_postgres::NoTls,
@@ -86,7 +85,6 @@ async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
         .build()
         .context("building the database pool")?;
     let users = users::Users::new(pool);
-    let readiness = Readiness::new();
 
     // Wait for the database before binding: READY must mean "answers requests".
     lifecycle.status("waiting for the auth database");
@@ -101,11 +99,26 @@ async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = lifecycle.shutdown.cancelled() => return Ok(()),
+            () = lifecycle.shutdown.cancelled() => return Ok(None),
         }
         delay = (delay * 2).min(Duration::from_secs(2));
     }
     readiness.set("postgres", Ok(()));
+    Ok(Some(users))
+}
+
+async fn run(daemon: Daemon<AuthConfig>) -> anyhow::Result<()> {
+    let cfg = daemon.config.clone();
+    let lifecycle = daemon.lifecycle.clone();
+    drop(daemon.reloads);
+
+    // Checked by `check_secrets` before start-up; an error here means the file changed since.
+    let keys = keys::SigningKeys::load(&cfg.jwt_private_key_file)
+        .map_err(|e| anyhow::anyhow!("jwt_private_key_file: {e}"))?;
+    let readiness = Readiness::new();
+    let Some(users) = connect(&cfg, &lifecycle, &readiness).await? else {
+        return Ok(());
+    };
 
     let cost = cfg.bcrypt_cost;
     let dummy_hash = tokio::task::spawn_blocking(move || {

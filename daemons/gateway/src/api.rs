@@ -241,6 +241,37 @@ impl App {
         }
     }
 
+    /// The ids among `ids` (comma-separated) that the auth daemon knows.
+    async fn existing_users(&self, token: &str, ids: &str) -> Result<HashSet<i64>, Resp> {
+        let url = format!("{}/auth/users?limit=500&ids={ids}", self.auth_url);
+        match self.http.get(url).bearer_auth(token).send().await {
+            Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
+                Ok(v) => Ok(v["data"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|u| u["id"].as_i64()).collect())
+                    .unwrap_or_default()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "auth daemon sent a broken user list");
+                    Err(problem(StatusCode::BAD_GATEWAY, "auth service failed"))
+                }
+            },
+            Ok(r) => {
+                tracing::warn!(
+                    status = r.status().as_u16(),
+                    "auth daemon refused the user lookup"
+                );
+                Err(problem(StatusCode::BAD_GATEWAY, "cannot verify users"))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "auth daemon unreachable");
+                Err(problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot verify users: auth service unavailable",
+                ))
+            }
+        }
+    }
+
     /// 422 naming `performer_id` / `observer_ids` entries that are not users.
     async fn ensure_users(
         &self,
@@ -267,33 +298,7 @@ impl App {
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let url = format!("{}/auth/users?limit=500&ids={ids}", self.auth_url);
-        let found: HashSet<i64> = match self.http.get(url).bearer_auth(token).send().await {
-            Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
-                Ok(v) => v["data"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|u| u["id"].as_i64()).collect())
-                    .unwrap_or_default(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "auth daemon sent a broken user list");
-                    return Err(problem(StatusCode::BAD_GATEWAY, "auth service failed"));
-                }
-            },
-            Ok(r) => {
-                tracing::warn!(
-                    status = r.status().as_u16(),
-                    "auth daemon refused the user lookup"
-                );
-                return Err(problem(StatusCode::BAD_GATEWAY, "cannot verify users"));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "auth daemon unreachable");
-                return Err(problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cannot verify users: auth service unavailable",
-                ));
-            }
-        };
+        let found = self.existing_users(token, &ids).await?;
         if let Ok(mut k) = self.known_users.lock() {
             if k.len() > 100_000 {
                 k.clear();
@@ -686,52 +691,7 @@ impl App {
                 return r;
             }
         }
-        let decide = |old: Task| -> Result<(Option<Task>, TaskEvent), Resp> {
-            if old.creator_id != user && old.performer_id != user {
-                return Err(problem(
-                    StatusCode::FORBIDDEN,
-                    "only the creator or the performer may update a task",
-                ));
-            }
-            if let Some(list) = &if_match {
-                if !etag_matches(list, old.version) {
-                    return Err(problem(
-                        StatusCode::PRECONDITION_FAILED,
-                        "the task was modified (ETag mismatch)",
-                    ));
-                }
-            }
-            if v.creator_id.is_some_and(|c| c != old.creator_id) {
-                return Err(problem_with(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "creator_id cannot be changed",
-                    &[FieldError::new(
-                        "creator_id",
-                        "must equal the task's creator",
-                    )],
-                ));
-            }
-            let mut new = old.clone();
-            if let Some(t) = &v.title {
-                new.title.clone_from(t);
-            }
-            if let Some(d) = &v.description {
-                new.description.clone_from(d);
-            }
-            if let Some(p) = v.performer_id {
-                new.performer_id = p;
-            }
-            if let Some(o) = &v.observer_ids {
-                new.observer_ids.clone_from(o);
-            }
-            if let Some(s) = v.status {
-                new.status = s;
-            }
-            new.version = old.version + 1;
-            new.updated_at = store::now_micros();
-            let event = TaskEvent::new(TaskEventType::Updated, user, new.clone(), Some(old));
-            Ok((Some(new), event))
-        };
+        let decide = |old: Task| updated(&v, old, user, if_match.as_deref());
         match self.locked(id, decide).await {
             Ok(Some((task, _))) => {
                 let (resp, json) = task_response(StatusCode::OK, &task);
@@ -807,6 +767,59 @@ fn cached_response(version: i64, body: Bytes, if_none_match: Option<&str>) -> Re
     );
     h.insert(header::ETAG, etag(version));
     r
+}
+
+/// The task after an update by `user`, with its event; the 403/412/422 when refused.
+fn updated(
+    v: &Valid,
+    old: Task,
+    user: i64,
+    if_match: Option<&str>,
+) -> Result<(Option<Task>, TaskEvent), Resp> {
+    if old.creator_id != user && old.performer_id != user {
+        return Err(problem(
+            StatusCode::FORBIDDEN,
+            "only the creator or the performer may update a task",
+        ));
+    }
+    if let Some(list) = if_match {
+        if !etag_matches(list, old.version) {
+            return Err(problem(
+                StatusCode::PRECONDITION_FAILED,
+                "the task was modified (ETag mismatch)",
+            ));
+        }
+    }
+    if v.creator_id.is_some_and(|c| c != old.creator_id) {
+        return Err(problem_with(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "creator_id cannot be changed",
+            &[FieldError::new(
+                "creator_id",
+                "must equal the task's creator",
+            )],
+        ));
+    }
+    let mut new = old.clone();
+    if let Some(t) = &v.title {
+        new.title.clone_from(t);
+    }
+    if let Some(d) = &v.description {
+        new.description.clone_from(d);
+    }
+    if let Some(p) = v.performer_id {
+        new.performer_id = p;
+    }
+    if let Some(o) = &v.observer_ids {
+        new.observer_ids.clone_from(o);
+    }
+    if let Some(s) = v.status {
+        new.status = s;
+    }
+    new.version = old.version + 1;
+    new.updated_at = store::now_micros();
+    let event = TaskEvent::new(TaskEventType::Updated, user, new.clone(), Some(old));
+    Ok((Some(new), event))
 }
 
 /// Replays a stored idempotent response (or refuses a reuse / in-flight duplicate).

@@ -173,50 +173,7 @@ impl DaemonConfig for GatewayConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let url = reqwest::Url::parse(&self.auth_url)
-            .map_err(|e| ConfigError::invalid("auth_url", e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(ConfigError::invalid("auth_url", "must be an http(s) URL"));
-        }
-        // Secret files are read at start-up, not here (`--check-config` must work without
-        // them); a bad one still exits 78 naming its key, from `check_secrets` at start-up.
-        if self.jwt_public_key_file.is_empty() {
-            return Err(ConfigError::invalid(
-                "jwt_public_key_file",
-                "must name a file",
-            ));
-        }
-        self.database_url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| ConfigError::invalid("database_url", e.to_string()))?;
-        if self.database_pool_size == 0 {
-            return Err(ConfigError::invalid(
-                "database_pool_size",
-                "must be at least 1",
-            ));
-        }
-        redis::Client::open(self.redis_url.as_str())
-            .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?;
-        if self.kafka_brokers.split(',').all(|b| b.trim().is_empty()) {
-            return Err(ConfigError::invalid(
-                "kafka_brokers",
-                "must name at least one broker",
-            ));
-        }
-        for (key, topic) in [
-            ("task_events_topic", &self.task_events_topic),
-            ("notify_events_topic", &self.notify_events_topic),
-        ] {
-            if topic.is_empty() || topic.len() > 249 {
-                return Err(ConfigError::invalid(key, "must be 1 to 249 characters"));
-            }
-        }
-        if self.kafka_topic_partitions < 1 {
-            return Err(ConfigError::invalid(
-                "kafka_topic_partitions",
-                "must be at least 1",
-            ));
-        }
+        self.validate_connections()?;
         if let Some(bad) = self.cors_origins.iter().find(|o| !valid_origin(o)) {
             return Err(ConfigError::invalid(
                 "cors_origins",
@@ -284,6 +241,55 @@ impl DaemonConfig for GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// What the gateway connects to: auth URL, key file, database, Redis, Kafka.
+    fn validate_connections(&self) -> Result<(), ConfigError> {
+        let url = reqwest::Url::parse(&self.auth_url)
+            .map_err(|e| ConfigError::invalid("auth_url", e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::invalid("auth_url", "must be an http(s) URL"));
+        }
+        // Secret files are read at start-up, not here (`--check-config` must work without
+        // them); a bad one still exits 78 naming its key, from `check_secrets` at start-up.
+        if self.jwt_public_key_file.is_empty() {
+            return Err(ConfigError::invalid(
+                "jwt_public_key_file",
+                "must name a file",
+            ));
+        }
+        self.database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::invalid("database_url", e.to_string()))?;
+        if self.database_pool_size == 0 {
+            return Err(ConfigError::invalid(
+                "database_pool_size",
+                "must be at least 1",
+            ));
+        }
+        redis::Client::open(self.redis_url.as_str())
+            .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?;
+        if self.kafka_brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka_brokers",
+                "must name at least one broker",
+            ));
+        }
+        for (key, topic) in [
+            ("task_events_topic", &self.task_events_topic),
+            ("notify_events_topic", &self.notify_events_topic),
+        ] {
+            if topic.is_empty() || topic.len() > 249 {
+                return Err(ConfigError::invalid(key, "must be 1 to 249 characters"));
+            }
+        }
+        if self.kafka_topic_partitions < 1 {
+            return Err(ConfigError::invalid(
+                "kafka_topic_partitions",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     /// The keys of issue 12 (forwarded-for, per-IP auth limits, server limits, caches).
     fn validate_abuse_limits(&self) -> Result<(), ConfigError> {
         if self.trust_forwarded_for.is_some() {

@@ -165,6 +165,52 @@ pub struct Valid {
 }
 
 /// Bounds and presence rules of SPEC §2 for `mode`.
+/// `observer_ids`: positive, de-duplicated, at most [`MAX_OBSERVERS`]; null or absent
+/// is none (kept as is on PATCH).
+fn observers(field: Field<Vec<i64>>, mode: Mode, errs: &mut Vec<FieldError>) -> Option<Vec<i64>> {
+    match field {
+        Field::Value(mut ids) => {
+            if ids.iter().any(|i| *i <= 0) {
+                errs.push(FieldError::new("observer_ids", "must be positive user ids"));
+                None
+            } else {
+                ids.sort_unstable();
+                ids.dedup();
+                if ids.len() > MAX_OBSERVERS {
+                    errs.push(FieldError::new("observer_ids", "at most 100 observers"));
+                    None
+                } else {
+                    Some(ids)
+                }
+            }
+        }
+        Field::Absent if mode == Mode::Patch => None,
+        Field::Null | Field::Absent => Some(vec![]),
+    }
+}
+
+/// `status`: required on PUT, defaults to `pending` on create, kept on PATCH.
+fn status(field: Field<String>, mode: Mode, errs: &mut Vec<FieldError>) -> Option<TaskStatus> {
+    match field {
+        Field::Value(s) => match s.parse::<TaskStatus>() {
+            Ok(st) => Some(st),
+            Err(e) => {
+                errs.push(FieldError::new("status", e.to_string()));
+                None
+            }
+        },
+        Field::Null if mode == Mode::Patch => {
+            errs.push(FieldError::new("status", "must not be null"));
+            None
+        }
+        Field::Absent | Field::Null if mode == Mode::Replace => {
+            errs.push(FieldError::new("status", "is required"));
+            None
+        }
+        Field::Absent | Field::Null => (mode == Mode::Create).then_some(TaskStatus::Pending),
+    }
+}
+
 pub fn validate(input: TaskInput, mode: Mode) -> Result<Valid, Rejection> {
     let mut errs = Vec::new();
     let mut out = Valid::default();
@@ -218,40 +264,8 @@ pub fn validate(input: TaskInput, mode: Mode) -> Result<Valid, Rejection> {
         Field::Value(_) => errs.push(FieldError::new("creator_id", "must be a positive user id")),
         Field::Null | Field::Absent => {}
     }
-    match input.observer_ids {
-        Field::Value(mut ids) => {
-            if ids.iter().any(|i| *i <= 0) {
-                errs.push(FieldError::new("observer_ids", "must be positive user ids"));
-            } else {
-                ids.sort_unstable();
-                ids.dedup();
-                if ids.len() > MAX_OBSERVERS {
-                    errs.push(FieldError::new("observer_ids", "at most 100 observers"));
-                } else {
-                    out.observer_ids = Some(ids);
-                }
-            }
-        }
-        Field::Null => out.observer_ids = Some(vec![]),
-        Field::Absent if mode == Mode::Patch => {}
-        Field::Absent => out.observer_ids = Some(vec![]),
-    }
-    match input.status {
-        Field::Value(s) => match s.parse::<TaskStatus>() {
-            Ok(st) => out.status = Some(st),
-            Err(e) => errs.push(FieldError::new("status", e.to_string())),
-        },
-        Field::Null if mode == Mode::Patch => {
-            errs.push(FieldError::new("status", "must not be null"))
-        }
-        Field::Absent if mode == Mode::Replace => required(&mut errs, "status"),
-        Field::Null if mode == Mode::Replace => required(&mut errs, "status"),
-        Field::Absent | Field::Null => {
-            if mode == Mode::Create {
-                out.status = Some(TaskStatus::Pending);
-            }
-        }
-    }
+    out.observer_ids = observers(input.observer_ids, mode, &mut errs);
+    out.status = status(input.status, mode, &mut errs);
     if errs.is_empty() {
         Ok(out)
     } else {

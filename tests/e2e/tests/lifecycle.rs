@@ -88,6 +88,7 @@ async fn auth_daemon_follows_the_systemd_contract() {
         "auth.toml",
         &format!(
             r#"listen = "127.0.0.1:{listen}"
+ops_listen = "127.0.0.1:0"
 database_url = "postgres://taskflow@127.0.0.1:{db}/auth"
 database_password_file = "{pw}"
 jwt_private_key_file = "{key}"
@@ -116,6 +117,7 @@ async fn gateway_follows_the_systemd_contract() {
         "gateway.toml",
         &format!(
             r#"listen = "127.0.0.1:{listen}"
+ops_listen = "127.0.0.1:0"
 auth_url = "http://127.0.0.1:{auth}"
 jwt_public_key_file = "{key}"
 database_url = "postgres://taskflow@127.0.0.1:{db}/tasks"
