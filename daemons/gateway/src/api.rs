@@ -64,6 +64,7 @@ pub struct App {
     /// request cost a syscall on the hot path).
     pub rid_prefix: String,
     pub rid_counter: AtomicU64,
+    pub limit_headers: crate::middleware::LimitHeaders,
 }
 
 fn etag(version: i64) -> HeaderValue {
@@ -202,15 +203,18 @@ impl App {
             None
         };
         if let Some(r) = self.rate_limit(&mut ctx) {
-            return ("limited", with_limit_headers(r, &ctx, &self.cfg));
+            return ("limited", with_limit_headers(r, &ctx, &self.limit_headers));
         }
         if let Some(r) = auth_failure {
-            return ("unauthorized", with_limit_headers(r, &ctx, &self.cfg));
+            return (
+                "unauthorized",
+                with_limit_headers(r, &ctx, &self.limit_headers),
+            );
         }
         let resp = self.tasks(route, &method, req, &ctx).await;
         (
             route.label(&method),
-            with_limit_headers(resp, &ctx, &self.cfg),
+            with_limit_headers(resp, &ctx, &self.limit_headers),
         )
     }
 

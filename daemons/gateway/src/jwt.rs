@@ -32,7 +32,8 @@ pub enum TokenError {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
-    cache: Mutex<HashMap<String, Claims>>,
+    /// Verified tokens → (expiry, user id): a hit costs no allocation.
+    cache: Mutex<HashMap<String, (i64, i64)>>,
 }
 
 fn now_secs() -> i64 {
@@ -68,15 +69,14 @@ impl Verifier {
         })
     }
 
-    /// Verifies `token` and returns its claims and user id.
-    pub fn verify(&self, token: &str) -> Result<(Claims, i64), TokenError> {
+    /// Verifies `token` and returns its user id.
+    pub fn verify(&self, token: &str) -> Result<i64, TokenError> {
         let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(0);
-        if let Some(claims) = self.cache.lock().ok().and_then(|c| c.get(token).cloned()) {
-            if claims.exp + leeway < now_secs() {
+        if let Some((exp, id)) = self.cache.lock().ok().and_then(|c| c.get(token).copied()) {
+            if exp + leeway < now_secs() {
                 return Err(TokenError::Expired);
             }
-            let id = claims.user_id().ok_or(TokenError::BadSubject)?;
-            return Ok((claims, id));
+            return Ok(id);
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
@@ -89,8 +89,8 @@ impl Verifier {
             if c.len() >= CACHE_CAPACITY {
                 c.clear();
             }
-            c.insert(token.to_owned(), data.claims.clone());
+            c.insert(token.to_owned(), (data.claims.exp, id));
         }
-        Ok((data.claims, id))
+        Ok(id)
     }
 }

@@ -98,14 +98,6 @@ impl Limiter {
         OFFSET + u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(0)
     }
 
-    /// Whether this instance has state for every key.
-    pub fn knows(&self, keys: &[(Key, Rate)]) -> bool {
-        self.states
-            .lock()
-            .map(|m| keys.iter().all(|(k, _)| m.contains_key(k)))
-            .unwrap_or(true)
-    }
-
     /// Fetches the shared backlog of keys this instance has not seen, in the background
     /// (the request that met them is not delayed; see the over-admission bound).
     pub fn ask(self: &Arc<Self>, keys: &[(Key, Rate)], kv: &Kv) {
@@ -146,10 +138,16 @@ impl Limiter {
 
     /// Decides a request charging every key (all must allow; then all are charged).
     pub fn check(&self, keys: &[(Key, Rate)]) -> Limit {
+        self.check_new(keys).0
+    }
+
+    /// [`Self::check`], and whether any key was new to this instance (one lock for both).
+    pub fn check_new(&self, keys: &[(Key, Rate)]) -> (Limit, bool) {
         let now = self.now_us();
         let Ok(mut m) = self.states.lock() else {
-            return Limit::open();
+            return (Limit::open(), false);
         };
+        let unknown = keys.iter().any(|(k, _)| !m.contains_key(k));
         let mut out = Limit {
             allowed: true,
             remaining: u64::MAX,
@@ -174,7 +172,7 @@ impl Limiter {
             }
         }
         if !out.allowed {
-            return out;
+            return (out, unknown);
         }
         if m.len() + keys.len() > MAX_KEYS {
             tracing::warn!(
@@ -199,7 +197,7 @@ impl Limiter {
                 );
             }
         }
-        out
+        (out, unknown)
     }
 
     /// Takes what must be reconciled: every key used within [`IDLE_MS`], with the

@@ -343,6 +343,7 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         unsynced: Arc::new(hotcache::Unsynced::default()),
         rid_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
         rid_counter: std::sync::atomic::AtomicU64::new(0),
+        limit_headers: middleware::LimitHeaders::new(&cfg),
     });
     start_coherence(&app, &shutdown);
 

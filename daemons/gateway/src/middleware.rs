@@ -94,12 +94,12 @@ impl App {
             }
             None => &keys[..1],
         };
-        if !self.limiter.knows(keys) {
+        let (l, unknown) = self.limiter.check_new(keys);
+        if unknown {
             // Fetched in the background: the first request of a key this instance has
             // not seen is decided on the local bucket (bounded over-admission).
             self.limiter.ask(keys, &self.kv);
         }
-        let l = self.limiter.check(keys);
         ctx.limit = Some(l);
         (!l.allowed).then(|| too_many(&l))
     }
@@ -194,7 +194,7 @@ impl App {
             Some(r) => r,
             None => self.proxy_auth(parts, body).await,
         };
-        with_limit_headers(resp, ctx, &self.cfg)
+        with_limit_headers(resp, ctx, &self.limit_headers)
     }
 
     pub(crate) fn cors(&self, origin: Option<&HeaderValue>, h: &mut HeaderMap) {
@@ -255,7 +255,7 @@ impl App {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthorized("malformed Authorization header"))?;
         match self.verifier.verify(token) {
-            Ok((_, id)) => Ok((id, token.to_owned())),
+            Ok(id) => Ok((id, token.to_owned())),
             Err(e) => {
                 tracing::debug!(error = %e, "token refused");
                 Err(unauthorized("invalid or expired token"))
@@ -341,20 +341,38 @@ fn too_many(l: &Limit) -> Resp {
     r
 }
 
-pub fn with_limit_headers(mut r: Resp, ctx: &Ctx, cfg: &GatewayConfig) -> Resp {
+/// The `RateLimit-Limit` and `RateLimit-Policy` values, the same for every response:
+/// computed once.
+pub struct LimitHeaders {
+    limit: HeaderValue,
+    policy: HeaderValue,
+}
+
+impl LimitHeaders {
+    pub fn new(cfg: &GatewayConfig) -> Self {
+        let rl = &cfg.rate_limit;
+        LimitHeaders {
+            limit: HeaderValue::from(rl.burst),
+            policy: HeaderValue::from_str(&format!("{};w=1;burst={}", rl.per_second, rl.burst))
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
+        }
+    }
+}
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+pub fn with_limit_headers(mut r: Resp, ctx: &Ctx, fixed: &LimitHeaders) -> Resp {
     let Some(l) = ctx.limit else { return r };
     let h = r.headers_mut();
-    let num = |n: u64| {
-        HeaderValue::from_str(&n.to_string()).unwrap_or_else(|_| HeaderValue::from_static("0"))
-    };
-    h.insert("ratelimit-limit", num(u64::from(cfg.rate_limit.burst)));
-    h.insert("ratelimit-remaining", num(l.remaining));
-    h.insert("ratelimit-reset", num(l.reset_ms.div_ceil(1000)));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "{};w=1;burst={}",
-        cfg.rate_limit.per_second, cfg.rate_limit.burst
-    )) {
-        h.insert("ratelimit-policy", v);
-    }
+    h.insert(RATELIMIT_LIMIT.clone(), fixed.limit.clone());
+    h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(l.remaining));
+    h.insert(
+        RATELIMIT_RESET.clone(),
+        HeaderValue::from(l.reset_ms.div_ceil(1000)),
+    );
+    h.insert(RATELIMIT_POLICY.clone(), fixed.policy.clone());
     r
 }

@@ -42,16 +42,17 @@ impl Route {
     /// The route of a canonical path (see [`canonical`]).
     pub fn of(path: &str) -> Route {
         let rest = path.strip_prefix('/').unwrap_or(path);
-        let segs: Vec<&str> = rest.split('/').collect();
-        match segs.as_slice() {
-            [""] => Route::Root,
-            ["healthz"] => Route::Health,
-            ["openapi.json"] | ["swagger", ..] => Route::Docs,
-            ["auth", "login"] => Route::Auth(AuthRoute::Login),
-            ["auth", "register"] => Route::Auth(AuthRoute::Register),
-            ["auth", ..] => Route::Auth(AuthRoute::Other),
-            ["tasks"] => Route::Tasks,
-            ["tasks", id] => id
+        // No allocation: this runs on every request.
+        let mut segs = rest.split('/');
+        match (segs.next(), segs.next(), segs.next()) {
+            (Some(""), None, _) => Route::Root,
+            (Some("healthz"), None, _) => Route::Health,
+            (Some("openapi.json"), None, _) | (Some("swagger"), _, _) => Route::Docs,
+            (Some("auth"), Some("login"), None) => Route::Auth(AuthRoute::Login),
+            (Some("auth"), Some("register"), None) => Route::Auth(AuthRoute::Register),
+            (Some("auth"), _, _) => Route::Auth(AuthRoute::Other),
+            (Some("tasks"), None, _) => Route::Tasks,
+            (Some("tasks"), Some(id), None) => id
                 .parse::<i64>()
                 .ok()
                 .filter(|i| *i > 0)
@@ -94,21 +95,20 @@ pub fn canonical(path: &str, query: Option<&str>) -> Result<(), Resp> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(problem(StatusCode::NOT_FOUND, "no such route"));
     };
-    let segs: Vec<&str> = rest.split('/').collect();
-    if segs
-        .iter()
-        .any(|s| *s == "." || *s == ".." || s.contains('%'))
+    if rest
+        .split('/')
+        .any(|s| s == "." || s == ".." || s.contains('%'))
     {
         return Err(problem(
             StatusCode::NOT_FOUND,
             "no such route (paths are matched as written: no dot segments or escapes)",
         ));
     }
-    if !segs.iter().any(|s| s.is_empty()) {
+    if !rest.split('/').any(str::is_empty) {
         return Ok(());
     }
     let mut target = String::with_capacity(path.len());
-    for s in segs.iter().filter(|s| !s.is_empty()) {
+    for s in rest.split('/').filter(|s| !s.is_empty()) {
         target.push('/');
         target.push_str(s);
     }
