@@ -9,7 +9,7 @@ use std::time::Duration;
 use taskflow_localstack::{binary_path, free_port, wait_until};
 
 /// Service names of the stack (see tools/devstack/src/layout.rs) — each gets a free port.
-const SERVICES: [&str; 13] = [
+const SERVICES: [&str; 15] = [
     "pg-auth",
     "pg-shard-1",
     "pg-shard-2",

@@ -410,6 +410,7 @@ TaskFlow is up. (Dev-only credentials: role taskflow / password taskflow.)
   Auth daemon     http://127.0.0.1:{auth}/
   Shard proxy     psql "postgres://taskflow:taskflow@127.0.0.1:{proxy}/tasks"   (also /auth; /admin as taskflow_admin)
   Proxy metrics   http://127.0.0.1:{pm}/metrics
+  Gateway metrics http://127.0.0.1:{gw_ops}/metrics
   Mail (web UI)   http://127.0.0.1:{ui}/
 
 A short tour:
