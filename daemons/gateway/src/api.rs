@@ -14,8 +14,8 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -24,48 +24,21 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use taskflow_contracts::{Task, TaskEvent, TaskEventType};
-use tokio::sync::Notify;
 use tracing::Instrument as _;
 
-use crate::clientip::TrustedProxies;
-use crate::config::GatewayConfig;
-use crate::hotcache::{HotCache, Lookup, Unsynced};
+use crate::app::App;
+use crate::hotcache::Lookup;
 use crate::input::{self, Mode, Rejection, Valid};
-use crate::jwt::Verifier;
-use crate::kv::{Cached, Kv};
-use crate::limiter::Limiter;
+use crate::kv::Cached;
 use crate::middleware::{
     header_str, method_not_allowed, unauthorized, valid_request_id, with_limit_headers, Ctx,
     X_REQUEST_ID,
 };
 use crate::routes::{self, Route};
-use crate::store::{self, ListFilter, Store, StoreError};
+use crate::store::{self, ListFilter, StoreError};
 use taskflow_kit::web::{self, problem, problem_with, FieldError, Resp};
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// Shared state of the request handlers.
-pub struct App {
-    pub cfg: Arc<GatewayConfig>,
-    pub verifier: Verifier,
-    pub store: Store,
-    pub kv: Kv,
-    pub http: reqwest::Client,
-    pub auth_url: String,
-    /// Users known to exist (users are never deleted, so this only grows; bounded).
-    pub known_users: Mutex<HashSet<i64>>,
-    pub kick: Arc<Notify>,
-    pub metrics: web::HttpMetrics,
-    pub trusted: TrustedProxies,
-    pub limiter: Arc<Limiter>,
-    pub hot: Arc<HotCache>,
-    pub unsynced: Arc<Unsynced>,
-    /// Request ids minted here: a per-process random prefix and a counter (a UUID per
-    /// request cost a syscall on the hot path).
-    pub rid_prefix: String,
-    pub rid_counter: AtomicU64,
-    pub limit_headers: crate::middleware::LimitHeaders,
-}
 
 fn etag(version: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\""))

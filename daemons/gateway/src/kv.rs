@@ -377,14 +377,12 @@ impl Kv {
 
     /// Reports in-process admissions (key, rate, count) and returns each key's shared
     /// backlog in µs; see [`crate::limiter`].
-    pub async fn limit_sync(
-        &self,
-        active: &[(crate::limiter::Key, crate::limiter::Rate, u64)],
-    ) -> redis::RedisResult<Vec<u64>> {
+    /// `active`: (Redis key, admissions, interval in µs) per bucket.
+    pub async fn limit_sync(&self, active: &[(String, u64, u64)]) -> redis::RedisResult<Vec<u64>> {
         let mut c = self.conn.clone();
         let mut inv = self.sync.prepare_invoke();
-        for (key, rate, count) in active {
-            inv.key(key.redis_key()).arg(*count).arg(rate.interval_us);
+        for (key, count, interval_us) in active {
+            inv.key(key).arg(*count).arg(*interval_us);
         }
         let v: Vec<i64> = inv.invoke_async(&mut c).await?;
         Ok(v.into_iter()

@@ -111,7 +111,11 @@ impl Limiter {
         };
         let (me, kv) = (self.clone(), kv.clone());
         tokio::spawn(async move {
-            if let Ok(backlogs) = kv.limit_sync(&unknown).await {
+            let wire: Vec<(String, u64, u64)> = unknown
+                .iter()
+                .map(|(k, r, n)| (k.redis_key(), *n, r.interval_us))
+                .collect();
+            if let Ok(backlogs) = kv.limit_sync(&wire).await {
                 for ((k, r, _), b) in unknown.iter().zip(backlogs) {
                     me.learn(k, *r, b);
                 }
@@ -232,7 +236,11 @@ impl Limiter {
             let active = self.take_active();
             // Bounded batches keep one script call short on the single-threaded Redis.
             for chunk in active.chunks(500) {
-                match kv.limit_sync(chunk).await {
+                let wire: Vec<(String, u64, u64)> = chunk
+                    .iter()
+                    .map(|(k, r, n)| (k.redis_key(), *n, r.interval_us))
+                    .collect();
+                match kv.limit_sync(&wire).await {
                     Ok(backlogs) => {
                         for ((key, rate, _), backlog) in chunk.iter().zip(backlogs) {
                             self.learn(key, *rate, backlog);

@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 mod api;
+mod app;
 mod clientip;
 mod config;
 mod docs;
@@ -288,7 +289,7 @@ fn keep_readiness(deps: &Deps, readiness: Readiness, shutdown: CancellationToken
 
 /// The background halves of the in-process limits and cache: bucket reconciliation,
 /// the change subscription, and the retry of cache writes Redis missed.
-fn start_coherence(app: &Arc<api::App>, shutdown: &CancellationToken) {
+fn start_coherence(app: &Arc<app::App>, shutdown: &CancellationToken) {
     let every = Duration::from_millis(app.cfg.rate_limit.sync_ms);
     let (a, s) = (app.clone(), shutdown.clone());
     tokio::spawn(async move { a.limiter.run_sync(&a.kv, every, s).await });
@@ -324,7 +325,7 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
     let relay_task = start_relay(&cfg, &deps, &mut registry, kick.clone(), shutdown.clone());
     keep_readiness(&deps, readiness.clone(), shutdown.clone());
 
-    let app = Arc::new(api::App {
+    let app = Arc::new(app::App {
         cfg: cfg.clone(),
         verifier,
         store: deps.store.clone(),
@@ -343,7 +344,7 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         unsynced: Arc::new(hotcache::Unsynced::default()),
         rid_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
         rid_counter: std::sync::atomic::AtomicU64::new(0),
-        limit_headers: middleware::LimitHeaders::new(&cfg),
+        limit_headers: app::LimitHeaders::new(&cfg),
     });
     start_coherence(&app, &shutdown);
 

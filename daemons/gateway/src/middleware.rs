@@ -19,8 +19,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use taskflow_kit::web::{self, problem, Resp};
 
-use crate::api::App;
-use crate::config::GatewayConfig;
+use crate::app::{App, LimitHeaders};
 use crate::kv::{Bucket, Limit};
 use crate::limiter::{Key, Rate};
 use crate::routes::AuthRoute;
@@ -339,24 +338,6 @@ fn too_many(l: &Limit) -> Resp {
         r.headers_mut().insert(header::RETRY_AFTER, v);
     }
     r
-}
-
-/// The `RateLimit-Limit` and `RateLimit-Policy` values, the same for every response:
-/// computed once.
-pub struct LimitHeaders {
-    limit: HeaderValue,
-    policy: HeaderValue,
-}
-
-impl LimitHeaders {
-    pub fn new(cfg: &GatewayConfig) -> Self {
-        let rl = &cfg.rate_limit;
-        LimitHeaders {
-            limit: HeaderValue::from(rl.burst),
-            policy: HeaderValue::from_str(&format!("{};w=1;burst={}", rl.per_second, rl.burst))
-                .unwrap_or_else(|_| HeaderValue::from_static("")),
-        }
-    }
 }
 
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
