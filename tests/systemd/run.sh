@@ -12,7 +12,7 @@
 # (nested setups expose /dev/kvm without them, and a KVM guest then hangs); TCG otherwise.
 # TASKFLOW_VM_ACCEL=kvm|tcg overrides.
 #
-# Env: TASKFLOW_BIN_DIR (default target/debug), TASKFLOW_VM_TIMEOUT (s, default 1200),
+# Env: TASKFLOW_BIN_DIR (default target/debug), TASKFLOW_VM_TIMEOUT (s, default 1800),
 # OUT (default target/systemd-vm).
 set -euo pipefail
 
@@ -21,7 +21,7 @@ root="$(cd "$here/../.." && pwd)"
 CACHE="${TASKFLOW_CACHE:-/var/cache/taskflow}"
 BIN_DIR="${TASKFLOW_BIN_DIR:-$root/target/debug}"
 OUT="${OUT:-$root/target/systemd-vm}"
-TIMEOUT="${TASKFLOW_VM_TIMEOUT:-1200}"
+TIMEOUT="${TASKFLOW_VM_TIMEOUT:-1800}"
 EVAL_OUT="$root/target/nixos-eval"
 
 fail() { printf 'systemd-vm: FAIL: %s\n' "$*" >&2; exit 1; }
