@@ -6,10 +6,10 @@ CARGO ?= cargo
 DEVSTACK := target/debug/taskflow-devstack
 export TASKFLOW_CACHE ?= /var/cache/taskflow
 
-.PHONY: help deps build dev up down restart status logs db-reset test test-rust lint fmt fmt-check nix-check bench clean
+.PHONY: help deps build dev up down restart status logs db-reset test test-rust test-nixos test-systemd lint fmt fmt-check nix-check bench clean
 
 help: ## Show the commands
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 deps: ## Install what is missing (apt when root, else print the command; npm; the broker)
 	@scripts/install-deps.sh
@@ -38,12 +38,21 @@ logs: ## Follow all logs, prefixed by service
 db-reset: ## Delete all databases (stack must be down)
 	$(DEVSTACK) db-reset
 
-test: deps ## Lint, then every test against real PostgreSQL/Redis/broker/SMTP, then parse every .nix file
+test: deps ## Lint, every test against real PostgreSQL/Redis/broker/SMTP, the Nix checks, the units under real systemd
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run --workspace --no-fail-fast
 	scripts/check-nix.sh
+	tests/nixos-eval/run.sh
+	tests/systemd/run.sh
+
+test-nixos: deps ## Evaluate the NixOS module (good and bad configurations), render its units, score their hardening
+	$(CARGO) build --workspace --bins
+	tests/nixos-eval/run.sh
+
+test-systemd: test-nixos ## Boot a Debian VM and run the module's units under real systemd (tests/systemd)
+	tests/systemd/run.sh
 
 lint: ## clippy with warnings as errors, and the Nix parse check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -305,12 +305,14 @@ let
               url = "postgres://taskflow@db1:5432/tasks";
             }
           ];
-          type = types.listOf (freeformSubmodule {
-            name = mkOption {
+          # Not free-form: a shard has exactly these keys (the daemon refuses any other), and a
+          # misspelt one must fail evaluation, naming it, rather than the build-time check.
+          type = types.listOf (types.submodule {
+            options.name = mkOption {
               type = types.strMatching "[A-Za-z0-9_-]+";
               description = "Shard name (hashed onto the ring).";
             };
-            url = mkOption {
+            options.url = mkOption {
               type = types.str;
               description = "PostgreSQL URL of the shard (no password: see backend.password_file).";
             };
@@ -408,7 +410,13 @@ let
       # the daemon's bare-name lookups in $CREDENTIALS_DIRECTORY resolve during the check.
       checkedConfigFile =
         if dcfg.checkConfig && pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform then
-          pkgs.runCommand "${d.unit}-checked.toml" { preferLocalBuild = true; } ''
+          pkgs.runCommand "${d.unit}-checked.toml"
+            {
+              preferLocalBuild = true;
+              # The unchecked file, for inspection (and for tests/nixos-eval, which cannot build).
+              passthru = { inherit configFile; };
+            }
+            ''
             export CREDENTIALS_DIRECTORY="$TMPDIR/credentials"
             mkdir -p "$CREDENTIALS_DIRECTORY"
             ${lib.concatMapStrings (

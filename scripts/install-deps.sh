@@ -3,8 +3,10 @@
 # nothing that is already there. Idempotent; safe to run before every `make test`/`make dev`.
 #
 #   apt:  PostgreSQL 15 server + client (initdb, pg_ctl, psql, pgbench), redis-server,
-#         pgbouncer (benchmarks only), nix-bin (nix-instantiate --parse of our .nix files),
-#         build tools for rdkafka's bundled librdkafka.
+#         pgbouncer (benchmarks only), nix-bin (nix-instantiate: parsing our .nix files and
+#         evaluating the NixOS module, tests/nixos-eval), jq, build tools for rdkafka's
+#         bundled librdkafka; qemu-system-x86 and mmdebstrap for the real-systemd VM test
+#         (tests/systemd; its image is built on first use, not here).
 #   npm:  maildev (SMTP sink with a web UI and a REST API the tests read mail from).
 #   cargo: tansu, the Kafka-API broker (scripts/ensure-tansu.sh).
 #
@@ -16,7 +18,8 @@ set -euo pipefail
 CACHE="${TASKFLOW_CACHE:-/var/cache/taskflow}"
 APT_PACKAGES=(postgresql-15 postgresql-client-15 redis-server pgbouncer nix-bin
               build-essential cmake pkg-config libssl-dev zlib1g-dev libsasl2-dev
-              curl wrk openssl python3-venv libcurl4-openssl-dev)
+              curl wrk openssl python3-venv libcurl4-openssl-dev
+              jq mmdebstrap e2fsprogs qemu-system-x86)
 MAILDEV_VERSION="${MAILDEV_VERSION:-3.0.0}"
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
@@ -42,6 +45,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   trap '[ "$own_policy" = 1 ] && rm -f "$policy"' EXIT
   export DEBIAN_FRONTEND=noninteractive
+  # bookworm's qemu-system-x86 (7.2) cannot be installed next to a backports qemu-utils
+  # (10.x, "Breaks: qemu-system-common (<< 8)"), which some machine images carry: take qemu
+  # from bookworm-backports then, to match.
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] \
+    && dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q '~bpo12'; then
+    bpo=/etc/apt/sources.list.d/taskflow-bookworm-backports.sources
+    if [ ! -f "$bpo" ]; then
+      log "qemu-utils comes from bookworm-backports here: adding that suite for qemu-system-x86"
+      printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+        'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$bpo"
+    fi
+    missing=("${missing[@]/#qemu-system-x86/qemu-system-x86/bookworm-backports}")
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

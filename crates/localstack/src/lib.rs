@@ -1,8 +1,8 @@
 //! # taskflow-localstack — real infrastructure for tests and the local dev stack
 //!
 //! This crate's job is to start **real** infrastructure processes — PostgreSQL clusters,
-//! Redis, a Kafka-API broker (tansu), an SMTP sink (MailDev) — on loopback ports, and
-//! to tear them down again, for TaskFlow's integration tests (free ports, temporary
+//! Redis, a Kafka-API broker (tansu), an SMTP sink (MailDev, or Mailpit where that is what
+//! is installed) — on loopback ports, and to tear them down again, for TaskFlow's integration tests (free ports, temporary
 //! directories) and for the local dev stack tool (fixed ports, persistent directories).
 //! It also offers a fake systemd `NOTIFY_SOCKET` for testing the daemons' `sd_notify`
 //! behaviour, and helpers to find free ports, poll conditions and locate workspace
@@ -42,7 +42,10 @@ pub use notify::NotifySocket;
 pub use pg::{PgBinaries, PgCluster, PgClusterBuilder, PG_PASSWORD, PG_SUPERUSER, PG_USER};
 pub use redis_server::{RedisServer, RedisServerBuilder};
 pub use shards::{AuthDb, Shards, AUTH_DB, TASKS_DB};
-pub use smtp::{maildev_binary, ReceivedMail, SmtpSink, SmtpSinkBuilder, MAILDEV_VERSION};
+pub use smtp::{
+    choose_sink, maildev_binary, mailpit_binary, sink_binary, ReceivedMail, SinkKind, SmtpSink,
+    SmtpSinkBuilder, MAILDEV_VERSION,
+};
 pub use util::{
     binary_path, free_port, reserve_port, wait_until, wait_until_some, which, LOCALHOST,
 };

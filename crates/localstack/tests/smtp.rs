@@ -1,11 +1,12 @@
-//! Starts a real MailDev, sends mail over SMTP with lettre and reads it back.
+//! Starts a real SMTP sink (MailDev here: scripts/install-deps.sh installs it; Mailpit where
+//! only that is installed, e.g. under Nix), sends mail over SMTP with lettre and reads it back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use taskflow_localstack::SmtpSink;
+use taskflow_localstack::{maildev_binary, SinkKind, SmtpSink};
 
 async fn send(sink: &SmtpSink, to: &[&str], subject: &str, body: &str) {
     let mut builder = Message::builder()
@@ -28,6 +29,10 @@ async fn send(sink: &SmtpSink, to: &[&str], subject: &str, body: &str) {
 #[tokio::test]
 async fn delivers_and_reads_back_mail() {
     let sink = SmtpSink::temp().await.unwrap();
+    // Where MailDev is installed (here: scripts/install-deps.sh) it is the one exercised.
+    if std::env::var_os("TASKFLOW_SMTP_SINK").is_none() && maildev_binary().is_ok() {
+        assert_eq!(sink.kind(), SinkKind::MailDev);
+    }
     assert!(sink.messages().await.unwrap().is_empty());
 
     send(

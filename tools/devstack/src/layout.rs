@@ -48,7 +48,7 @@ pub const SERVICES: &[Service] = &[
     Service {
         name: "smtp",
         port: 1025,
-        what: "SMTP sink (maildev)",
+        what: "SMTP sink (maildev, or mailpit under Nix)",
     },
     Service {
         name: "smtp-ui",

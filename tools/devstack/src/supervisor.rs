@@ -211,7 +211,7 @@ async fn start(layout: &Layout) -> anyhow::Result<Stack> {
             .log_file(layout.log("smtp"))
             .start()
             .await
-            .context("starting the SMTP sink (maildev)")?,
+            .context("starting the SMTP sink (maildev or mailpit)")?,
     );
 
     let configs = write_configs(layout)?;
