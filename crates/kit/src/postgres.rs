@@ -45,3 +45,25 @@ pub fn client_config(
     }
     Ok(cfg)
 }
+
+/// The connection pool a daemon uses for its database (through the shard proxy): deadpool
+/// with fast recycling, and bounded waits — a proxy that does not answer costs a clear
+/// error after [`DEFAULT_CONNECT_TIMEOUT`], never a hang.
+pub fn pool(
+    config: tokio_postgres::Config,
+    size: usize,
+) -> Result<deadpool_postgres::Pool, deadpool_postgres::BuildError> {
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(DEFAULT_CONNECT_TIMEOUT))
+        .create_timeout(Some(DEFAULT_CONNECT_TIMEOUT))
+        .build()
+}

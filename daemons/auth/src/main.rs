@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use taskflow_kit::deps::Checks;
 use taskflow_kit::http::Readiness;
 use taskflow_kit::web;
 use taskflow_kit::{Daemon, DaemonArgs};
@@ -70,40 +71,18 @@ async fn connect(
     lifecycle: &taskflow_kit::Lifecycle,
     readiness: &Readiness,
 ) -> anyhow::Result<Option<users::Users>> {
-    let mgr = deadpool_postgres::Manager::from_config(
-        cfg.pg_config()?,
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    let pool = deadpool_postgres::Pool::builder(mgr)
-        .max_size(cfg.database_pool_size)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .build()
+    let pool = taskflow_kit::postgres::pool(cfg.pg_config()?, cfg.database_pool_size)
         .context("building the database pool")?;
     let users = users::Users::new(pool);
-
     // Wait for the database before binding: READY must mean "answers requests".
-    lifecycle.status("waiting for the auth database");
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match users.ping().await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "auth database not answering yet");
-                readiness.set("postgres", Err(e.to_string()));
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = lifecycle.shutdown.cancelled() => return Ok(None),
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
+    let probe = users.clone();
+    let checks = Checks::new().add("postgres", move || {
+        let users = probe.clone();
+        async move { users.ping().await.map_err(|e| e.to_string()) }
+    });
+    if !checks.wait_ready(readiness, lifecycle).await {
+        return Ok(None);
     }
-    readiness.set("postgres", Ok(()));
     Ok(Some(users))
 }
 

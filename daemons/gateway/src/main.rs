@@ -40,6 +40,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use taskflow_kit::deps::Checks;
 use taskflow_kit::http::{serve_ops, Readiness};
 use taskflow_kit::web;
 use taskflow_kit::{Daemon, DaemonArgs, Lifecycle};
@@ -57,39 +58,6 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     taskflow_kit::run("taskflow-gateway", cli.daemon, run)
-}
-
-/// Retries `check` with backoff until it succeeds; `false` if shutdown came first.
-async fn wait_for<F, Fut, E>(
-    lifecycle: &Lifecycle,
-    readiness: &Readiness,
-    name: &str,
-    mut check: F,
-) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match check().await {
-            Ok(()) => {
-                readiness.set(name, Ok(()));
-                return true;
-            }
-            Err(e) => {
-                lifecycle.status(&format!("waiting for {name}: {e}"));
-                tracing::warn!(dependency = name, error = %e, "dependency not answering yet");
-                readiness.set(name, Err(e.to_string()));
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = lifecycle.shutdown.cancelled() => return false,
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
 }
 
 async fn kafka_metadata(producer: &rdkafka::producer::FutureProducer) -> Result<(), String> {
@@ -154,22 +122,15 @@ async fn connect(
     lifecycle: &Lifecycle,
     readiness: &Readiness,
 ) -> anyhow::Result<Option<Deps>> {
-    let mgr = deadpool_postgres::Manager::from_config(
-        cfg.pg_config()?,
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    let pool = deadpool_postgres::Pool::builder(mgr)
-        .max_size(cfg.database_pool_size)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .build()
+    let pool = taskflow_kit::postgres::pool(cfg.pg_config()?, cfg.database_pool_size)
         .context("building the database pool")?;
     let store = store::Store::new(pool.clone());
-    if !wait_for(lifecycle, readiness, "postgres", || store.ping()).await {
+    let probe = store.clone();
+    let postgres = Checks::new().add("postgres", move || {
+        let store = probe.clone();
+        async move { store.ping().await.map_err(|e| e.to_string()) }
+    });
+    if !postgres.wait_ready(readiness, lifecycle).await {
         return Ok(None);
     }
     let kv = loop {
@@ -186,11 +147,21 @@ async fn connect(
             }
         }
     };
-    if !wait_for(lifecycle, readiness, "redis", || kv.ping()).await {
+    let probe = kv.clone();
+    let redis = Checks::new().add("redis", move || {
+        let kv = probe.clone();
+        async move { kv.ping().await.map_err(|e| e.to_string()) }
+    });
+    if !redis.wait_ready(readiness, lifecycle).await {
         return Ok(None);
     }
     let producer = outbox::producer(&cfg.kafka_brokers).context("creating the Kafka producer")?;
-    if !wait_for(lifecycle, readiness, "kafka", || kafka_metadata(&producer)).await {
+    let probe = producer.clone();
+    let kafka = Checks::new().add("kafka", move || {
+        let producer = probe.clone();
+        async move { kafka_metadata(&producer).await }
+    });
+    if !kafka.wait_ready(readiness, lifecycle).await {
         return Ok(None);
     }
     if let Err(e) = ensure_topics(cfg).await {
