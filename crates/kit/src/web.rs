@@ -180,12 +180,19 @@ impl HttpMetrics {
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown`, then waits for in-flight requests.
+///
+/// Connections are served `with_upgrades`, so a handler may take over the socket
+/// (`hyper::upgrade::on`, e.g. for a WebSocket); an upgraded socket belongs to whoever
+/// took it and is not part of the drain. hyper-util's `GracefulShutdown` cannot watch an
+/// upgradeable HTTP/1 connection, so the drain is done here: each connection task starts
+/// a graceful shutdown of its connection when `shutdown` fires, and a task tracker waits
+/// for all of them.
 pub async fn serve<H, Fut>(listener: TcpListener, shutdown: CancellationToken, handler: Arc<H>)
 where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tracker = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -207,17 +214,27 @@ where
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), svc);
-        let watched = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
     tracing::info!("listener closed; draining connections");
-    graceful.shutdown().await;
+    tracker.close();
+    tracker.wait().await;
 }
 
 /// Decodes an `application/x-www-form-urlencoded` query string into pairs, in order.
