@@ -91,6 +91,7 @@ pub struct App {
     pub readiness: Readiness,
     pub registry: Registry,
     pub metrics: web::HttpMetrics,
+    pub notifications: Arc<crate::ws::Notifications>,
 }
 
 /// Per-request facts the middleware gathered.
@@ -268,6 +269,11 @@ impl App {
         }
         if let Some(r) = static_route(&path, req.method()) {
             return ("docs", r);
+        }
+        // WebSocket: authenticates in-band (SPEC §3), so before the bearer check.
+        if path == crate::ws::PATH {
+            let ip = self.client_ip(&req, peer);
+            return ("websocket", self.notifications.accept(req, ip));
         }
 
         let mut ctx = Ctx {

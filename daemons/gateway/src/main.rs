@@ -8,7 +8,7 @@
 //!
 //! Modules: `api` (routing, middleware, handlers), `input` (body/query validation),
 //! `store` (SQL on the sharded tables), `kv` (Redis), `outbox` (Kafka relay), `jwt`
-//! (token verification), `web` (HTTP plumbing), `config`.
+//! (token verification), `ws` (WebSocket notifications), `web` (HTTP plumbing), `config`.
 
 // Handlers return `Result<_, Response>` so an early error is the response itself; the
 // size of that `Err` is irrelevant next to a network round trip.
@@ -21,6 +21,7 @@ mod jwt;
 mod kv;
 mod outbox;
 mod store;
+mod ws;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -263,6 +264,10 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         });
     }
 
+    let notifications = Arc::new(
+        ws::Notifications::start(&cfg, &mut registry, lifecycle.shutdown.clone())
+            .context("starting WebSocket notifications")?,
+    );
     let app = Arc::new(api::App {
         cfg: cfg.clone(),
         verifier,
@@ -275,6 +280,7 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         readiness,
         registry,
         metrics,
+        notifications: notifications.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -283,6 +289,7 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
     lifecycle.ready(&format!("listening on {addr}"));
     let handler = Arc::new(move |req, peer| app.clone().handle(req, peer));
     web::serve(listener, lifecycle.shutdown.clone(), handler).await;
+    notifications.drain(Duration::from_secs(2)).await;
     // The relay stops on the same token; let it finish its batch so stamps are not lost.
     let _ = relay_task.await;
     use rdkafka::producer::Producer as _;
