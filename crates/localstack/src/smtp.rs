@@ -125,9 +125,17 @@ pub struct SmtpSinkBuilder {
     mail_dir: Option<PathBuf>,
     log_file: Option<PathBuf>,
     startup_timeout: Duration,
+    max_message_size: Option<u64>,
 }
 
 impl SmtpSinkBuilder {
+    /// Refuse messages larger than `bytes` with a permanent SMTP error (552), for testing
+    /// how senders handle 5xx replies.
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = Some(bytes);
+        self
+    }
+
     /// SMTP port instead of a free one.
     pub fn smtp_port(mut self, port: u16) -> Self {
         self.smtp_port = Some(port);
@@ -191,6 +199,7 @@ impl SmtpSinkBuilder {
             mail_dir,
             log_path,
             startup_timeout: self.startup_timeout,
+            max_message_size: self.max_message_size,
             child: None,
             temp,
         };
@@ -209,6 +218,7 @@ pub struct SmtpSink {
     mail_dir: PathBuf,
     log_path: PathBuf,
     startup_timeout: Duration,
+    max_message_size: Option<u64>,
     child: Option<ManagedChild>,
     temp: tempfile::TempDir,
 }
@@ -222,6 +232,7 @@ impl SmtpSink {
             mail_dir: None,
             log_file: None,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            max_message_size: None,
         }
     }
 
@@ -246,6 +257,11 @@ impl SmtpSink {
             .args(["--ip", "127.0.0.1", "--web-ip", "127.0.0.1"])
             .arg("--mail-directory")
             .arg(&self.mail_dir)
+            .args(
+                self.max_message_size
+                    .map(|n| vec!["--max-message-size".to_owned(), n.to_string()])
+                    .unwrap_or_default(),
+            )
             .current_dir(self.temp.path())
             .env("TMPDIR", self.temp.path());
         for var in [
