@@ -491,6 +491,12 @@ async fn bad_websocket_input_is_answered_and_others_are_served() {
 
     // Shutdown: close 1001.
     gw.signal(nix::sys::signal::Signal::SIGTERM);
+    // Reading up to STOPPING=1 also drains the watchdog datagrams queued on the test's
+    // notify socket (a full socket would block the daemon's final flush).
+    let _ = gw
+        .notify
+        .wait_for_assignment("STOPPING=1", Duration::from_secs(5))
+        .await;
     match good.next(Duration::from_secs(10)).await {
         Received::Close(1001, _) => {}
         other => panic!("shutdown: {other:?}"),
