@@ -6,8 +6,6 @@
 //! compile error on the other instead of a silently dropped value in production. The JSON
 //! shapes are those of SPEC §2 (task) and §4 (events); times are RFC 3339 strings.
 
-pub mod email;
-
 use std::fmt;
 use std::str::FromStr;
 

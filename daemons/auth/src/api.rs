@@ -72,10 +72,10 @@ const MAX_PASSWORD_BYTES: usize = 72;
 
 /// Why `email` cannot be registered, if it cannot: it must be an address the notify
 /// daemon's mailer accepts — checked with the very parser it mails with
-/// ([`taskflow_contracts::email::mail_address`]), so nobody can register an address that
+/// ([`taskflow_kit::email::mail_address`]), so nobody can register an address that
 /// is later refused on every event — and, on top of that, have a dotted domain.
 pub fn email_problem(email: &str) -> Option<String> {
-    if let Err(e) = taskflow_contracts::email::mail_address(email) {
+    if let Err(e) = taskflow_kit::email::mail_address(email) {
         return Some(e.to_string());
     }
     (!valid_email(email)).then(|| "must be a valid email address".to_owned())

@@ -13,8 +13,8 @@ use anyhow::Context;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use taskflow_contracts::email::{mail_address, EmailError};
 use taskflow_contracts::{TaskEvent, TaskEventType};
+use taskflow_kit::email::{mail_address, EmailError};
 
 use crate::config::{SmtpConfig, SmtpTls};
 use crate::directory::Recipient;
