@@ -16,15 +16,19 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
 export CONNS=${CONNS:-10000} RATE=${RATE:-200} SECS=${SECS:-30}
+# PROFILE=debug reuses the debug build (quick, but numbers are not representative).
+PROFILE=${PROFILE:-release}
+profile_flag=--release
+[ "$PROFILE" = debug ] && profile_flag=
 
 # 10 000 client sockets + 10 000 server sockets (same process tree): raise the fd limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "== fd limit $(ulimit -n)" >&2
 
-echo "== building release binaries" >&2
-(cd "$root" && cargo build --release -q -p taskflow-gateway -p taskflow-auth -p taskflow-notify \
-  && cargo build --release -q -p taskflow-gateway --example bench_stack --example ws_bench)
-export TASKFLOW_BIN_DIR="$root/target/release"
+echo "== building $PROFILE binaries" >&2
+(cd "$root" && cargo build $profile_flag -q -p taskflow-gateway -p taskflow-auth -p taskflow-notify \
+  && cargo build $profile_flag -q -p taskflow-gateway --example bench_stack --example ws_bench)
+export TASKFLOW_BIN_DIR="$root/target/$PROFILE"
 
 work=$(mktemp -d)
 stack_pid=
@@ -35,7 +39,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== starting the bench stack (direct, with notify)" >&2
-"$root/target/release/examples/bench_stack" "$work/bench.env" --direct --notify </dev/null >"$work/stack.log" 2>&1 &
+"$root/target/$PROFILE/examples/bench_stack" "$work/bench.env" --direct --notify </dev/null >"$work/stack.log" 2>&1 &
 stack_pid=$!
 for _ in $(seq 1 900); do [ -s "$work/bench.env" ] && break; sleep 0.2; done
 [ -s "$work/bench.env" ] || { cat "$work/stack.log" >&2; echo "bench stack did not start" >&2; exit 1; }
@@ -45,4 +49,4 @@ set -a
 set +a
 
 echo "== $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); CONNS=$CONNS RATE=$RATE SECS=$SECS" >&2
-"$root/target/release/examples/ws_bench"
+"$root/target/$PROFILE/examples/ws_bench"
