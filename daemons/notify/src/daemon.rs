@@ -19,6 +19,7 @@ use crate::mailer::Mailer;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Stage};
 
+// long-fn: start-up in dependency order (ops, clients, checks, topics, the two stages); each step needs the ones before it, and split up the order would no longer read top to bottom.
 pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
     let Daemon {
         config: cfg,
