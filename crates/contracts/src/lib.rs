@@ -17,6 +17,8 @@ use uuid::Uuid;
 pub const TASK_EVENTS_TOPIC: &str = "task_events";
 /// Default Kafka topic of per-recipient notifications.
 pub const NOTIFY_EVENTS_TOPIC: &str = "notify_events";
+/// Default Kafka topic of mails that can never be sent (one message per recipient).
+pub const DEAD_LETTERS_TOPIC: &str = "notify_dead_letters";
 /// Version of the event envelope (`"v"`); bumped on incompatible changes.
 pub const EVENT_VERSION: u8 = 1;
 
@@ -199,6 +201,10 @@ pub struct NotifyEvent {
     pub description: String,
     #[serde(with = "time::serde::rfc3339")]
     pub occurred_at: OffsetDateTime,
+    /// The task after the change, for WebSocket clients (SPEC §3 pushes it whole).
+    /// Additive to SPEC §4's fields; absent in messages from older notify daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
 }
 
 impl NotifyEvent {
@@ -219,6 +225,7 @@ impl NotifyEvent {
             title: event.task.title.clone(),
             description: event.task.description.clone(),
             occurred_at: event.occurred_at,
+            task: Some(event.task.clone()),
         }
     }
 
@@ -226,6 +233,26 @@ impl NotifyEvent {
     pub fn key(&self) -> String {
         self.user_id.to_string()
     }
+}
+
+/// A `notify_dead_letters` message (Kafka key: the recipient's user id): one recipient's
+/// mail for one event that can never be sent — the address is unusable or the SMTP server
+/// refused it permanently (5xx). It carries the whole source event so an operator can
+/// fix the address and replay it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub v: u8,
+    pub source_event_id: Uuid,
+    pub user_id: i64,
+    pub email: String,
+    /// Human-readable cause, e.g. `address "…": not a deliverable email address (…)` or
+    /// `SMTP 550: mailbox unavailable`.
+    pub reason: String,
+    /// The SMTP reply code when the server refused, `None` when we never sent.
+    pub smtp_code: Option<u16>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: OffsetDateTime,
+    pub event: TaskEvent,
 }
 
 /// A deterministic id for (source event, recipient): the source id with the recipient

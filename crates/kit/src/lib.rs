@@ -7,12 +7,14 @@
 //! - [`systemd`]: `READY=1`, `STATUS=`, `WATCHDOG=1`, `RELOADING=1`, `STOPPING=1`;
 //! - [`lifecycle`]: signals → bounded graceful shutdown and configuration reloads;
 //! - [`http`]: `/healthz`, `/readyz` and `/metrics` for daemons without a REST surface;
+//! - [`email`]: which email addresses can be mailed (registration and the mailer agree);
 //! - [`web`]: serve loop, problem+json, bounded bodies, JSON/query parsing for REST daemons.
 //!
 //! A daemon's `main` is one call to [`run`]; see its docs for the order of events.
 
 pub mod config;
 pub mod deps;
+pub mod email;
 pub mod http;
 pub mod lifecycle;
 pub mod postgres;

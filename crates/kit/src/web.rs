@@ -341,6 +341,13 @@ const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: applicat
 
 /// Serves HTTP/1.1 on `listener` until `shutdown`, then waits for in-flight requests.
 /// Enforces `limits`: header and body read timeouts and the connection caps.
+///
+/// Connections are served `with_upgrades`, so a handler may take over the socket
+/// (`hyper::upgrade::on`, e.g. for a WebSocket); an upgraded socket belongs to whoever
+/// took it and is not part of the drain (its owner watches `shutdown` itself). hyper-util's
+/// `GracefulShutdown` cannot watch an upgradeable HTTP/1 connection, so the drain is done
+/// here: each connection task starts a graceful shutdown of its connection when `shutdown`
+/// fires, and a task tracker waits for all of them.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -350,7 +357,7 @@ pub async fn serve<H, Fut>(
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tracker = tokio_util::task::TaskTracker::new();
     let total = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let per_ip = Arc::new(PerIp::default());
     let body_timeout = Duration::from_millis(limits.body_read_timeout_ms);
@@ -387,10 +394,20 @@ pub async fn serve<H, Fut>(
             let fut = BODY_TIMEOUT.scope(body_timeout, handler(req, peer));
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        let watched = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(slots);
@@ -398,7 +415,8 @@ pub async fn serve<H, Fut>(
     }
     drop(listener);
     tracing::info!("listener closed; draining connections");
-    graceful.shutdown().await;
+    tracker.close();
+    tracker.wait().await;
 }
 
 /// Decodes an `application/x-www-form-urlencoded` query string into pairs, in order.

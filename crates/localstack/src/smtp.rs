@@ -278,9 +278,17 @@ pub struct SmtpSinkBuilder {
     mail_dir: Option<PathBuf>,
     log_file: Option<PathBuf>,
     startup_timeout: Duration,
+    max_message_size: Option<u64>,
 }
 
 impl SmtpSinkBuilder {
+    /// Refuse messages larger than `bytes` with a permanent SMTP error (552), for testing
+    /// how senders handle 5xx replies.
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = Some(bytes);
+        self
+    }
+
     /// SMTP port instead of a free one.
     pub fn smtp_port(mut self, port: u16) -> Self {
         self.smtp_port = Some(port);
@@ -345,6 +353,7 @@ impl SmtpSinkBuilder {
             mail_dir,
             log_path,
             startup_timeout: self.startup_timeout,
+            max_message_size: self.max_message_size,
             child: None,
             temp,
         };
@@ -364,6 +373,7 @@ pub struct SmtpSink {
     mail_dir: PathBuf,
     log_path: PathBuf,
     startup_timeout: Duration,
+    max_message_size: Option<u64>,
     child: Option<ManagedChild>,
     temp: tempfile::TempDir,
 }
@@ -377,6 +387,7 @@ impl SmtpSink {
             mail_dir: None,
             log_file: None,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            max_message_size: None,
         }
     }
 
@@ -403,6 +414,9 @@ impl SmtpSink {
                     .args(["--ip", "127.0.0.1", "--web-ip", "127.0.0.1"])
                     .arg("--mail-directory")
                     .arg(&self.mail_dir);
+                if let Some(n) = self.max_message_size {
+                    cmd.arg("--max-message-size").arg(n.to_string());
+                }
                 for var in [
                     "MAILDEV_SMTP_PORT",
                     "MAILDEV_IP",

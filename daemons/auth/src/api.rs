@@ -5,6 +5,7 @@
 //! | `POST /auth/register` | 201 `{id, email, name}`; 409 on a taken email (case-insensitive) |
 //! | `POST /auth/login` | 200 `{token, email, name, id}` with `id` a string; 401 otherwise |
 //! | `GET /auth/me`, `/auth/users`, `/auth/users/{id}` | need a valid bearer token |
+//! | `PATCH /auth/me {email?, name?}` | the caller's own user; same email rule as register |
 //! | `GET /.well-known/jwks.json` | the public key |
 //!
 //! The `/auth` prefix is optional so the daemon also answers when reached directly.
@@ -51,6 +52,14 @@ struct RegisterBody {
     password: String,
 }
 
+/// `PATCH /auth/me`: the fields to change; absent ones stay.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    email: Option<String>,
+    name: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct LoginBody {
     email: String,
@@ -58,6 +67,17 @@ struct LoginBody {
 }
 
 const MAX_PASSWORD_BYTES: usize = 72;
+
+/// Why `email` cannot be registered, if it cannot: it must be an address the notify
+/// daemon's mailer accepts — checked with the very parser it mails with
+/// ([`taskflow_kit::email::mail_address`]), so nobody can register an address that
+/// is later refused on every event — and, on top of that, have a dotted domain.
+pub fn email_problem(email: &str) -> Option<String> {
+    if let Err(e) = taskflow_kit::email::mail_address(email) {
+        return Some(e.to_string());
+    }
+    (!valid_email(email)).then(|| "must be a valid email address".to_owned())
+}
 
 /// Minimal syntactic email check: one `@`, non-empty local part, a dotted domain, no
 /// spaces or control characters, 3–254 characters.
@@ -156,6 +176,7 @@ impl App {
                     None => self.login(req).await,
                 },
             ),
+            ["me"] if method == Method::PATCH => ("update_me", self.update_me(req).await),
             ["me"] => (
                 "me",
                 match only(&method, Method::GET) {
@@ -246,8 +267,8 @@ impl App {
         let email = body.email.trim().to_owned();
         let name = body.name.trim().to_owned();
         let mut errors = Vec::new();
-        if !valid_email(&email) {
-            errors.push(FieldError::new("email", "must be a valid email address"));
+        if let Some(problem) = email_problem(&email) {
+            errors.push(FieldError::new("email", problem));
         }
         let name_len = name.chars().count();
         if !(1..=100).contains(&name_len) {
@@ -375,6 +396,45 @@ impl App {
         }
     }
 
+    /// `PATCH /auth/me {email?, name?}`: the caller changes their own address or name,
+    /// under the same rules as registration (an address the mailer would refuse → 422).
+    async fn update_me(&self, req: Request<Incoming>) -> Resp {
+        let claims = match self.authenticate(&req) {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let bytes = match web::read_body(req.into_body()).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let body: UpdateBody = match web::parse_json(&bytes) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let email = body.email.as_deref().map(str::trim);
+        let name = body.name.as_deref().map(str::trim);
+        let mut errors = Vec::new();
+        if let Some(problem) = email.and_then(email_problem) {
+            errors.push(FieldError::new("email", problem));
+        }
+        if name.is_some_and(|n| !(1..=100).contains(&n.chars().count())) {
+            errors.push(FieldError::new("name", "must be 1 to 100 characters"));
+        }
+        if !errors.is_empty() {
+            return problem_with(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the request has invalid fields",
+                &errors,
+            );
+        }
+        let id = claims.user_id().unwrap_or_default();
+        match self.users.update(id, email, name).await {
+            Ok(Some(u)) => web::json(StatusCode::OK, &u),
+            Ok(None) => problem(StatusCode::NOT_FOUND, "user no longer exists"),
+            Err(e) => store_error(&e),
+        }
+    }
+
     async fn get(&self, req: &Request<Incoming>, id: &str) -> Resp {
         if let Err(r) = self.authenticate(req) {
             return r;
@@ -494,6 +554,15 @@ mod tests {
             "",
         ] {
             assert!(!canonical(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn registration_refuses_what_the_mailer_refuses() {
+        assert_eq!(email_problem("user@example.com"), None);
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        for bad in [long_local.as_str(), "a\"b@example.com", "a@b"] {
+            assert!(email_problem(bad).is_some(), "{bad}");
         }
     }
 }

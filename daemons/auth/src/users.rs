@@ -116,6 +116,30 @@ impl Users {
         }
     }
 
+    /// Changes a user's email and/or name; `None` when there is no such user.
+    pub async fn update(
+        &self,
+        id: i64,
+        email: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Option<User>, StoreError> {
+        let c = self.pool.get().await?;
+        let stmt = c
+            .prepare_cached(&format!(
+                "UPDATE users SET email = COALESCE($2, email), name = COALESCE($3, name), \
+                 updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
+            ))
+            .await?;
+        match c.query_opt(&stmt, &[&id, &email, &name]).await {
+            Ok(Some(row)) => Ok(Some(user_from(&row)?)),
+            Ok(None) => Ok(None),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                Err(StoreError::DuplicateEmail)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Users with id > `after`, ascending, at most `limit`; optionally only `ids`.
     pub async fn list(
         &self,

@@ -501,3 +501,76 @@ async fn bcrypt_queue_is_bounded() {
         "{results:?}"
     );
 }
+
+/// Issue 10: registration accepted addresses the notify daemon's mailer refuses (a local
+/// part over 64 characters, a `"`), which then blocked notify for good. Registration and
+/// `PATCH /auth/me` now refuse them with 422 naming `email`, using the mailer's parser.
+#[tokio::test]
+async fn addresses_the_mailer_refuses_are_refused() {
+    use reqwest::Method as M;
+    let env = start(None, "").await;
+    let b = &env.base;
+    let long_local = format!("{}@example.com", "a".repeat(65));
+    for bad in [
+        long_local.as_str(),
+        "a\"b@example.com",
+        "jürgen@example.com",
+    ] {
+        let (s, body) = call(
+            M::POST,
+            format!("{b}/auth/register"),
+            None,
+            Some(json!({"email": bad, "name": "Bad", "password": "securepassword"})),
+        )
+        .await;
+        assert_eq!(s, 422, "{bad}: {body}");
+        assert_eq!(body["errors"][0]["field"], "email", "{bad}: {body}");
+    }
+    let (s, _) = call(
+        M::POST,
+        format!("{b}/auth/register"),
+        None,
+        Some(json!({"email": "fine@example.com", "name": "Fine", "password": "securepassword"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (_, login) = call(
+        M::POST,
+        format!("{b}/auth/login"),
+        None,
+        Some(json!({"email": "fine@example.com", "password": "securepassword"})),
+    )
+    .await;
+    let token = login["token"].as_str().unwrap().to_owned();
+
+    // User updates follow the same rule.
+    let (s, body) = call(
+        M::PATCH,
+        format!("{b}/auth/me"),
+        Some(&token),
+        Some(json!({"email": long_local})),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], "email");
+    let (s, body) = call(
+        M::PATCH,
+        format!("{b}/auth/me"),
+        Some(&token),
+        Some(json!({"email": "new@example.com", "name": "Renamed"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        (body["email"].clone(), body["name"].clone()),
+        (json!("new@example.com"), json!("Renamed"))
+    );
+    let (s, _) = call(
+        M::PATCH,
+        format!("{b}/auth/me"),
+        None,
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(s, 401);
+}

@@ -6,6 +6,10 @@
 //! first argument. It then runs until SIGINT or SIGTERM, and tears
 //! everything down.
 //!
+//! With `--notify` it also starts MailDev and the notify daemon (for `bench/ws.sh`), adds
+//! `[websocket] max_connections_per_ip = 20000` to the gateway, and writes GATEWAY_PID
+//! and JWT_PRIVATE_KEY to the env file.
+//!
 //! Binaries come from `$TASKFLOW_BIN_DIR` (the script points it at `target/release`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use taskflow_localstack::{binary_path, free_port, AuthDb, KafkaBroker, RedisServer, Shards};
+use taskflow_localstack::{
+    binary_path, free_port, AuthDb, KafkaBroker, RedisServer, Shards, SmtpSink,
+};
 
 struct Proc(Child);
 
@@ -44,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let out = args.get(1).cloned().unwrap_or_else(|| "bench.env".into());
     let direct = args.iter().any(|a| a == "--direct");
+    let with_notify = args.iter().any(|a| a == "--notify");
     let (shards, auth_db, redis, kafka) = tokio::join!(
         Shards::start(if direct { 1 } else { 3 }),
         AuthDb::start(),
@@ -137,19 +144,52 @@ async fn main() -> anyhow::Result<()> {
         format!(
             "listen = \"127.0.0.1:{gw_port}\"\nops_listen = \"127.0.0.1:0\"\nauth_url = \"{auth_url}\"\njwt_public_key_file = \"{}\"\n\
              database_url = \"{tasks_url}\"\nredis_url = \"{}\"\nkafka_brokers = \"{}\"\n{outbox_shards}\
-             database_pool_size = 32\n[rate_limit]\nenabled = {rl_enabled}\nper_second = 1000000\nburst = 1000000\nlogin_per_minute = 1000000\n[log]\nlevel = \"warn\"\n",
+             database_pool_size = 32\n{ws}[rate_limit]\nenabled = {rl_enabled}\nper_second = 1000000\nburst = 1000000\nlogin_per_minute = 1000000\n[log]\nlevel = \"warn\"\n",
             d.join("jwt-public.pem").display(),
             redis.url(),
-            kafka.bootstrap()
+            kafka.bootstrap(),
+            ws = if with_notify {
+                "[websocket]\nmax_connections_per_ip = 20000\n"
+            } else {
+                ""
+            },
         ),
     )?;
-    procs.push(Proc(
-        Command::new(binary_path("taskflow-gateway")?)
-            .arg("--config")
-            .arg(d.join("gw.toml"))
-            .stdin(Stdio::null())
-            .spawn()?,
-    ));
+    let gateway = Command::new(binary_path("taskflow-gateway")?)
+        .arg("--config")
+        .arg(d.join("gw.toml"))
+        .stdin(Stdio::null())
+        .spawn()?;
+    let gateway_pid = gateway.id();
+    procs.push(Proc(gateway));
+    let smtp = if with_notify {
+        let smtp = SmtpSink::temp().await?;
+        std::fs::write(d.join("notify-db-password"), "taskflow\n")?;
+        let notify_db = auth_db_url.replace("taskflow:taskflow@", "taskflow@");
+        std::fs::write(
+            d.join("notify.toml"),
+            format!(
+                "metrics_listen = \"127.0.0.1:{}\"\ndatabase_url = \"{notify_db}\"\n\
+                 database_password_file = \"{}\"\nkafka_brokers = \"{}\"\nredis_url = \"{}\"\n\
+                 [smtp]\nhost = \"127.0.0.1\"\nport = {}\n[log]\nlevel = \"warn\"\n",
+                free_port()?,
+                d.join("notify-db-password").display(),
+                kafka.bootstrap(),
+                redis.url(),
+                smtp.smtp_port()
+            ),
+        )?;
+        procs.push(Proc(
+            Command::new(binary_path("taskflow-notify")?)
+                .arg("--config")
+                .arg(d.join("notify.toml"))
+                .stdin(Stdio::null())
+                .spawn()?,
+        ));
+        Some(smtp)
+    } else {
+        None
+    };
     let base = format!("http://127.0.0.1:{gw_port}");
     wait_http(&base).await;
 
@@ -191,8 +231,10 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &out,
         format!(
-            "BASE={base}\nTOKEN={token}\nTASK_ID={task_id}\nPERFORMER_ID=2\nMODE={}\n",
-            if direct { "direct" } else { "proxy" }
+            "BASE={base}\nTOKEN={token}\nTASK_ID={task_id}\nPERFORMER_ID=2\nMODE={}\n\
+             GATEWAY_PID={gateway_pid}\nJWT_PRIVATE_KEY={}\n",
+            if direct { "direct" } else { "proxy" },
+            d.join("jwt-private.pem").display()
         ),
     )?;
     println!("bench stack ready: {base} (env in {out})");
@@ -204,6 +246,6 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     drop(procs);
-    drop((shards, auth_db, redis, kafka));
+    drop((shards, auth_db, redis, kafka, smtp));
     Ok(())
 }

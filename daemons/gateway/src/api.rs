@@ -152,6 +152,12 @@ impl App {
                 return ("preflight", self.preflight(&req))
             }
             Route::Docs => return ("docs", crate::docs::serve(req.uri().path(), &method)),
+            // WebSocket: authenticates in-band (SPEC §3), so before the bearer check; the
+            // per-IP connection cap is the hub's.
+            Route::Notifications => {
+                let ip = self.client_ip(&req, peer);
+                return ("websocket", self.notifications.accept(req, ip));
+            }
             _ => {}
         }
         let mut ctx = Ctx {

@@ -39,6 +39,8 @@ pub struct App {
     pub rid_prefix: String,
     pub rid_counter: AtomicU64,
     pub limit_headers: LimitHeaders,
+    /// `/tasks/notifications`: the WebSocket hub and its `notify_events` feed.
+    pub notifications: Arc<crate::ws::Notifications>,
 }
 
 /// The `RateLimit-Limit` and `RateLimit-Policy` values, the same for every response:

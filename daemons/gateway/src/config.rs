@@ -60,6 +60,84 @@ pub struct GatewayConfig {
     /// Milliseconds between outbox polls when no write kicked the relay.
     pub outbox_poll_ms: u64,
     pub outbox_batch_size: i64,
+    /// `/tasks/notifications` (SPEC §3); see `crate::ws`.
+    pub websocket: WebSocketConfig,
+}
+
+/// The WebSocket notification endpoint's limits (docs/configuration.md, `[websocket]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Seconds a new connection has to send its `authenticate` message (SPEC §3: 10).
+    pub auth_timeout_secs: u64,
+    /// Seconds between server pings; a client silent for two intervals is dropped.
+    pub ping_interval_secs: u64,
+    /// Notifications queued per connection; a client that falls this far behind is
+    /// disconnected (close 1008) instead of growing the gateway's memory.
+    pub send_queue: usize,
+    /// Largest client frame accepted; larger ones are answered with close 1009.
+    pub max_message_bytes: usize,
+    /// Open WebSocket connections (authenticated or not) allowed per client IP.
+    pub max_connections_per_ip: usize,
+    /// Seconds one frame write may take before the connection counts as dead.
+    pub write_timeout_secs: u64,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            auth_timeout_secs: 10,
+            ping_interval_secs: 30,
+            send_queue: 64,
+            max_message_bytes: 16 * 1024,
+            max_connections_per_ip: 100,
+            write_timeout_secs: 10,
+        }
+    }
+}
+
+impl WebSocketConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, u64, u64, u64); 6] = [
+            (
+                "websocket.auth_timeout_secs",
+                self.auth_timeout_secs,
+                1,
+                3600,
+            ),
+            (
+                "websocket.ping_interval_secs",
+                self.ping_interval_secs,
+                1,
+                3600,
+            ),
+            ("websocket.send_queue", self.send_queue as u64, 1, 100_000),
+            (
+                "websocket.max_message_bytes",
+                self.max_message_bytes as u64,
+                256,
+                1 << 20,
+            ),
+            (
+                "websocket.max_connections_per_ip",
+                self.max_connections_per_ip as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "websocket.write_timeout_secs",
+                self.write_timeout_secs,
+                1,
+                3600,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::invalid(key, format!("must be {min} to {max}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -147,6 +225,7 @@ impl Default for GatewayConfig {
             outbox_shards: vec![],
             outbox_poll_ms: 500,
             outbox_batch_size: 200,
+            websocket: WebSocketConfig::default(),
         }
     }
 }
@@ -336,6 +415,7 @@ impl GatewayConfig {
                 "must differ from `listen` (ops endpoints are not served on the API port)",
             ));
         }
+        self.websocket.validate()?;
         self.server.validate("server")
     }
 

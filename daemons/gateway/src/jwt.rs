@@ -71,12 +71,18 @@ impl Verifier {
 
     /// Verifies `token` and returns its user id.
     pub fn verify(&self, token: &str) -> Result<i64, TokenError> {
+        self.verify_until(token).map(|(id, _)| id)
+    }
+
+    /// Verifies `token` and returns its user id and expiry (Unix seconds): a WebSocket
+    /// stays open only until its token expires.
+    pub fn verify_until(&self, token: &str) -> Result<(i64, i64), TokenError> {
         let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(0);
         if let Some((exp, id)) = self.cache.lock().ok().and_then(|c| c.get(token).copied()) {
             if exp + leeway < now_secs() {
                 return Err(TokenError::Expired);
             }
-            return Ok(id);
+            return Ok((id, exp));
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
@@ -91,6 +97,6 @@ impl Verifier {
             }
             c.insert(token.to_owned(), (data.claims.exp, id));
         }
-        Ok(id)
+        Ok((id, data.claims.exp))
     }
 }

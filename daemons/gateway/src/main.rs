@@ -8,7 +8,7 @@
 //!
 //! Modules: `api` (routing, middleware, handlers), `input` (body/query validation),
 //! `store` (SQL on the sharded tables), `kv` (Redis), `outbox` (Kafka relay), `jwt`
-//! (token verification), `web` (HTTP plumbing), `config`.
+//! (token verification), `ws` (WebSocket notifications), `web` (HTTP plumbing), `config`.
 
 // Handlers return `Result<_, Response>` so an early error is the response itself; the
 // size of that `Err` is irrelevant next to a network round trip.
@@ -28,6 +28,7 @@ mod middleware;
 mod outbox;
 mod routes;
 mod store;
+mod ws;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -296,6 +297,10 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
     let relay_task = start_relay(&cfg, &deps, &mut registry, kick.clone(), shutdown.clone());
     keep_readiness(&deps, readiness.clone(), shutdown.clone());
 
+    let notifications = Arc::new(
+        ws::Notifications::start(&cfg, &mut registry, shutdown.clone())
+            .context("starting WebSocket notifications")?,
+    );
     let app = Arc::new(app::App {
         cfg: cfg.clone(),
         verifier,
@@ -316,6 +321,7 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
         rid_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
         rid_counter: std::sync::atomic::AtomicU64::new(0),
         limit_headers: app::LimitHeaders::new(&cfg),
+        notifications: notifications.clone(),
     });
     start_coherence(&app, &shutdown);
 
@@ -334,6 +340,7 @@ async fn run(daemon: Daemon<GatewayConfig>) -> anyhow::Result<()> {
     lifecycle.ready(&format!("listening on {addr} (ops on {ops})"));
     let handler = Arc::new(move |req, peer| app.clone().handle(req, peer));
     web::serve(listener, shutdown, cfg.server, handler).await;
+    notifications.drain(Duration::from_secs(2)).await;
     // The relay stops on the same token; let it finish its batch so stamps are not lost.
     let _ = relay_task.await;
     use rdkafka::producer::Producer as _;

@@ -25,6 +25,8 @@ pub enum Route {
     Auth(AuthRoute),
     Tasks,
     Task(i64),
+    /// `/tasks/notifications`, the WebSocket endpoint (SPEC §3).
+    Notifications,
     /// `/tasks/{x}` where `x` is not a task id.
     NoSuchTask,
     NotFound,
@@ -52,6 +54,7 @@ impl Route {
             (Some("auth"), Some("register"), None) => Route::Auth(AuthRoute::Register),
             (Some("auth"), _, _) => Route::Auth(AuthRoute::Other),
             (Some("tasks"), None, _) => Route::Tasks,
+            (Some("tasks"), Some("notifications"), None) => Route::Notifications,
             (Some("tasks"), Some(id), None) => id
                 .parse::<i64>()
                 .ok()
@@ -67,6 +70,7 @@ impl Route {
             (Route::Root, _) => "root",
             (Route::Health, _) => "ops",
             (Route::Docs, _) => "docs",
+            (Route::Notifications, _) => "websocket",
             (Route::Auth(_), _) => "auth",
             (Route::Tasks, &Method::GET) => "list_tasks",
             (Route::Tasks, &Method::POST) => "create_task",

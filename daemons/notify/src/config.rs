@@ -17,6 +17,17 @@ pub struct NotifyConfig {
     pub kafka_group_id: String,
     pub task_events_topic: String,
     pub notify_events_topic: String,
+    /// Where mails that can never be sent go (unusable address, SMTP 5xx), with the reason.
+    pub dead_letters_topic: String,
+    /// First wait before retrying an event that failed transiently; doubles per attempt.
+    pub retry_initial_ms: u64,
+    /// Longest wait between two attempts at an event.
+    pub retry_max_secs: u64,
+    /// Messages fetched ahead per partition; beyond this the partition is paused so a
+    /// partition stuck on retries neither blocks the others nor buffers without bound.
+    pub partition_queue: usize,
+    /// Events older than this many seconds get mail but no `notify_events` push.
+    pub push_max_age_secs: u64,
     pub redis_url: String,
     pub smtp: SmtpConfig,
 }
@@ -30,6 +41,8 @@ pub struct SmtpConfig {
     pub tls: SmtpTls,
     pub username: Option<String>,
     pub password_file: Option<String>,
+    /// Seconds one SMTP exchange may take before it counts as a (transient) failure.
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -51,6 +64,11 @@ impl Default for NotifyConfig {
             kafka_group_id: "taskflow-notify".into(),
             task_events_topic: "task_events".into(),
             notify_events_topic: "notify_events".into(),
+            dead_letters_topic: taskflow_contracts::DEAD_LETTERS_TOPIC.into(),
+            retry_initial_ms: 200,
+            retry_max_secs: 30,
+            partition_queue: 100,
+            push_max_age_secs: 600,
             redis_url: "redis://127.0.0.1:6379".into(),
             smtp: SmtpConfig::default(),
         }
@@ -66,6 +84,7 @@ impl Default for SmtpConfig {
             tls: SmtpTls::None,
             username: None,
             password_file: None,
+            timeout_secs: 10,
         }
     }
 }
@@ -87,11 +106,42 @@ impl DaemonConfig for NotifyConfig {
         for (key, topic) in [
             ("task_events_topic", &self.task_events_topic),
             ("notify_events_topic", &self.notify_events_topic),
+            ("dead_letters_topic", &self.dead_letters_topic),
             ("kafka_group_id", &self.kafka_group_id),
         ] {
             if topic.trim().is_empty() {
                 return Err(ConfigError::invalid(key, "must not be empty"));
             }
+        }
+        if self.retry_initial_ms == 0 {
+            return Err(ConfigError::invalid(
+                "retry_initial_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.retry_max_secs == 0 || self.retry_max_secs * 1000 < self.retry_initial_ms {
+            return Err(ConfigError::invalid(
+                "retry_max_secs",
+                "must be at least 1 and not below retry_initial_ms",
+            ));
+        }
+        if !(1..=100_000).contains(&self.partition_queue) {
+            return Err(ConfigError::invalid(
+                "partition_queue",
+                "must be 1 to 100000",
+            ));
+        }
+        if self.push_max_age_secs == 0 {
+            return Err(ConfigError::invalid(
+                "push_max_age_secs",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=600).contains(&self.smtp.timeout_secs) {
+            return Err(ConfigError::invalid(
+                "smtp.timeout_secs",
+                "must be 1 to 600",
+            ));
         }
         if self.smtp.host.trim().is_empty() {
             return Err(ConfigError::invalid("smtp.host", "must not be empty"));

@@ -1,28 +1,25 @@
 //! The notify daemon's run loop: dependencies, ops endpoint, readiness, the `task_events`
-//! consumer, drain.
+//! consumer (one worker per partition, `lanes`), drain.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
-use taskflow_contracts::TaskEvent;
 use taskflow_kit::deps::Checks;
 use taskflow_kit::http::{serve_ops, Readiness};
-use taskflow_kit::{Daemon, Lifecycle};
+use taskflow_kit::Daemon;
 
 use crate::config::NotifyConfig;
 use crate::directory::Directory;
+use crate::lanes::{Backoff, Dispatcher};
 use crate::mailer::Mailer;
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Stage};
 
-/// Longest wait between two attempts at a message that keeps failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
+// long-fn: start-up in dependency order (ops, clients, checks, topics, the two stages); each step needs the ones before it, and split up the order would no longer read top to bottom.
 pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
     let Daemon {
         config: cfg,
@@ -53,16 +50,9 @@ pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
     )?;
     let redis = redis::Client::open(cfg.redis_url.as_str()).context("redis_url")?;
     let mailer = Mailer::new(&cfg.smtp)?;
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", &cfg.kafka_brokers)
-            .set("group.id", &cfg.kafka_group_id)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("broker.address.family", "v4")
-            .create()
-            .context("kafka_brokers: cannot create the consumer")?,
-    );
+    let consumer = task_events_consumer(&cfg, &cfg.kafka_group_id)?;
+    let push_group = format!("{}-push", cfg.kafka_group_id);
+    let push_consumer = task_events_consumer(&cfg, &push_group)?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka_brokers)
         .set("enable.idempotence", "true")
@@ -76,10 +66,18 @@ pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
     }
     checks.spawn_monitor(readiness, Duration::from_secs(10), &lifecycle);
 
-    consumer
-        .subscribe(&[cfg.task_events_topic.as_str()])
-        .with_context(|| format!("subscribing to {}", cfg.task_events_topic))?;
-    let mut pipeline = Pipeline {
+    for c in [&consumer, &push_consumer] {
+        c.subscribe(&[cfg.task_events_topic.as_str()])
+            .with_context(|| format!("subscribing to {}", cfg.task_events_topic))?;
+    }
+    if let Err(e) = ensure_dead_letter_topic(&cfg).await {
+        // Producing may still work (a broker that auto-creates topics); say it loudly.
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "cannot ensure the dead-letter topic"
+        );
+    }
+    let pipeline = Pipeline {
         directory: Directory::new(pg),
         mailer,
         redis: redis::aio::ConnectionManager::new(redis)
@@ -87,82 +85,68 @@ pub async fn run(daemon: Daemon<NotifyConfig>) -> anyhow::Result<()> {
             .context("connecting to redis")?,
         producer,
         notify_topic: cfg.notify_events_topic.clone(),
+        dead_letter_topic: cfg.dead_letters_topic.clone(),
         metrics: metrics.clone(),
+        stage: Stage::Mail,
+        push_max_age: Duration::from_secs(cfg.push_max_age_secs),
     };
     lifecycle.ready(&format!(
-        "consuming {} as group {}; metrics on {addr}",
+        "consuming {} as groups {} (mail) and {push_group} (notify_events); metrics on {addr}",
         cfg.task_events_topic, cfg.kafka_group_id
     ));
-    consume(&consumer, &mut pipeline, &metrics, &lifecycle).await;
+    let dispatcher = |consumer, pipeline| Dispatcher {
+        consumer,
+        pipeline,
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+        backoff: Backoff {
+            initial: Duration::from_millis(cfg.retry_initial_ms),
+            max: Duration::from_secs(cfg.retry_max_secs),
+        },
+        partition_queue: cfg.partition_queue,
+    };
+    let push = dispatcher(push_consumer, pipeline.fork_for(Stage::Push));
+    let mail = dispatcher(consumer, pipeline);
+    tokio::join!(push.run(), mail.run());
     Ok(())
 }
 
-/// Handles messages one at a time, committing each offset only once it is fully handled.
-async fn consume(
-    consumer: &StreamConsumer,
-    pipeline: &mut Pipeline,
-    metrics: &Metrics,
-    lifecycle: &Lifecycle,
-) {
-    loop {
-        let message = tokio::select! {
-            m = consumer.recv() => m,
-            () = lifecycle.shutdown.cancelled() => return,
-        };
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "kafka receive failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let event: Option<TaskEvent> = match message.payload().map(serde_json::from_slice) {
-            Some(Ok(event)) => Some(event),
-            Some(Err(e)) => {
-                metrics.malformed.inc();
-                tracing::error!(
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    error = %e,
-                    "malformed task_events message skipped"
-                );
-                None
-            }
-            None => {
-                metrics.malformed.inc();
-                tracing::error!(
-                    offset = message.offset(),
-                    "empty task_events message skipped"
-                );
-                None
-            }
-        };
-        if let Some(event) = event {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match pipeline.handle(&event).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        metrics.retries.inc();
-                        tracing::warn!(event_id = %event.event_id, error = %e, retry_in_ms = backoff.as_millis() as u64, "event not fully handled; will retry");
-                        lifecycle.status(&format!("retrying event {}: {e}", event.event_id));
-                        tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
-                            // Not committed: the message comes again after a restart.
-                            () = lifecycle.shutdown.cancelled() => return,
-                        }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-            }
-            metrics.events.inc();
-            tracing::info!(event_id = %event.event_id, kind = %event.kind, task_id = event.task.id, "event handled");
-        }
-        if let Err(e) = consumer.commit_message(&message, CommitMode::Async) {
-            tracing::warn!(error = %e, "offset commit failed; the message may be redelivered");
+/// A `task_events` consumer in `group`, committing offsets itself (after handling).
+///
+/// Two groups read the same events: pushes (`notify_events`, for WebSocket clients) and
+/// mail progress separately, so an SMTP outage or a slow relay never delays a push.
+fn task_events_consumer(cfg: &NotifyConfig, group: &str) -> anyhow::Result<Arc<StreamConsumer>> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka_brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        // Low fetch wait: pushes are latency-bound (SPEC §3 clients wait for them).
+        .set("fetch.wait.max.ms", "20")
+        .set("broker.address.family", "v4")
+        .create()
+        .context("kafka_brokers: cannot create the consumer")?;
+    Ok(Arc::new(consumer))
+}
+
+/// Creates the dead-letter topic when it is missing (the gateway creates the other two).
+async fn ensure_dead_letter_topic(cfg: &NotifyConfig) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka_brokers)
+        .set("broker.address.family", "v4")
+        .create()
+        .context("creating the Kafka admin client")?;
+    let topic = NewTopic::new(&cfg.dead_letters_topic, 1, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+    for r in admin.create_topics([&topic], &opts).await? {
+        match r {
+            Ok(t) => tracing::info!(topic = t, "created Kafka topic"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => anyhow::bail!("cannot create topic {t}: {e}"),
         }
     }
+    Ok(())
 }
 
 fn dependency_checks(

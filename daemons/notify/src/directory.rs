@@ -1,8 +1,8 @@
 //! Recipients' email addresses, from the users table of the auth database (reached through
 //! the shard proxy's passthrough `auth` database).
 //!
-//! One connection, re-opened when it breaks: the notify daemon handles one message at a
-//! time, so a pool would only add idle connections.
+//! One connection per partition worker, re-opened when it breaks: a worker handles one
+//! message at a time, so a pool would only add idle connections.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recipient {
@@ -22,6 +22,11 @@ impl Directory {
             config,
             client: None,
         }
+    }
+
+    /// Another directory on the same database, with its own connection.
+    pub fn fork(&self) -> Directory {
+        Directory::new(self.config.clone())
     }
 
     /// The users among `ids` that exist, ascending by id.

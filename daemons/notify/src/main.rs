@@ -10,6 +10,7 @@ use clap::Parser;
 mod config;
 mod daemon;
 mod directory;
+mod lanes;
 mod mailer;
 mod metrics;
 mod pipeline;

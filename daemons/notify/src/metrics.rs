@@ -12,12 +12,17 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub published: Counter,
     pub retries: Counter,
+    pub dead_letters: Counter,
 }
 
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics::default();
-        registry.register("events", "task_events messages handled", m.events.clone());
+        registry.register(
+            "events",
+            "task_events messages handled, per stage (push and mail each count)",
+            m.events.clone(),
+        );
         registry.register(
             "malformed_events",
             "task_events messages that did not parse and were skipped",
@@ -47,6 +52,11 @@ impl Metrics {
             "retries",
             "event handling attempts that failed and will be retried",
             m.retries.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "mails that can never be sent (unusable address, SMTP 5xx), sent to the dead-letter topic",
+            m.dead_letters.clone(),
         );
         m
     }

@@ -4,6 +4,8 @@
 //! The scenarios mirror the NixOS VM tests in `tests/vm/`, which cannot run on machines
 //! without KVM and a Nix store; these run everywhere `make test` does.
 
+pub mod ws;
+
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
