@@ -126,12 +126,28 @@ impl Notifier {
 
     /// Waits (at most `timeout`) until every notification handed over so far was sent, so
     /// `STOPPING=1` reaches the service manager before the process exits.
+    ///
+    /// Never blocks past `timeout`, even when the queue is full because the notify socket
+    /// is not being read (a blocking `send` would hang the exit on a stuck manager).
     pub fn flush(&self, timeout: Duration) {
         let Some(tx) = &self.tx else { return };
+        let deadline = std::time::Instant::now() + timeout;
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        if tx.send(Note::Flush(done_tx)).is_ok() {
-            let _ = done_rx.recv_timeout(timeout);
+        let mut note = Note::Flush(done_tx);
+        loop {
+            match tx.try_send(note) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    note = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
         }
+        let _ = done_rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
     /// The interval at which to ping the watchdog: half of `WATCHDOG_USEC`, as
@@ -144,5 +160,27 @@ impl Notifier {
             }
         }
         (usec > 0).then(|| Duration::from_micros(usec / 2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stalled sender thread (its queue full, nobody draining it) must not hang `flush`
+    /// past its timeout: once it did, since `flush` used a blocking `send`.
+    #[test]
+    fn flush_returns_on_time_when_the_queue_is_full() {
+        let (tx, _rx) = sync_channel::<Note>(2);
+        let notifier = Notifier { tx: Some(tx) };
+        notifier.watchdog();
+        notifier.watchdog();
+        let started = std::time::Instant::now();
+        notifier.flush(Duration::from_millis(100));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "flush blocked for {:?}",
+            started.elapsed()
+        );
     }
 }

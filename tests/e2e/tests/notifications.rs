@@ -53,7 +53,8 @@ impl Stack {
         let cfg = scratch.write(
             "auth.toml",
             &format!(
-                "listen = \"127.0.0.1:{port}\"\ndatabase_url = \"{}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n",
+                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{}\"\ndatabase_url = \"{}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n",
+                free_port().expect("port"),
                 auth_db.url("auth"),
                 scratch.path("jwt-private.pem").display()
             ),
@@ -73,11 +74,13 @@ impl Stack {
     }
 
     /// A gateway named `name` with `extra` TOML lines appended; waits for READY.
-    async fn gateway(&self, name: &str, port: u16, extra: &str) -> (Daemon, String) {
+    /// Returns the daemon, its API base URL and its ops base URL (`/metrics`).
+    async fn gateway(&self, name: &str, port: u16, extra: &str) -> (Daemon, String, String) {
+        let ops = free_port().expect("port");
         let cfg = self.scratch.write(
             &format!("{name}.toml"),
             &format!(
-                "listen = \"127.0.0.1:{port}\"\nauth_url = \"{}\"\njwt_public_key_file = \"{}\"\n\
+                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops}\"\nauth_url = \"{}\"\njwt_public_key_file = \"{}\"\n\
                  database_url = \"{}\"\nredis_url = \"{}\"\nkafka_brokers = \"{}\"\noutbox_poll_ms = 100\n\
                  [rate_limit]\nenabled = false\n{extra}\n",
                 self.auth_url,
@@ -89,7 +92,11 @@ impl Stack {
         );
         let mut d = Daemon::start("taskflow-gateway", &cfg, &[]);
         d.expect_notify("READY=1", Duration::from_secs(90)).await;
-        (d, format!("http://127.0.0.1:{port}"))
+        (
+            d,
+            format!("http://127.0.0.1:{port}"),
+            format!("http://127.0.0.1:{ops}"),
+        )
     }
 
     async fn notify(&self) -> Daemon {
@@ -222,8 +229,8 @@ async fn expect_pushes(
 #[tokio::test]
 async fn task_changes_reach_every_recipient_by_mail_and_websocket_on_two_gateways() {
     let s = Stack::start().await;
-    let (_g1, g1) = s.gateway("gw1", free_port().expect("port"), "").await;
-    let (_g2, g2) = s.gateway("gw2", free_port().expect("port"), "").await;
+    let (_g1, g1, _) = s.gateway("gw1", free_port().expect("port"), "").await;
+    let (_g2, g2, _) = s.gateway("gw2", free_port().expect("port"), "").await;
     let _notify = s.notify().await;
     let (creator, creator_t) = user(&g1, "creator@example.com", "Cara Creator").await;
     let (performer, performer_t) = user(&g1, "performer@example.com", "Pat Performer").await;
@@ -356,7 +363,7 @@ async fn bad_websocket_input_is_answered_and_others_are_served() {
     let port = free_port().expect("port");
     let limits =
         "[websocket]\nmax_connections_per_ip = 12\nmax_message_bytes = 1024\nsend_queue = 8\n";
-    let (mut gw, base) = s.gateway("gw", port, limits).await;
+    let (mut gw, base, ops) = s.gateway("gw", port, limits).await;
     // Opened first, never authenticates: checked last (SPEC §3: closed with 1008 at 10 s).
     let idle_since = Instant::now();
     let mut idle = WsClient::connect(&base).await.expect("connect");
@@ -461,7 +468,7 @@ async fn bad_websocket_input_is_answered_and_others_are_served() {
     s.publish(&notification(1, "for the good client")).await;
     let v = good.notification(Duration::from_secs(10)).await;
     assert_eq!(v["title"], "for the good client");
-    let metrics = reqwest::get(format!("{base}/metrics"))
+    let metrics = reqwest::get(format!("{ops}/metrics"))
         .await
         .expect("metrics")
         .text()
@@ -506,7 +513,7 @@ async fn bad_websocket_input_is_answered_and_others_are_served() {
     // A restarted gateway does not replay what was published while it was away.
     s.publish(&notification(1, "while the gateway was down"))
         .await;
-    let (_gw, base) = s.gateway("gw", port, limits).await;
+    let (_gw, base, _) = s.gateway("gw", port, limits).await;
     let mut again = WsClient::connect(&base).await.expect("connect");
     again.authenticate(&s.token(1, 3600), 1).await;
     // The feed assigns itself at the end right after start; give it a moment.

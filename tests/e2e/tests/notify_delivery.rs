@@ -392,28 +392,33 @@ async fn notify_killed_mid_batch_loses_no_mail() {
     again
         .expect_notify("READY=1", Duration::from_secs(60))
         .await;
-    let mails = match s.smtp.wait_for_messages(60, Duration::from_secs(60)).await {
-        Ok(m) => m,
-        Err(e) => panic!(
-            "mail lost after the restart: {e}\n--- log ---\n{}",
-            again.logs()
-        ),
-    };
-    let mut pairs = BTreeSet::new();
-    for m in &mails {
-        for to in &m.to {
-            pairs.insert((m.subject.clone(), to.clone()));
-        }
-    }
-    for ev in &events {
-        for to in expected() {
+    // Wait for every (event, recipient) pair, not for a count: a mail re-sent after the
+    // restart (the one in flight at the kill) would make a count reach 60 early.
+    let wanted: BTreeSet<(String, String)> = events
+        .iter()
+        .flat_map(|ev| {
             let subject = format!("[TaskFlow] Task #{} created: {}", ev.task.id, ev.task.title);
-            assert!(
-                pairs.contains(&(subject.clone(), to.clone())),
-                "lost: {subject} → {to}"
-            );
+            expected().into_iter().map(move |to| (subject.clone(), to))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mails = loop {
+        let mails = s.smtp.messages().await.expect("mails");
+        let got: BTreeSet<(String, String)> = mails
+            .iter()
+            .flat_map(|m| m.to.iter().map(|to| (m.subject.clone(), to.clone())))
+            .collect();
+        let missing: Vec<_> = wanted.difference(&got).collect();
+        if missing.is_empty() {
+            break mails;
         }
-    }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mail lost after the restart: {missing:?}\n--- log ---\n{}",
+            again.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     assert!(
         mails.len() <= 63,
         "{} mails for 60 (duplicates beyond the in-flight message)",
