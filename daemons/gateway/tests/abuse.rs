@@ -11,110 +11,48 @@
 //! Needs the auth binary: `cargo build -p taskflow-auth` first.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use taskflow_localstack::{binary_path, free_port, AuthDb, KafkaBroker, PgCluster, RedisServer};
+use taskflow_localstack::free_port;
+
+mod common;
+use common::stack::{self, Proc};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_healthy(base: &str) {
-    let c = reqwest::Client::new();
-    for _ in 0..600 {
-        if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{base} did not come up");
-}
-
+/// The shared infrastructure, and every daemon a section started (killed at the end).
 struct Infra {
-    auth_db: AuthDb,
-    shard: PgCluster,
-    redis: RedisServer,
-    kafka: KafkaBroker,
-    dir: tempfile::TempDir,
+    stack: stack::Infra,
     procs: Vec<Proc>,
+}
+
+impl std::ops::Deref for Infra {
+    type Target = stack::Infra;
+    fn deref(&self) -> &stack::Infra {
+        &self.stack
+    }
+}
+
+impl std::ops::DerefMut for Infra {
+    fn deref_mut(&mut self) -> &mut stack::Infra {
+        &mut self.stack
+    }
 }
 
 impl Infra {
     async fn start() -> Infra {
-        let (auth_db, shard, redis, kafka) = tokio::join!(
-            AuthDb::start(),
-            PgCluster::builder().database("tasks").start(),
-            RedisServer::builder().appendonly(true).start(),
-            KafkaBroker::temp()
-        );
-        let (auth_db, shard, redis, mut kafka) = (
-            auth_db.unwrap(),
-            shard.unwrap(),
-            redis.unwrap(),
-            kafka.unwrap(),
-        );
-        taskflow_migrations::apply_auth(&mut auth_db.client().await.unwrap())
-            .await
-            .unwrap();
-        taskflow_migrations::apply_shard(&mut shard.client("tasks").await.unwrap())
-            .await
-            .unwrap();
-        kafka.create_topic("task_events", 3).await.unwrap();
-        kafka.create_topic("notify_events", 3).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let auth_bin = binary_path("taskflow-auth")
-            .expect("build the auth daemon first: cargo build -p taskflow-auth");
-        assert!(Command::new(&auth_bin)
-            .arg("--generate-keys")
-            .arg(dir.path())
-            .status()
-            .unwrap()
-            .success());
         Infra {
-            auth_db,
-            shard,
-            redis,
-            kafka,
-            dir,
+            stack: stack::Infra::start(true).await,
             procs: Vec::new(),
         }
     }
 
     /// An auth daemon with `extra` settings; its base URL.
     async fn auth(&mut self, name: &str, extra: &str) -> String {
-        let port = free_port().unwrap();
-        let cfg = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:0\"\ndatabase_url = \"{}\"\n\
-                 jwt_private_key_file = \"{}\"\n{extra}\n[log]\nlevel = \"warn\"\n",
-                self.auth_db.url(),
-                self.dir.path().join("jwt-private.pem").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(binary_path("taskflow-auth").unwrap())
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.procs.push(Proc(child));
-        let base = format!("http://127.0.0.1:{port}");
-        wait_healthy(&base).await;
+        let (proc, base) = self.stack.auth(name, extra).await;
+        self.procs.push(proc);
         base
     }
 
@@ -122,29 +60,9 @@ impl Infra {
     /// tables); its base URL.
     async fn gateway(&mut self, name: &str, auth_url: &str, extra: &str) -> String {
         let port = free_port().unwrap();
-        let cfg = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:0\"\nauth_url = \"{auth_url}\"\n\
-                 jwt_public_key_file = \"{}\"\ndatabase_url = \"{}\"\nredis_url = \"{}\"\nkafka_brokers = \"{}\"\n\
-                 outbox_poll_ms = 100\n{extra}\n[log]\nlevel = \"warn\"\n",
-                self.dir.path().join("jwt-public.pem").display(),
-                self.shard.url("tasks"),
-                self.redis.url(),
-                self.kafka.bootstrap(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"))
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.procs.push(Proc(child));
-        let base = format!("http://127.0.0.1:{port}");
-        wait_healthy(&base).await;
+        let cfg = self.stack.gateway_config(name, port, auth_url, extra);
+        let (proc, base) = self.stack.spawn_gateway(name, &cfg, port, None).await;
+        self.procs.push(proc);
         base
     }
 }

@@ -8,169 +8,56 @@
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
+use common::stack::{self, Proc};
 use common::task_events;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use reqwest::Method as M;
 use serde_json::{json, Value};
-use taskflow_localstack::{
-    binary_path, free_port, AuthDb, KafkaBroker, NotifySocket, PgCluster, RedisServer,
-};
+use taskflow_localstack::{binary_path, free_port, NotifySocket};
 
-struct Proc {
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(i32::try_from(self.child.as_ref().unwrap().id()).unwrap())
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
+/// The shared infrastructure and the auth daemon every section uses.
 struct Infra {
-    auth_db: AuthDb,
-    shard: PgCluster,
-    redis: RedisServer,
-    kafka: KafkaBroker,
-    dir: tempfile::TempDir,
+    stack: stack::Infra,
     auth_url: String,
     _auth: Proc,
 }
 
-/// Waits for `/healthz` (on the API port; the daemons bind it only once their
-/// dependencies answer).
-async fn wait_ready(base: &str, what: &str) {
-    let http = reqwest::Client::new();
-    for _ in 0..600 {
-        if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+impl std::ops::Deref for Infra {
+    type Target = stack::Infra;
+    fn deref(&self) -> &stack::Infra {
+        &self.stack
     }
-    panic!("{what} at {base} did not become ready");
+}
+
+impl std::ops::DerefMut for Infra {
+    fn deref_mut(&mut self) -> &mut stack::Infra {
+        &mut self.stack
+    }
 }
 
 impl Infra {
     async fn start() -> Infra {
-        let (auth_db, shard, redis, kafka) = tokio::join!(
-            AuthDb::start(),
-            PgCluster::builder().database("tasks").start(),
-            RedisServer::temp(),
-            KafkaBroker::temp()
-        );
-        let (auth_db, shard, redis, mut kafka) = (
-            auth_db.unwrap(),
-            shard.unwrap(),
-            redis.unwrap(),
-            kafka.unwrap(),
-        );
-        taskflow_migrations::apply_auth(&mut auth_db.client().await.unwrap())
-            .await
-            .unwrap();
-        taskflow_migrations::apply_shard(&mut shard.client("tasks").await.unwrap())
-            .await
-            .unwrap();
-        kafka.create_topic("task_events", 3).await.unwrap();
-        kafka.create_topic("notify_events", 3).await.unwrap();
-
-        let dir = tempfile::tempdir().unwrap();
-        let auth_bin = binary_path("taskflow-auth")
-            .expect("build the auth daemon first: cargo build -p taskflow-auth");
-        assert!(Command::new(&auth_bin)
-            .arg("--generate-keys")
-            .arg(dir.path())
-            .status()
-            .unwrap()
-            .success());
-        let port = free_port().unwrap();
-        let cfg = dir.path().join("auth.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:0\"\ndatabase_url = \"{}\"\njwt_private_key_file = \"{}\"\nbcrypt_cost = 4\n[log]\nlevel = \"warn\"\n",
-                auth_db.url(),
-                dir.path().join("jwt-private.pem").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(auth_bin)
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let auth_url = format!("http://127.0.0.1:{port}");
-        wait_ready(&auth_url, "auth daemon").await;
+        let stack = stack::Infra::start(false).await;
+        let (auth, auth_url) = stack.auth("auth", "bcrypt_cost = 4").await;
         Infra {
-            auth_db,
-            shard,
-            redis,
-            kafka,
-            dir,
+            stack,
             auth_url,
-            _auth: Proc { child: Some(child) },
+            _auth: auth,
         }
     }
 
-    /// `http://` + the `ops_listen` address written into gateway `name`'s configuration.
-    fn ops_base(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.toml"))).unwrap();
-        let addr = text
-            .lines()
-            .find_map(|l| l.strip_prefix("ops_listen = "))
-            .unwrap()
-            .trim_matches('"');
-        format!("http://{addr}")
-    }
-
     fn gateway_config(&self, name: &str, port: u16, extra: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{}\"\nauth_url = \"{}\"\njwt_public_key_file = \"{}\"\ndatabase_url = \"{}\"\n\
-                 redis_url = \"{}\"\nkafka_brokers = \"{}\"\ncors_origins = [\"http://localhost:5173\"]\noutbox_poll_ms = 100\n{extra}\n[log]\nlevel = \"warn\"\n",
-                free_port().unwrap(),
-                self.auth_url,
-                self.dir.path().join("jwt-public.pem").display(),
-                self.shard.url("tasks"),
-                self.redis.url(),
-                self.kafka.bootstrap(),
-            ),
-        )
-        .unwrap();
-        path
+        self.stack.gateway_config(name, port, &self.auth_url, extra)
     }
 
     async fn gateway(&self, name: &str, extra: &str, notify: Option<&Path>) -> (Proc, String) {
         let port = free_port().unwrap();
         let cfg = self.gateway_config(name, port, extra);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"));
-        cmd.arg("--config").arg(&cfg).stdin(Stdio::null());
-        if let Some(n) = notify {
-            cmd.env("NOTIFY_SOCKET", n);
-        }
-        let child = cmd.spawn().unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        wait_ready(&base, name).await;
-        (Proc { child: Some(child) }, base)
+        self.stack.spawn_gateway(name, &cfg, port, notify).await
     }
 }
 
@@ -1128,7 +1015,7 @@ async fn gateway_end_to_end() {
     // ── Graceful stop: STOPPING=1 and exit 0 ───────────────────────────────────────────
     let mut g = gw2;
     nix::sys::signal::kill(g.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut child = g.child.take().unwrap();
+    let mut child = g.take().unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
@@ -1156,15 +1043,7 @@ async fn start_with_redis_db(infra: &Infra, name: &str, extra: &str) -> (Proc, S
         .map(|(_, r)| r)
         .unwrap_or("");
     std::fs::write(&path, format!("{text}\n[rate_limit]\n{rl}")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"))
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    wait_ready(&base, name).await;
-    (Proc { child: Some(child) }, base)
+    infra.spawn_gateway(name, &path, port, None).await
 }
 
 /// The OpenAPI path template a concrete path belongs to.

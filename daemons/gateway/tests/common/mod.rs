@@ -1,6 +1,8 @@
 //! Helpers shared by the gateway's integration tests.
 #![allow(clippy::unwrap_used, dead_code)]
 
+pub mod stack;
+
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
