@@ -190,6 +190,27 @@ impl Daemon {
         self.check_systemd_contract_after_ready().await;
     }
 
+    /// While `dependency` is down: no `READY=1` within `quiet`, and a
+    /// `STATUS=waiting for dependencies…` line naming it within `status_within`.
+    pub async fn expect_waiting_for(
+        &mut self,
+        dependency: &str,
+        quiet: Duration,
+        status_within: Duration,
+    ) {
+        let early = self.notify.wait_for_assignment("READY=1", quiet).await;
+        assert!(early.is_err(), "READY=1 sent while {dependency} was down");
+        let status = self
+            .notify
+            .wait_for(
+                |a| a.starts_with("STATUS=waiting for dependencies"),
+                status_within,
+            )
+            .await
+            .expect("a status line naming what it waits for");
+        assert!(status.contains(dependency), "{status}");
+    }
+
     /// [`Self::check_systemd_contract`] for a daemon that already sent `READY=1`.
     pub async fn check_systemd_contract_after_ready(&mut self) {
         for _ in 0..3 {
