@@ -215,6 +215,41 @@ async fn up_serves_the_seed_requests_and_down_leaves_nothing_running() {
     .await
     .expect("two mails for the new task");
 
+    // A daemon that dies is restarted, as systemd's Restart=on-failure would, and the rest
+    // of the stack keeps running (it used to stop everything).
+    let pid_file = stack.state.path().join("status/gateway.pid");
+    let read_pid = || -> i32 {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let killed = read_pid();
+    assert!(killed > 0, "no pid file for the gateway");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(killed),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the gateway");
+    let gw_root = format!("{gw}/");
+    wait_until(Duration::from_secs(120), || {
+        let gw_root = gw_root.clone();
+        async move {
+            let restarted = read_pid() != killed;
+            restarted && curl(&[&gw_root]).0 == 200
+        }
+    })
+    .await
+    .expect("the gateway was restarted and answers again");
+    let (ok, out) = stack.devstack(&["status"]);
+    assert!(ok && out.contains("stack: running"), "{out}");
+    let log =
+        std::fs::read_to_string(stack.state.path().join("logs/devstack.log")).unwrap_or_default();
+    assert!(
+        log.contains("gateway exited") && log.contains("restarting in"),
+        "the restart is not logged:\n{log}"
+    );
+
     let (ok, out) = stack.devstack(&["down"]);
     assert!(ok, "down failed: {out}");
     for (name, port) in &stack.ports {

@@ -16,9 +16,18 @@ use taskflow_localstack::NotifySocket;
 
 use crate::layout::Layout;
 
+/// What to run: the stack's name for it, its binary and its configuration file.
+#[derive(Debug, Clone)]
+pub struct DaemonSpec {
+    pub name: &'static str,
+    pub binary: &'static str,
+    pub config: PathBuf,
+}
+
 /// A running daemon; dropping it stops it (SIGTERM, then SIGKILL after 15 s).
 pub struct DaemonProcess {
     pub name: &'static str,
+    pub spec: DaemonSpec,
     child: Child,
     status_task: tokio::task::JoinHandle<()>,
 }
@@ -48,15 +57,15 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 
 impl DaemonProcess {
     /// Starts `binary --config <config>` and waits until it sends `READY=1`, fails, or
-    /// `timeout` passes.
+    /// `timeout` passes. Its pid goes to `status/<name>.pid`.
     pub async fn start(
         layout: &Layout,
-        name: &'static str,
-        binary_name: &str,
-        config: &Path,
+        spec: &DaemonSpec,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let bin = binary(binary_name)?;
+        let name = spec.name;
+        let config = &spec.config;
+        let bin = binary(spec.binary)?;
         let socket = NotifySocket::bind().context("binding a notify socket")?;
         let log_path = layout.log(name);
         let log = OpenOptions::new()
@@ -79,6 +88,10 @@ impl DaemonProcess {
 
         let status_file = layout.status_dir().join(name);
         let _ = std::fs::write(&status_file, "starting\n");
+        let _ = std::fs::write(
+            layout.status_dir().join(format!("{name}.pid")),
+            format!("{}\n", child.id()),
+        );
         let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
         let status_task = tokio::spawn(async move {
             loop {
@@ -108,6 +121,7 @@ impl DaemonProcess {
             if Instant::now() > deadline {
                 let mut me = DaemonProcess {
                     name,
+                    spec: spec.clone(),
                     child,
                     status_task,
                 };
@@ -122,6 +136,7 @@ impl DaemonProcess {
         }
         Ok(DaemonProcess {
             name,
+            spec: spec.clone(),
             child,
             status_task,
         })

@@ -17,6 +17,7 @@ mod control;
 mod daemons;
 mod layout;
 mod logs;
+mod restart;
 mod supervisor;
 
 /// Run the TaskFlow stack locally.

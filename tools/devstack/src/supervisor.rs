@@ -1,5 +1,7 @@
 //! The stack supervisor: starts infrastructure, migrations and daemons in dependency order,
-//! waits for each to be ready, and on Ctrl-C/SIGTERM stops them all in reverse order.
+//! waits for each to be ready, restarts a daemon that dies on its own (with a back-off and
+//! a give-up limit, `crate::restart`), and on Ctrl-C/SIGTERM stops them all in reverse
+//! order.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -8,11 +10,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use taskflow_localstack::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::daemons::{binary, DaemonProcess};
+use crate::daemons::{binary, DaemonProcess, DaemonSpec};
 use crate::layout::Layout;
 use crate::logs;
+use crate::restart::{Decision, RestartPolicy, Restarts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -104,19 +107,7 @@ pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
     std::fs::write(layout.ready_file(), "ready\n")?;
     print_tour(layout);
 
-    // Run until asked to stop, or until a daemon dies on its own.
-    let mut watch = tokio::time::interval(Duration::from_secs(1));
-    let reason = loop {
-        tokio::select! {
-            _ = term.recv() => break "SIGTERM".to_owned(),
-            _ = int.recv() => break "Ctrl-C".to_owned(),
-            _ = watch.tick() => {
-                if let Some(d) = stack.daemons.iter_mut().find_map(|d| d.exited().map(|s| (d.name, s))) {
-                    break format!("{} exited ({})", d.0, d.1);
-                }
-            }
-        }
-    };
+    let reason = watch(layout, &mut stack, &mut term, &mut int).await;
     say(&format!("{reason}: stopping the stack"));
     drop(stack);
     cleanup(layout);
@@ -135,6 +126,81 @@ pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("stopped, but still answering: {}", still.join(", "))
+    }
+}
+
+/// Runs until asked to stop, restarting a daemon that dies on its own (see
+/// [`crate::restart`]); returns why the stack stops.
+async fn watch(layout: &Layout, stack: &mut Stack, term: &mut Signal, int: &mut Signal) -> String {
+    let mut restarts: Vec<Restarts> = stack
+        .daemons
+        .iter()
+        .map(|_| Restarts::new(RestartPolicy::default()))
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM".to_owned(),
+            _ = int.recv() => return "Ctrl-C".to_owned(),
+            _ = tick.tick() => {}
+        }
+        for (i, policy) in restarts.iter_mut().enumerate() {
+            let Some(status) = stack.daemons[i].exited() else {
+                continue;
+            };
+            let spec = stack.daemons[i].spec.clone();
+            let restart = tokio::select! {
+                r = restart(layout, &spec, format!("exited ({status})"), policy) => r,
+                _ = term.recv() => return "SIGTERM".to_owned(),
+                _ = int.recv() => return "Ctrl-C".to_owned(),
+            };
+            match restart {
+                Ok(d) => stack.daemons[i] = d,
+                Err(reason) => return reason,
+            }
+        }
+    }
+}
+
+/// Starts `spec` again after the policy's back-off, until it is READY or the policy gives
+/// up (each failed start counts as another exit); the error is why the stack stops.
+async fn restart(
+    layout: &Layout,
+    spec: &DaemonSpec,
+    mut why: String,
+    policy: &mut Restarts,
+) -> Result<DaemonProcess, String> {
+    loop {
+        let delay = match policy.on_exit(std::time::Instant::now()) {
+            Decision::RestartAfter { delay, attempt } => {
+                say(&format!(
+                    "{} {why}; restarting in {} s (restart {attempt} in a row)",
+                    spec.name,
+                    delay.as_secs_f32()
+                ));
+                delay
+            }
+            Decision::GiveUp { restarts } => {
+                return Err(format!(
+                    "{} {why} after {restarts} restarts; giving up",
+                    spec.name
+                ))
+            }
+        };
+        let _ = std::fs::write(
+            layout.status_dir().join(spec.name),
+            format!("restarting in {} s: {why}\n", delay.as_secs()),
+        );
+        tokio::time::sleep(delay).await;
+        match DaemonProcess::start(layout, spec, Duration::from_secs(90)).await {
+            Ok(d) => {
+                say(&format!("{} is ready again (pid {})", spec.name, d.pid()));
+                return Ok(d);
+            }
+            Err(e) => {
+                why = format!("failed to start again: {e:#}");
+            }
+        }
     }
 }
 
@@ -255,15 +321,20 @@ async fn start_daemons(
     stack: &mut Stack,
 ) -> anyhow::Result<()> {
     let ready_timeout = Duration::from_secs(90);
-    for (name, bin, config) in [
+    for (name, binary, config) in [
         ("shard-proxy", "taskflow-shard-proxy", &configs.proxy),
         ("auth", "taskflow-auth", &configs.auth),
         ("gateway", "taskflow-gateway", &configs.gateway),
         ("notify", "taskflow-notify", &configs.notify),
     ] {
-        say(&format!("starting {bin}; waiting for READY=1"));
-        let d = DaemonProcess::start(layout, name, bin, config, ready_timeout).await?;
-        say(&format!("{bin} is ready (pid {})", d.pid()));
+        let spec = DaemonSpec {
+            name,
+            binary,
+            config: config.clone(),
+        };
+        say(&format!("starting {binary}; waiting for READY=1"));
+        let d = DaemonProcess::start(layout, &spec, ready_timeout).await?;
+        say(&format!("{binary} is ready (pid {})", d.pid()));
         stack.daemons.push(d);
     }
     Ok(())
