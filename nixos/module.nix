@@ -262,11 +262,25 @@ let
           '';
         };
         users = mkOption {
-          description = "Client logins (SCRAM-SHA-256).";
+          description = ''
+            Client logins (SCRAM-SHA-256), each with the databases it may open, like
+            pgbouncer's `admin_users`: the daemons log in as `taskflow` (`tasks`, `auth`),
+            operators as `taskflow_admin` (the `admin` console: SHOW, PAUSE, RELOAD).
+          '';
           default = [
             {
               name = "taskflow";
               password_file = "proxy-password";
+              databases = [
+                "tasks"
+                "auth"
+              ];
+            }
+            {
+              name = "taskflow_admin";
+              password_file = "proxy-admin-password";
+              databases = [ "admin" ];
+              admin = true;
             }
           ];
           type = types.listOf (freeformSubmodule {
@@ -275,7 +289,39 @@ let
               description = "Role name clients log in with.";
             };
             password_file = optionalStr "Secret file with this role's password.";
+            databases = mkOption {
+              type = types.nullOr (types.listOf types.str);
+              default = null;
+              description = ''
+                Databases this login may open; null: the sharded database and `auth` (and
+                `admin` for an admin). Only an admin may list `admin`.
+              '';
+            };
+            admin = mkOption {
+              type = types.bool;
+              default = false;
+              description = "May open the `admin` console (PAUSE, RESUME, RELOAD, SHOW).";
+            };
           });
+        };
+        limits = mkOption {
+          default = { };
+          description = ''
+            Per-client limits (docs/configuration.md, `[limits]`); each breach is an error
+            for that client alone. Unset keys keep the daemon's defaults.
+          '';
+          type = freeformSubmodule {
+            max_clients = mkOption {
+              type = types.nullOr types.ints.positive;
+              default = null;
+              description = "Client connections at once; beyond it a new client gets SQLSTATE 53300.";
+            };
+            pause_timeout_secs = mkOption {
+              type = types.nullOr types.ints.positive;
+              default = null;
+              description = "How long a client waits for a PAUSE to end before a retryable error.";
+            };
+          };
         };
         backend = mkOption {
           default = { };

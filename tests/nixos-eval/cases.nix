@@ -35,6 +35,7 @@ let
         secretFiles = {
           "backend-password" = "${keys}/pg-password";
           "proxy-password" = "${keys}/pg-password";
+          "proxy-admin-password" = "${keys}/pg-password";
         };
       };
       auth = {

@@ -29,8 +29,16 @@ command -v jq >/dev/null || fail "jq not found (scripts/install-deps.sh installs
 NIXPKGS_LIB="$(cd "$NIXPKGS_LIB" && pwd)"
 
 evaluate() { # case -> JSON on stdout, error text on stderr
+  # stderr goes through a file, not `2> >(grep …)`: a process substitution finishes on its
+  # own time, so the caller could read the error file before grep had written it (the
+  # cases failed at random "without" their message).
+  local raw rc=0
+  raw=$(mktemp)
   nix-instantiate --eval --strict --json "$here/eval.nix" \
-    --arg lib "import $NIXPKGS_LIB/lib" --argstr case "$1" 2> >(grep -v 'build-users-group' >&2)
+    --arg lib "import $NIXPKGS_LIB/lib" --argstr case "$1" 2>"$raw" || rc=$?
+  grep -v 'build-users-group' "$raw" >&2 || true
+  rm -f "$raw"
+  return "$rc"
 }
 
 cases=$(nix-instantiate --eval --strict --json --expr \

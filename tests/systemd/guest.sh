@@ -208,6 +208,18 @@ SELECT 'before', count(*) FROM tasks;
 \! /tmp/wait-reloaded.sh && echo reload-applied
 SELECT 'after', count(*) FROM tasks;
 SQL
+# ---- roles: the module's default logins (daemons `taskflow`, operators `taskflow_admin`) -----
+if out=$(PGPASSWORD=taskflow psql -X -h 127.0.0.1 -p 6432 -U taskflow_admin -d admin -At -c 'SHOW SHARDS' 2>&1) \
+  && grep -q shard <<<"$out"; then
+  ok "roles: taskflow_admin opens the admin console ($(wc -l <<<"$out") shards)"
+else
+  fail "roles: taskflow_admin cannot open the admin console: $out"
+fi
+if out=$(PGPASSWORD=taskflow psql -X -h 127.0.0.1 -p 6432 -U taskflow -d admin -At -c 'SHOW SHARDS' 2>&1); then
+  fail "roles: the daemons' login opened the admin console: $out"
+else
+  ok "roles: the daemons' login is refused the admin console ($(head -1 <<<"$out"))"
+fi
 if out=$(PGPASSWORD=taskflow psql -X -h 127.0.0.1 -p 6432 -U taskflow -d tasks -At -f /tmp/reload.sql 2>&1) \
   && grep -q '^before|' <<<"$out" && grep -q reload-returned <<<"$out" && grep -q reload-applied <<<"$out" \
   && grep -q '^after|' <<<"$out"; then

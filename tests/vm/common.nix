@@ -164,6 +164,7 @@ let
           secretFiles = {
             "backend-password" = passwordFile;
             "proxy-password" = passwordFile;
+            "proxy-admin-password" = passwordFile;
           };
         };
 
@@ -260,17 +261,17 @@ in
         return " ".join(shlex.quote(str(a)) for a in args)
 
 
-    def psql(machine, host, port, db, query):
-        """Runs one statement as role taskflow over TCP; returns psql's unaligned output."""
+    def psql(machine, host, port, db, query, user="taskflow"):
+        """Runs one statement as `user` over TCP; returns psql's unaligned output."""
         return machine.succeed(
-            f"{PG_ENV} timeout 120 psql -X -h {host} -p {port} -U taskflow -d {db} "
+            f"{PG_ENV} timeout 120 psql -X -h {host} -p {port} -U {user} -d {db} "
             f"-At -v ON_ERROR_STOP=1 -c {shlex.quote(query)}"
         )
 
 
     def admin(query):
-        """The shard proxy's admin console (psql -d admin)."""
-        return psql(app, "127.0.0.1", 6432, "admin", query)
+        """The shard proxy's admin console (psql -d admin), as the operators' login."""
+        return psql(app, "127.0.0.1", 6432, "admin", query, user="taskflow_admin")
 
 
     def eventually(check, what, timeout=600):
