@@ -57,6 +57,10 @@ use bytes::Bytes;
 use num_bigint::{BigInt, Sign};
 use num_traits::{Signed, ToPrimitive, Zero};
 
+mod stream;
+
+pub use stream::{Step, Stream};
+
 use crate::oid::{
     BOOL, BPCHAR, BYTEA, CHAR, DATE, FLOAT4, FLOAT8, INT2, INT4, INT8, NAME, NUMERIC, OID, TEXT,
     TIME, TIMESTAMP, TIMESTAMPTZ, UNKNOWN, UUID, VARCHAR,
@@ -170,6 +174,17 @@ pub enum MergeError {
     /// A merged value is out of its type's range (PostgreSQL's own message).
     #[error("{0} out of range")]
     OutOfRange(&'static str),
+    /// A shard's rows did not come in the ORDER BY order as the proxy compares values, so
+    /// a streaming merge cannot order them (see [`stream`]).
+    #[error(
+        "cross-shard merge: shard #{shard} returned rows out of ORDER BY order as the proxy \
+         compares them (text compares bytewise, as the C collation); sort with COLLATE \"C\" \
+         or add a shard key"
+    )]
+    OutOfOrder {
+        /// Position of the shard in the scatter.
+        shard: usize,
+    },
 }
 
 fn is_int(oid: u32) -> bool {
