@@ -19,6 +19,7 @@
 pub mod copy;
 pub mod exec;
 pub mod extended;
+pub mod scatter;
 mod simple;
 
 pub mod txn;
@@ -174,6 +175,9 @@ pub struct Session {
     pub stmts: HashMap<String, Arc<Stmt>>,
     pub sql_prepared: HashMap<String, sqltext::SqlPrepare>,
     pub portals: HashMap<String, extended::Portal>,
+    /// Multi-shard portals being read: their shards' suspended portals and merge state,
+    /// kept between Executes (see [`scatter`]).
+    pub cursors: HashMap<String, scatter::Cursor>,
     pub txn: Option<Txn>,
     pub cancel_slot: CancelSlot,
     pub pending: Vec<proxy_core::wire::frontend::Frame>,
@@ -218,6 +222,7 @@ pub async fn run(
         stmts: HashMap::new(),
         sql_prepared: HashMap::new(),
         portals: HashMap::new(),
+        cursors: HashMap::new(),
         txn: None,
         cancel_slot,
         pending: Vec::new(),

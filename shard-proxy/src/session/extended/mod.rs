@@ -86,10 +86,17 @@ enum Slot {
     },
     /// Describe of a multi-shard portal: first shard's answer, hidden columns cut.
     DescribeMulti { shard: usize, visible_cut: usize },
-    /// Execute of a multi-shard portal: rows merged.
+    /// Execute of a multi-shard write portal (broadcast, split INSERT): answers gathered.
     ExecuteMulti {
         shards: Vec<usize>,
         merge: Option<MergeSpec>,
+    },
+    /// Execute of a multi-shard read portal: rows streamed through the portal's cursor,
+    /// at most `max_rows` (0 = all), then PortalSuspended.
+    ScatterRead {
+        portal: String,
+        fetches: Vec<super::scatter::Fetch>,
+        max_rows: u32,
     },
 }
 
@@ -177,6 +184,7 @@ impl Session {
         self.skip_until_sync = false;
         if self.txn.as_ref().is_none_or(|t| !t.explicit) {
             self.portals.clear();
+            self.cursors.clear();
         }
         self.clear_cancel_slot();
         Ok(())
@@ -318,14 +326,16 @@ impl Session {
             FrontendMessage::Describe { name, .. } => {
                 self.plan_describe_portal(plan, name, &frame.raw).await
             }
-            FrontendMessage::Execute { portal, .. } => {
-                self.plan_execute(plan, portal, &frame.raw).await
+            FrontendMessage::Execute { portal, max_rows } => {
+                self.plan_execute(plan, portal, *max_rows, &frame.raw)
+                    .await
             }
             FrontendMessage::Close { kind, name } => {
                 if *kind == b'S' {
                     self.stmts.remove(name);
                 } else {
                     self.portals.remove(name);
+                    self.cursors.remove(name);
                 }
                 plan.slots.push(local(wire::close_complete));
                 Ok(false)
