@@ -1,8 +1,11 @@
 //! Combining the results of a scatter read into what one database would have returned.
 //!
 //! When a `SELECT` on a sharded table has no shard key, the proxy runs it on every shard
-//! (usually a rewritten form, [`MergeSpec::shard_sql`]) and feeds all the rows it gets back
-//! into a [`Merger`]. The merger then does the part of the query that can't be done shard by
+//! (usually a rewritten form, [`MergeSpec::shard_sql`]) and merges the rows it gets back.
+//! Reads go through a [`Stream`] (the `stream` submodule): rows leave as soon as the merge
+//! allows — concatenated, or k-way merged in ORDER BY order holding one row per shard, with
+//! OFFSET/LIMIT counted on the way — and only aggregates gather, one accumulator per group,
+//! in a [`Merger`]. The merger does the part of the query that can't be done shard by
 //! shard:
 //!
 //! 1. **Aggregation** ([`MergeSpec::aggregates`]): partial `count`s are summed, `sum`s added,
@@ -1001,6 +1004,10 @@ struct Key {
 
 /// Accumulates the rows of every shard and produces the merged result. Feed it every
 /// DataRow of every shard with [`Merger::push`], then call [`Merger::finish`].
+///
+/// Aggregating, it holds one accumulator per group; otherwise it holds the rows (all of
+/// them without a LIMIT), which is why scatter reads use [`Stream`] and only a broadcast
+/// write's RETURNING rows are still merged here.
 #[derive(Debug)]
 pub struct Merger {
     columns: Vec<Column>,

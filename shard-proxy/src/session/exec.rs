@@ -1,8 +1,10 @@
 //! Running statements on backends and turning their answers into the client's answer.
 //!
 //! Why separate: relaying (one backend, bytes forwarded as they arrive, COPY sub-protocol
-//! included) and gathering (several backends, rows merged by [`proxy_core::merge::Merger`],
-//! row counts summed) are the two ways every statement ends, in both protocols.
+//! included), streaming (a scatter read: several backends, rows merged on the fly by
+//! [`proxy_core::merge::Stream`] in [`super::scatter`]) and gathering (a broadcast write:
+//! answers collected, rows merged by [`proxy_core::merge::Merger`], row counts summed) are
+//! the ways every statement ends, in both protocols.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
