@@ -116,7 +116,9 @@ async fn a_million_row_scatter_read_streams_in_bounded_memory() {
     eprintln!("seeded {total} rows in {:?}", seeding.elapsed());
     let c = small_buffer_client(&env).await;
     // Warm up pools and allocator on a small read.
-    c.simple_query("SELECT id FROM tasks LIMIT 10").await.expect("warm up");
+    c.simple_query("SELECT id FROM tasks LIMIT 10")
+        .await
+        .expect("warm up");
     let base = status_kb("VmRSS:");
     std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
     let (n, sum, slow) = read_slowly(&c, "SELECT * FROM tasks", 5_000).await;
@@ -165,7 +167,10 @@ async fn ordered_merge_equals_the_sorted_union_of_the_shards() {
     let q = "SELECT id, version, title FROM tasks ORDER BY version, title, id";
     let merged = rows_of(&c.simple_query(q).await.expect("ordered scatter"));
     assert_eq!(merged.len(), union.len());
-    assert!(merged == union, "simple protocol: globally sorted, every row once");
+    assert!(
+        merged == union,
+        "simple protocol: globally sorted, every row once"
+    );
     // Extended protocol, descending, with LIMIT/OFFSET.
     let q = "SELECT id, version, title FROM tasks ORDER BY version DESC, title DESC, id DESC \
              LIMIT 25 OFFSET 1000";
@@ -203,7 +208,11 @@ async fn ordered_merge_equals_the_sorted_union_of_the_shards() {
         .collect();
     assert_eq!(ids, expected);
     // LIMIT without ORDER BY: any LIMIT rows, each a real row, none twice.
-    let some = rows_of(&c.simple_query("SELECT id FROM tasks LIMIT 7 OFFSET 3").await.expect("limit"));
+    let some = rows_of(
+        &c.simple_query("SELECT id FROM tasks LIMIT 7 OFFSET 3")
+            .await
+            .expect("limit"),
+    );
     let mut ids: Vec<_> = some.iter().map(|r| r[0].clone()).collect();
     ids.sort();
     ids.dedup();
@@ -216,18 +225,27 @@ async fn aggregates_group_by_and_distinct_are_unchanged() {
     seed(&env, 3_000).await;
     let c = env.client("tasks").await;
     let union = union_of(&env, "SELECT id, version, status, creator_id FROM tasks").await;
-    let int = |v: &Option<String>| v.as_deref().and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    let int = |v: &Option<String>| {
+        v.as_deref()
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
     let versions: Vec<i64> = union.iter().map(|r| int(&r[1])).collect();
     let row = &rows_of(
-        &c.simple_query("SELECT count(*), sum(version), min(version), max(version), avg(version) FROM tasks")
-            .await
-            .expect("aggregates"),
+        &c.simple_query(
+            "SELECT count(*), sum(version), min(version), max(version), avg(version) FROM tasks",
+        )
+        .await
+        .expect("aggregates"),
     )[0];
     assert_eq!(int(&row[0]), union.len() as i64);
     assert_eq!(int(&row[1]), versions.iter().sum::<i64>());
     assert_eq!(int(&row[2]), versions.iter().copied().min().unwrap_or(0));
     assert_eq!(int(&row[3]), versions.iter().copied().max().unwrap_or(0));
-    let avg: f64 = row[4].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    let avg: f64 = row[4]
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
     let expected = versions.iter().sum::<i64>() as f64 / versions.len() as f64;
     assert!((avg - expected).abs() < 1e-9, "avg {avg} vs {expected}");
     // GROUP BY.
@@ -238,7 +256,9 @@ async fn aggregates_group_by_and_distinct_are_unchanged() {
     );
     let mut expected = std::collections::BTreeMap::new();
     for r in &union {
-        *expected.entry(r[2].clone().unwrap_or_default()).or_insert(0i64) += 1;
+        *expected
+            .entry(r[2].clone().unwrap_or_default())
+            .or_insert(0i64) += 1;
     }
     let got: Vec<(String, i64)> = groups
         .iter()
@@ -258,7 +278,10 @@ async fn aggregates_group_by_and_distinct_are_unchanged() {
             .await
             .expect("distinct"),
     );
-    let mut got: Vec<_> = unordered.iter().map(|r| r[0].clone().unwrap_or_default()).collect();
+    let mut got: Vec<_> = unordered
+        .iter()
+        .map(|r| r[0].clone().unwrap_or_default())
+        .collect();
     got.sort();
     assert_eq!(got, ["completed", "in_progress", "pending"]);
 }
@@ -272,10 +295,22 @@ async fn multi_shard_portals_honour_execute_row_limits() {
     seed(&env, 1_000).await;
     let mut c = env.client("tasks").await;
     let cases: [(&str, usize, Vec<i64>); 4] = [
-        ("SELECT id FROM tasks ORDER BY id", 128, (1..=3000).collect()),
-        ("SELECT id FROM tasks ORDER BY id DESC LIMIT 250 OFFSET 10", 100, (2741..=2990).rev().collect()),
+        (
+            "SELECT id FROM tasks ORDER BY id",
+            128,
+            (1..=3000).collect(),
+        ),
+        (
+            "SELECT id FROM tasks ORDER BY id DESC LIMIT 250 OFFSET 10",
+            100,
+            (2741..=2990).rev().collect(),
+        ),
         ("SELECT id FROM tasks", 333, (1..=3000).collect()),
-        ("SELECT creator_id FROM tasks GROUP BY creator_id ORDER BY creator_id", 3, (0..7).collect()),
+        (
+            "SELECT creator_id FROM tasks GROUP BY creator_id ORDER BY creator_id",
+            3,
+            (0..7).collect(),
+        ),
     ];
     for (sql, chunk, expected) in cases {
         let tx = c.transaction().await.expect("begin");
@@ -284,9 +319,16 @@ async fn multi_shard_portals_honour_execute_row_limits() {
         let mut got = Vec::new();
         let mut executes = 0;
         loop {
-            let rows = tx.query_portal(&portal, chunk as i32).await.expect("execute");
+            let rows = tx
+                .query_portal(&portal, chunk as i32)
+                .await
+                .expect("execute");
             executes += 1;
-            assert!(rows.len() <= chunk, "{sql}: {} rows > max_rows {chunk}", rows.len());
+            assert!(
+                rows.len() <= chunk,
+                "{sql}: {} rows > max_rows {chunk}",
+                rows.len()
+            );
             if rows.is_empty() {
                 break;
             }
@@ -336,7 +378,11 @@ async fn after_an_early_limit_the_pooled_connections_are_clean() {
     let c = env.client("tasks").await;
     let other = env.client("tasks").await;
     for round in 0..5 {
-        let few = rows_of(&c.simple_query("SELECT * FROM tasks ORDER BY id LIMIT 3").await.expect("limit"));
+        let few = rows_of(
+            &c.simple_query("SELECT * FROM tasks ORDER BY id LIMIT 3")
+                .await
+                .expect("limit"),
+        );
         assert_eq!(few.len(), 3);
         assert_eq!(few[0][0].as_deref(), Some("1"));
         let few = c
@@ -344,7 +390,11 @@ async fn after_an_early_limit_the_pooled_connections_are_clean() {
             .await
             .expect("limit extended");
         assert_eq!(few.len(), 2);
-        let few = rows_of(&c.simple_query("SELECT id FROM tasks LIMIT 1").await.expect("limit"));
+        let few = rows_of(
+            &c.simple_query("SELECT id FROM tasks LIMIT 1")
+                .await
+                .expect("limit"),
+        );
         assert_eq!(few.len(), 1);
         // Another client on the same backends sees clean answers.
         let n: i64 = other

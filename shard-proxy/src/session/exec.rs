@@ -369,7 +369,9 @@ impl Session {
         cursor.open(None);
         let started = Instant::now();
         let result = self.stream_simple(&mut works, &mut cursor).await;
-        let failed = self.end_scatter_simple(works, &cursor, result, started).await?;
+        let failed = self
+            .end_scatter_simple(works, &cursor, result, started)
+            .await?;
         if failed {
             self.fail_txn(false).await;
         }

@@ -129,7 +129,10 @@ impl Cursor {
     /// enough rows to cover the rows still to skip (OFFSET) plus `max_rows`, minus what is
     /// already read; every row when the merge aggregates. Shards that ended get nothing.
     pub fn fetches(&self, max_rows: u32) -> Vec<Fetch> {
-        let gathers = self.merge.as_ref().is_some_and(|m| !m.aggregates.is_empty());
+        let gathers = self
+            .merge
+            .as_ref()
+            .is_some_and(|m| !m.aggregates.is_empty());
         let skip = match &self.stream {
             Some(s) => s.pending_skip(),
             None => self.merge.as_ref().map_or(0, |m| m.offset),
@@ -165,7 +168,10 @@ impl Cursor {
     /// Marks the shards of `fetches` (or every shard, for `None`) as answering now.
     pub fn open(&mut self, fetches: Option<&[Fetch]>) {
         match fetches {
-            None => self.feeds.iter_mut().for_each(|f| f.state = FeedState::Open),
+            None => self
+                .feeds
+                .iter_mut()
+                .for_each(|f| f.state = FeedState::Open),
             Some(list) => {
                 for f in list {
                     if let Some(feed) = self.feeds.get_mut(f.pos) {
@@ -349,9 +355,10 @@ impl Session {
                 }
                 Step::Emit(row) => {
                     self.client.out.extend_from_slice(&row);
-                    self.client.maybe_flush().await.map_err(|e| {
-                        ScatterError::Client(ClientError::Io(e))
-                    })?;
+                    self.client
+                        .maybe_flush()
+                        .await
+                        .map_err(|e| ScatterError::Client(ClientError::Io(e)))?;
                     sent += 1;
                     if max_rows > 0 && sent >= max_rows {
                         return Ok(Pumped::Suspended);

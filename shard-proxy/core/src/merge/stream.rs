@@ -25,7 +25,7 @@ use std::collections::BTreeSet;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{decode_cell, order_keys, Column, KeyVal, Key, MergeError, MergeSpec, Merger, Row};
+use super::{decode_cell, order_keys, Column, Key, KeyVal, MergeError, MergeSpec, Merger, Row};
 use crate::wire;
 
 /// What the runtime should do next.
@@ -178,11 +178,19 @@ impl Stream {
     }
 
     fn push_ordered(&mut self, i: usize, data_row: Bytes) -> Result<(), MergeError> {
-        let row = row_of(&data_row, self.columns.len())?;
+        // Only the sort columns are decoded; the row itself stays the shard's message.
+        let spans = spans(&data_row, self.columns.len())?;
         let keys = self
             .order
             .iter()
-            .map(|k| decode_cell(&self.columns, k.column, &row[k.column]))
+            .map(|k| {
+                let cell = spans
+                    .get(k.column)
+                    .copied()
+                    .flatten()
+                    .map(|(a, b)| data_row.slice(a..b));
+                decode_cell(&self.columns, k.column, &cell)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let Mode::Ordered { heads, last } = &mut self.mode else {
             return Ok(());
@@ -344,6 +352,46 @@ fn row_of(data_row: &[u8], width: usize) -> Result<Row, MergeError> {
         });
     }
     Ok(row)
+}
+
+/// Where each cell of a DataRow message lies (`None` for NULL), checked against the
+/// expected width; nothing is copied.
+fn spans(data_row: &[u8], width: usize) -> Result<Vec<Option<(usize, usize)>>, MergeError> {
+    let malformed = || MergeError::Spec("malformed DataRow from a shard".into());
+    let n = data_row
+        .get(5..7)
+        .and_then(|b| <[u8; 2]>::try_from(b).ok())
+        .map(i16::from_be_bytes)
+        .ok_or_else(malformed)?;
+    let n = usize::try_from(n).map_err(|_| malformed())?;
+    if n != width {
+        return Err(MergeError::ColumnCount {
+            expected: width,
+            got: n,
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 7usize;
+    for _ in 0..n {
+        let len = data_row
+            .get(pos..pos + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(i32::from_be_bytes)
+            .ok_or_else(malformed)?;
+        pos += 4;
+        match usize::try_from(len) {
+            Err(_) => out.push(None),
+            Ok(len) => {
+                let end = pos
+                    .checked_add(len)
+                    .filter(|&e| e <= data_row.len())
+                    .ok_or_else(malformed)?;
+                out.push(Some((pos, end)));
+                pos = end;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A row as a DataRow message.
@@ -538,6 +586,25 @@ mod tests {
                 vec![Some("y".to_string()), Some("1".to_string())],
             ]
         );
+    }
+
+    #[test]
+    fn spans_find_cells_and_refuse_truncation() {
+        let row = dr(&[Some("ab"), None, Some("")]);
+        let found = spans(&row, 3).expect("spans");
+        assert_eq!(
+            &row[found[0].expect("cell").0..found[0].expect("cell").1],
+            b"ab"
+        );
+        assert_eq!(found[1], None);
+        assert_eq!(found[2].map(|(a, b)| b - a), Some(0));
+        assert!(matches!(
+            spans(&row, 2),
+            Err(MergeError::ColumnCount { .. })
+        ));
+        for cut in 0..row.len() {
+            assert!(spans(&row[..cut], 3).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -42,8 +42,7 @@ impl Session {
                 self.proxy.metrics.route("one");
             }
             PortalRoute::Multi {
-                is_write: false,
-                ..
+                is_write: false, ..
             } => return self.plan_scatter_read(plan, portal, &p, max_rows).await,
             PortalRoute::Multi {
                 targets,

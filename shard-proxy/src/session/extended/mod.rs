@@ -327,8 +327,7 @@ impl Session {
                 self.plan_describe_portal(plan, name, &frame.raw).await
             }
             FrontendMessage::Execute { portal, max_rows } => {
-                self.plan_execute(plan, portal, *max_rows, &frame.raw)
-                    .await
+                self.plan_execute(plan, portal, *max_rows, &frame.raw).await
             }
             FrontendMessage::Close { kind, name } => {
                 if *kind == b'S' {

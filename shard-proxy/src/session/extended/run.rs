@@ -272,7 +272,12 @@ impl Session {
             }
             Pumped::Merge(e) => {
                 let message = e.to_string();
-                wire::error(&mut self.client.out, "ERROR", sqlstate::INTERNAL_ERROR, &message);
+                wire::error(
+                    &mut self.client.out,
+                    "ERROR",
+                    sqlstate::INTERNAL_ERROR,
+                    &message,
+                );
                 return Ok(false);
             }
         };
