@@ -66,7 +66,7 @@ enum Mode {
     },
     /// Aggregation: every row goes into the merger; its result is emitted at the end.
     Gather {
-        merger: Option<Merger>,
+        merger: Option<Box<Merger>>,
         ended: Vec<bool>,
         out: Option<std::vec::IntoIter<Row>>,
     },
@@ -103,7 +103,7 @@ impl Stream {
         let gather = !spec.aggregates.is_empty();
         let mode = if gather {
             Mode::Gather {
-                merger: Some(Merger::new(spec, columns.clone())),
+                merger: Some(Box::new(Merger::new(spec, columns.clone()))),
                 ended: vec![false; shards],
                 out: None,
             }
@@ -407,6 +407,8 @@ mod tests {
     use super::*;
     use crate::oid::{INT8, TEXT};
 
+    type Cells = Vec<Option<String>>;
+
     fn dr(cells: &[Option<&str>]) -> Bytes {
         let mut out = BytesMut::new();
         wire::data_row(&mut out, cells.iter().map(|c| c.map(str::as_bytes)));
@@ -432,10 +434,7 @@ mod tests {
 
     /// Drives `s` over `shards` (rows per shard, read lazily); returns the emitted rows'
     /// cells and how many rows were read in all.
-    fn drive(
-        s: &mut Stream,
-        shards: &[Vec<Bytes>],
-    ) -> Result<(Vec<Vec<Option<String>>>, usize), MergeError> {
+    fn drive(s: &mut Stream, shards: &[Vec<Bytes>]) -> Result<(Vec<Cells>, usize), MergeError> {
         let mut pos = vec![0; shards.len()];
         let mut out = Vec::new();
         let mut read = 0;
@@ -522,9 +521,8 @@ mod tests {
         let b = vec![dr(&[Some("c"), Some("10")]), dr(&[Some("d"), Some("1")])];
         let mut s = Stream::new(Some(&spec), cols(&[TEXT, INT8]), 2);
         let (rows, _) = drive(&mut s, &[a, b]).expect("merge");
-        let got: Vec<_> = rows.iter().map(|r| r.clone()).collect();
         assert_eq!(
-            got,
+            rows,
             vec![
                 vec![Some("a".to_string())],
                 vec![Some("c".to_string())],
@@ -612,7 +610,7 @@ mod tests {
         let mut s = Stream::new(None, cols(&[INT8, INT8]), 1);
         let short = ints(&[1]);
         // Concatenation forwards raw rows unchecked only when nothing must be cut.
-        assert!(drive(&mut s, &[short.clone()]).is_ok());
+        assert!(drive(&mut s, std::slice::from_ref(&short)).is_ok());
         let spec = MergeSpec {
             hidden_columns: 1,
             ..MergeSpec::default()
