@@ -22,7 +22,8 @@ use proxy_core::sqltext::SetCommand;
 use proxy_core::wire::frontend::FrontendMessage;
 use proxy_core::wire::{self, sqlstate, RawMsg};
 
-/// What one backend returned for a statement run as part of a scatter/broadcast.
+/// What one backend returned for a statement run as part of a broadcast write (scatter
+/// reads stream instead: [`super::scatter`]).
 #[derive(Debug, Default)]
 pub struct ShardResult {
     pub row_description: Option<Bytes>,
@@ -251,7 +252,7 @@ impl Session {
         }
     }
 
-    /// Collects a backend's full answer to one simple query (scatter/broadcast).
+    /// Collects a backend's full answer to one simple query (broadcast write).
     pub async fn collect(work: &mut Work) -> Result<ShardResult, BackendError> {
         let mut r = ShardResult::default();
         loop {
@@ -488,7 +489,8 @@ impl Session {
         self.proxy.metrics.route(route);
     }
 
-    /// Runs per-shard SQL on several backends and writes one merged answer.
+    /// Runs a write's per-shard SQL on several backends (broadcast, split INSERT) and
+    /// writes one merged answer; its RETURNING rows are gathered, not streamed.
     pub async fn run_multi_simple(
         &mut self,
         sqls: Vec<(usize, String)>,
