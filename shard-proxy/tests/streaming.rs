@@ -142,6 +142,31 @@ async fn a_million_row_scatter_read_streams_in_bounded_memory() {
         growth_mib < 64,
         "the proxy's memory grew by {growth_mib} MiB while streaming {total} rows"
     );
+    // The simple protocol streams the same way.
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
+    let base = status_kb("VmRSS:");
+    let started = Instant::now();
+    let msgs = c
+        .simple_query_raw("SELECT * FROM tasks")
+        .await
+        .expect("simple scatter read");
+    pin_mut!(msgs);
+    let mut rows = 0i64;
+    while let Some(m) = msgs.try_next().await.expect("message") {
+        if let SimpleQueryMessage::Row(_) = m {
+            rows += 1;
+            if rows % 5_000 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+    let growth_mib = status_kb("VmHWM:").saturating_sub(base) / 1024;
+    eprintln!(
+        "simple protocol: {rows} rows in {:?}, growth {growth_mib} MiB",
+        started.elapsed()
+    );
+    assert_eq!(rows, total);
+    assert!(growth_mib < 64, "simple protocol grew by {growth_mib} MiB");
     // An ordered scatter read streams too (k-way merge, one row per shard held).
     std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
     let base = status_kb("VmRSS:");
@@ -349,6 +374,18 @@ async fn multi_shard_portals_honour_execute_row_limits() {
         tx.simple_query("SELECT 1").await.expect("after the portal");
         tx.commit().await.expect("commit");
     }
+    // DISTINCT across shards cannot be fetched in parts (rows read may all be repeats):
+    // the first Execute streams every row and completes.
+    let tx = c.transaction().await.expect("begin");
+    let stmt = tx
+        .prepare("SELECT DISTINCT creator_id FROM tasks ORDER BY creator_id")
+        .await
+        .expect("prepare");
+    let portal = tx.bind(&stmt, &[]).await.expect("bind");
+    let all = tx.query_portal(&portal, 2).await.expect("execute");
+    assert_eq!(all.len(), 7);
+    assert!(tx.query_portal(&portal, 2).await.expect("again").is_empty());
+    tx.commit().await.expect("commit");
     // The first Execute of an unordered scatter read returns exactly max_rows rows.
     let tx = c.transaction().await.expect("begin");
     let stmt = tx.prepare("SELECT id FROM tasks").await.expect("prepare");

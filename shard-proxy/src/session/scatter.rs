@@ -120,6 +120,13 @@ impl Cursor {
         }
     }
 
+    /// Whether an Execute's row limit can be honoured: not with DISTINCT (or UNION), where
+    /// rows read may all be repeats, so no fetch size guarantees a row — such a portal is
+    /// streamed whole by its first Execute instead (memory still bounded, the limit not).
+    pub fn honours_row_limit(&self) -> bool {
+        !self.merge.as_ref().is_some_and(|m| m.distinct)
+    }
+
     /// The shards (topology indexes), in merge order.
     pub fn shards(&self) -> impl Iterator<Item = usize> + '_ {
         self.feeds.iter().map(|f| f.shard)

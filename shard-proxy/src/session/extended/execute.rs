@@ -95,12 +95,15 @@ impl Session {
             ));
             return Ok(true);
         }
-        let max_rows = u32::try_from(max_rows).unwrap_or(0);
-        let fetches = self
+        let cursor = self
             .cursors
             .entry(portal.to_owned())
-            .or_insert_with(|| Cursor::new(targets, merge.clone()))
-            .fetches(max_rows);
+            .or_insert_with(|| Cursor::new(targets, merge.clone()));
+        let max_rows = match u32::try_from(max_rows) {
+            Ok(n) if cursor.honours_row_limit() => n,
+            _ => 0,
+        };
+        let fetches = cursor.fetches(max_rows);
         for f in &fetches {
             let Some(&shard) = targets.get(f.pos) else {
                 continue;
