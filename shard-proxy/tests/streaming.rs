@@ -463,4 +463,39 @@ async fn after_an_early_limit_the_pooled_connections_are_clean() {
         .expect("usable after the error")
         .get(0);
     assert_eq!(n, 60_000);
+    // The same in the extended protocol, and inside a transaction (which the error fails).
+    let err = c
+        .query("SELECT id, 1 / (id - 40000) FROM tasks ORDER BY id", &[])
+        .await
+        .expect_err("division by zero on one shard");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("22012"));
+    c.simple_query("BEGIN").await.expect("begin");
+    let err = c
+        .query("SELECT id, 1 / (id - 20001) FROM tasks", &[])
+        .await
+        .expect_err("division by zero on one shard");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("22012"));
+    let aborted = c
+        .query("SELECT 1", &[])
+        .await
+        .expect_err("the transaction failed");
+    assert_eq!(
+        aborted.as_db_error().map(|d| d.code().code()),
+        Some("25P02")
+    );
+    c.simple_query("ROLLBACK").await.expect("rollback");
+    for _ in 0..3 {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM tasks", &[])
+            .await
+            .expect("usable after the errors")
+            .get(0);
+        assert_eq!(n, 60_000);
+        let n: i64 = other
+            .query_one("SELECT count(*) FROM tasks", &[])
+            .await
+            .expect("others unaffected")
+            .get(0);
+        assert_eq!(n, 60_000);
+    }
 }

@@ -244,7 +244,16 @@ impl Session {
                 self.cursors.insert(portal.to_owned(), cursor);
                 Ok(true)
             }
-            Ok(false) => Ok(false),
+            Ok(false) => {
+                // The statement failed mid-stream: the shards still sending rows are closed
+                // rather than read to their end (a whole table, perhaps) or pooled.
+                for shard in cursor.open_shards() {
+                    if let Some(w) = works.remove(&shard) {
+                        self.discard_quietly(w);
+                    }
+                }
+                Ok(false)
+            }
             Err(ScatterError::Backend(shard, e)) => Err((shard, RelayError::Backend(e))),
             Err(ScatterError::Client(e)) => Err((0, RelayError::Client(e))),
         }
@@ -252,7 +261,8 @@ impl Session {
 
     /// Streams up to `max_rows` rows (0 = all), reads the rest of the shards' answers
     /// (kept when the portal is suspended), and ends with PortalSuspended, CommandComplete
-    /// or the first error. Returns false when an error was relayed.
+    /// or the first error. Returns false when an error was relayed (the shards' answers
+    /// are then left unread).
     async fn stream_portal(
         &mut self,
         works: &mut BTreeMap<usize, Work>,
@@ -260,8 +270,6 @@ impl Session {
         max_rows: u32,
     ) -> Result<bool, ScatterError> {
         let pumped = self.pump(works, cursor, u64::from(max_rows), false).await?;
-        let keep = matches!(pumped, Pumped::Suspended);
-        let late = self.settle(works, cursor, keep).await?;
         let end = match pumped {
             Pumped::Suspended => None,
             Pumped::Complete(n) => Some(format!("SELECT {n}")),
@@ -281,6 +289,7 @@ impl Session {
                 return Ok(false);
             }
         };
+        let late = self.settle(works, cursor, end.is_none()).await?;
         if let Some(e) = late {
             self.client.out.extend_from_slice(&e);
             return Ok(false);
