@@ -499,3 +499,227 @@ async fn after_an_early_limit_the_pooled_connections_are_clean() {
         assert_eq!(n, 60_000);
     }
 }
+
+mod raw {
+    //! A client over a raw socket, to see the protocol messages themselves.
+
+    use bytes::BytesMut;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    use postgres_protocol::message::backend::Message;
+    use postgres_protocol::message::frontend;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Raw {
+        s: TcpStream,
+        buf: BytesMut,
+    }
+
+    /// What a server message was, for assertions: its tag and, for a DataRow, the first
+    /// value; for an ErrorResponse, its SQLSTATE.
+    pub type Seen = (char, Option<String>);
+
+    impl Raw {
+        /// Logs in with SCRAM and reads up to the first ReadyForQuery.
+        pub async fn login(addr: std::net::SocketAddr) -> Raw {
+            let s = TcpStream::connect(addr).await.expect("connect");
+            let mut r = Raw {
+                s,
+                buf: BytesMut::new(),
+            };
+            let mut out = BytesMut::new();
+            frontend::startup_message([("user", "taskflow"), ("database", "tasks")], &mut out)
+                .expect("startup");
+            r.send(&out).await;
+            let mut scram = ScramSha256::new(
+                super::common::PASSWORD.as_bytes(),
+                ChannelBinding::unsupported(),
+            );
+            loop {
+                let mut out = BytesMut::new();
+                match r.next().await {
+                    Message::AuthenticationSasl(_) => {
+                        frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut out)
+                            .expect("encode")
+                    }
+                    Message::AuthenticationSaslContinue(b) => {
+                        scram.update(b.data()).expect("scram update");
+                        frontend::sasl_response(scram.message(), &mut out).expect("encode");
+                    }
+                    Message::AuthenticationSaslFinal(b) => {
+                        scram.finish(b.data()).expect("server proof")
+                    }
+                    Message::ReadyForQuery(_) => return r,
+                    Message::ErrorResponse(_) => panic!("login refused"),
+                    _ => {}
+                }
+                if !out.is_empty() {
+                    r.send(&out).await;
+                }
+            }
+        }
+
+        pub async fn send(&mut self, bytes: &[u8]) {
+            self.s.write_all(bytes).await.expect("write");
+        }
+
+        async fn next(&mut self) -> Message {
+            loop {
+                if let Some(m) = Message::parse(&mut self.buf).expect("valid server message") {
+                    return m;
+                }
+                let n = self.s.read_buf(&mut self.buf).await.expect("read");
+                assert!(n > 0, "server closed");
+            }
+        }
+
+        /// Reads up to ReadyForQuery: what was seen before it.
+        pub async fn until_ready(&mut self) -> Vec<Seen> {
+            let mut seen = Vec::new();
+            loop {
+                let m = self.next().await;
+                let s = match m {
+                    Message::ReadyForQuery(_) => return seen,
+                    Message::DataRow(body) => {
+                        let mut ranges = body.ranges();
+                        let first = fallible_iterator::FallibleIterator::next(&mut ranges)
+                            .ok()
+                            .flatten()
+                            .flatten()
+                            .and_then(|r| body.buffer().get(r))
+                            .map(|b| String::from_utf8_lossy(b).into_owned());
+                        ('D', first)
+                    }
+                    Message::ErrorResponse(body) => {
+                        let mut code = None;
+                        let mut fields = body.fields();
+                        while let Ok(Some(f)) =
+                            fallible_iterator::FallibleIterator::next(&mut fields)
+                        {
+                            if f.type_() == b'C' {
+                                code = Some(String::from_utf8_lossy(f.value_bytes()).into_owned());
+                            }
+                        }
+                        ('E', code)
+                    }
+                    Message::ParseComplete => ('1', None),
+                    Message::BindComplete => ('2', None),
+                    Message::CloseComplete => ('3', None),
+                    Message::PortalSuspended => ('s', None),
+                    Message::CommandComplete(_) => ('C', None),
+                    Message::RowDescription(_) => ('T', None),
+                    _ => ('?', None),
+                };
+                seen.push(s);
+            }
+        }
+    }
+
+    /// Parse (unnamed) + Bind (unnamed portal, no parameters).
+    pub fn parse_bind(sql: &str, out: &mut BytesMut) {
+        frontend::parse("", sql, std::iter::empty(), out).expect("parse");
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<()>(),
+            |_, _: &mut BytesMut| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty::<i16>(),
+            out,
+        )
+        .map_err(|_| "bind")
+        .expect("bind");
+    }
+
+    pub fn execute(max_rows: i32, out: &mut BytesMut) {
+        frontend::execute("", max_rows, out).expect("execute");
+    }
+
+    pub fn sync(out: &mut BytesMut) {
+        frontend::sync(out);
+    }
+
+    pub fn query(sql: &str, out: &mut BytesMut) {
+        frontend::query(sql, out).expect("query");
+    }
+}
+
+fn ids(seen: &[raw::Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|(t, _)| *t == 'D')
+        .filter_map(|(_, v)| v.clone())
+        .collect()
+}
+
+fn tags(seen: &[raw::Seen]) -> String {
+    seen.iter().map(|(t, _)| *t).filter(|t| *t != 'D').collect()
+}
+
+/// On the wire: Execute(max_rows) of a multi-shard portal answers that many DataRows and
+/// PortalSuspended; the next Execute (in a transaction) continues; Sync outside one ends
+/// the portal; two Executes of one such portal before a Sync are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_suspended_on_the_wire() {
+    let env = Env::start(3).await;
+    seed(&env, 10).await;
+    let mut r = raw::Raw::login(env.addr()).await;
+    let mut out = bytes::BytesMut::new();
+    raw::parse_bind("SELECT id FROM tasks ORDER BY id", &mut out);
+    raw::execute(4, &mut out);
+    raw::sync(&mut out);
+    r.send(&out).await;
+    let seen = r.until_ready().await;
+    assert_eq!(tags(&seen), "12s", "{seen:?}");
+    assert_eq!(ids(&seen), ["1", "2", "3", "4"]);
+    // Outside a transaction, Sync ended the portal.
+    let mut out = bytes::BytesMut::new();
+    raw::execute(4, &mut out);
+    raw::sync(&mut out);
+    r.send(&out).await;
+    let seen = r.until_ready().await;
+    assert_eq!(seen, [('E', Some("34000".to_string()))]);
+    // In a transaction the portal lives on: each Execute continues where the last stopped.
+    let mut out = bytes::BytesMut::new();
+    raw::query("BEGIN", &mut out);
+    r.send(&out).await;
+    r.until_ready().await;
+    let mut out = bytes::BytesMut::new();
+    raw::parse_bind(
+        "SELECT id FROM tasks ORDER BY id DESC LIMIT 12 OFFSET 2",
+        &mut out,
+    );
+    raw::execute(5, &mut out);
+    raw::sync(&mut out);
+    r.send(&out).await;
+    let seen = r.until_ready().await;
+    assert_eq!(tags(&seen), "12s");
+    assert_eq!(ids(&seen), ["28", "27", "26", "25", "24"]);
+    let mut got = Vec::new();
+    for want in ["s", "s", "C"] {
+        let mut out = bytes::BytesMut::new();
+        raw::execute(3, &mut out);
+        raw::sync(&mut out);
+        r.send(&out).await;
+        let seen = r.until_ready().await;
+        assert_eq!(tags(&seen), want, "{seen:?}");
+        got.extend(ids(&seen));
+    }
+    assert_eq!(got, ["23", "22", "21", "20", "19", "18", "17"]);
+    // Two Executes of one multi-shard portal in one batch: refused, clearly.
+    let mut out = bytes::BytesMut::new();
+    raw::parse_bind("SELECT id FROM tasks", &mut out);
+    raw::execute(1, &mut out);
+    raw::execute(1, &mut out);
+    raw::sync(&mut out);
+    r.send(&out).await;
+    let seen = r.until_ready().await;
+    assert_eq!(
+        seen.last(),
+        Some(&('E', Some("0A000".to_string()))),
+        "{seen:?}"
+    );
+    let mut out = bytes::BytesMut::new();
+    raw::query("ROLLBACK", &mut out);
+    r.send(&out).await;
+    r.until_ready().await;
+}
