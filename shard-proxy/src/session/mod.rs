@@ -12,7 +12,9 @@
 //!   on any failure or when the client disappears.
 //!
 //! Submodules: [`exec`] (running statements on one or many backends and relaying or merging
-//! their answers), [`extended`] (Parse/Bind/Describe/Execute/Close/Sync), [`txn`] (commit,
+//! their answers), [`scatter`] (scatter reads streamed through the merge, and the cursor a
+//! multi-shard portal keeps between Executes), [`extended`]
+//! (Parse/Bind/Describe/Execute/Close/Sync), [`txn`] (commit,
 //! rollback, 2PC and in-doubt recovery), [`sqltext`] (the few statements understood
 //! textually).
 

@@ -9,7 +9,10 @@
 //! are injected as `Parse` under their proxy-global name and their answers suppressed.
 //! All backends get their messages and a Sync in one write, then slots are read in client
 //! order, so the client sees exactly the sequence one PostgreSQL would send. Statements
-//! that change transaction state (BEGIN/COMMIT/...) split the batch at that point.
+//! that change transaction state (BEGIN/COMMIT/...) split the batch at that point. An
+//! Execute of a portal that reads several shards is streamed through the portal's cursor
+//! (`session::scatter`), which outlives the batch so that Execute's row limit can suspend
+//! the portal and the next Execute resume it.
 
 mod bind;
 mod describe;
