@@ -1,8 +1,11 @@
 //! Combining the results of a scatter read into what one database would have returned.
 //!
 //! When a `SELECT` on a sharded table has no shard key, the proxy runs it on every shard
-//! (usually a rewritten form, [`MergeSpec::shard_sql`]) and feeds all the rows it gets back
-//! into a [`Merger`]. The merger then does the part of the query that can't be done shard by
+//! (usually a rewritten form, [`MergeSpec::shard_sql`]) and merges the rows it gets back.
+//! Reads go through a [`Stream`] (the `stream` submodule): rows leave as soon as the merge
+//! allows — concatenated, or k-way merged in ORDER BY order holding one row per shard, with
+//! OFFSET/LIMIT counted on the way — and only aggregates gather, one accumulator per group,
+//! in a [`Merger`]. The merger does the part of the query that can't be done shard by
 //! shard:
 //!
 //! 1. **Aggregation** ([`MergeSpec::aggregates`]): partial `count`s are summed, `sum`s added,
@@ -56,6 +59,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use num_bigint::{BigInt, Sign};
 use num_traits::{Signed, ToPrimitive, Zero};
+
+mod stream;
+
+pub use stream::{Step, Stream};
 
 use crate::oid::{
     BOOL, BPCHAR, BYTEA, CHAR, DATE, FLOAT4, FLOAT8, INT2, INT4, INT8, NAME, NUMERIC, OID, TEXT,
@@ -170,6 +177,17 @@ pub enum MergeError {
     /// A merged value is out of its type's range (PostgreSQL's own message).
     #[error("{0} out of range")]
     OutOfRange(&'static str),
+    /// A shard's rows did not come in the ORDER BY order as the proxy compares values, so
+    /// a streaming merge cannot order them (see [`stream`]).
+    #[error(
+        "cross-shard merge: shard #{shard} returned rows out of ORDER BY order as the proxy \
+         compares them (text compares bytewise, as the C collation); sort with COLLATE \"C\" \
+         or add a shard key"
+    )]
+    OutOfOrder {
+        /// Position of the shard in the scatter.
+        shard: usize,
+    },
 }
 
 fn is_int(oid: u32) -> bool {
@@ -986,6 +1004,10 @@ struct Key {
 
 /// Accumulates the rows of every shard and produces the merged result. Feed it every
 /// DataRow of every shard with [`Merger::push`], then call [`Merger::finish`].
+///
+/// Aggregating, it holds one accumulator per group; otherwise it holds the rows (all of
+/// them without a LIMIT), which is why scatter reads use [`Stream`] and only a broadcast
+/// write's RETURNING rows are still merged here.
 #[derive(Debug)]
 pub struct Merger {
     columns: Vec<Column>,

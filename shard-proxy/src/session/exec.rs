@@ -1,14 +1,18 @@
 //! Running statements on backends and turning their answers into the client's answer.
 //!
 //! Why separate: relaying (one backend, bytes forwarded as they arrive, COPY sub-protocol
-//! included) and gathering (several backends, rows merged by [`proxy_core::merge::Merger`],
-//! row counts summed) are the two ways every statement ends, in both protocols.
+//! included), streaming (a scatter read: several backends, rows merged on the fly by
+//! [`proxy_core::merge::Stream`] in [`super::scatter`]) and gathering (a broadcast write:
+//! answers collected, rows merged by [`proxy_core::merge::Merger`], row counts summed) are
+//! the ways every statement ends, in both protocols.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 
+use super::scatter::{self, Cursor, Pumped, ScatterError};
 use super::{ExecError, Session, Txn, Work};
 use crate::backend::BackendError;
 use crate::frontend::io::ClientError;
@@ -18,7 +22,8 @@ use proxy_core::sqltext::SetCommand;
 use proxy_core::wire::frontend::FrontendMessage;
 use proxy_core::wire::{self, sqlstate, RawMsg};
 
-/// What one backend returned for a statement run as part of a scatter/broadcast.
+/// What one backend returned for a statement run as part of a broadcast write (scatter
+/// reads stream instead: [`super::scatter`]).
 #[derive(Debug, Default)]
 pub struct ShardResult {
     pub row_description: Option<Bytes>,
@@ -247,7 +252,7 @@ impl Session {
         }
     }
 
-    /// Collects a backend's full answer to one simple query (scatter/broadcast).
+    /// Collects a backend's full answer to one simple query (broadcast write).
     pub async fn collect(work: &mut Work) -> Result<ShardResult, BackendError> {
         let mut r = ShardResult::default();
         loop {
@@ -334,8 +339,143 @@ impl Session {
         }
         let sqls = per_shard_statements(&plan, &targets, sql);
         self.count_multi(analysis.is_write);
+        if !analysis.is_write {
+            return self.run_scatter_simple(sqls, plan.merge.as_ref()).await;
+        }
         self.run_multi_simple(sqls, plan.merge.as_ref(), analysis.is_write)
             .await
+    }
+
+    /// A scatter read in the simple protocol: every shard runs its SQL and the rows are
+    /// streamed to the client as the merge allows ([`super::scatter`]); the backends are
+    /// then read to ReadyForQuery and go back to their pools (or the transaction).
+    async fn run_scatter_simple(
+        &mut self,
+        sqls: Vec<(usize, String)>,
+        merge: Option<&MergeSpec>,
+    ) -> Result<(), ExecError> {
+        // A scatter read must not interleave with a cross-shard COMMIT PREPARED fan-out.
+        let proxy = self.proxy.clone();
+        let _fence = proxy.commit_fence.read().await;
+        let works = match self.queue_on_all(&sqls).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.fail_txn(false).await;
+                return Err(e);
+            }
+        };
+        let shards: Vec<usize> = sqls.iter().map(|(s, _)| *s).collect();
+        let mut works: BTreeMap<usize, Work> = works.into_iter().map(|w| (w.shard, w)).collect();
+        let mut cursor = Cursor::new(&shards, merge.cloned());
+        cursor.open(None);
+        let started = Instant::now();
+        let result = self.stream_simple(&mut works, &mut cursor).await;
+        let failed = self
+            .end_scatter_simple(works, &cursor, result, started)
+            .await?;
+        if failed {
+            self.fail_txn(false).await;
+        }
+        Ok(())
+    }
+
+    /// Sends the queued queries and streams the merged rows, ending with CommandComplete
+    /// or an ErrorResponse. Returns whether the statement failed.
+    async fn stream_simple(
+        &mut self,
+        works: &mut BTreeMap<usize, Work>,
+        cursor: &mut Cursor,
+    ) -> Result<bool, ScatterError> {
+        for w in works.values_mut() {
+            w.conn
+                .conn()
+                .flush()
+                .await
+                .map_err(|e| ScatterError::Backend(w.shard, e))?;
+        }
+        for w in works.values_mut() {
+            Self::drain_skips(w)
+                .await
+                .map_err(|e| ScatterError::Backend(w.shard, e))?;
+        }
+        let error = match self.pump(works, cursor, 0, true).await? {
+            Pumped::Complete(n) => match self.settle(works, cursor, false).await? {
+                None => {
+                    wire::command_complete(&mut self.client.out, &format!("SELECT {n}"));
+                    return Ok(false);
+                }
+                Some(e) => e,
+            },
+            Pumped::NoRows(tag) => {
+                wire::command_complete(&mut self.client.out, &tag);
+                return Ok(false);
+            }
+            // No row limit in the simple protocol: the shards never suspend.
+            Pumped::Suspended => {
+                wire::command_complete(&mut self.client.out, "SELECT 0");
+                return Ok(false);
+            }
+            Pumped::ShardError(e) => e,
+            Pumped::Merge(e) => {
+                let mut b = BytesMut::new();
+                wire::error(&mut b, "ERROR", sqlstate::INTERNAL_ERROR, &e.to_string());
+                b.freeze()
+            }
+        };
+        self.client.out.extend_from_slice(&error);
+        Ok(true)
+    }
+
+    /// Returns every backend of a streamed scatter read: read to ReadyForQuery and put
+    /// back, or — when its answer was left unread (an error stopped the stream) or its
+    /// connection failed — closed. Returns whether the statement failed.
+    async fn end_scatter_simple(
+        &mut self,
+        mut works: BTreeMap<usize, Work>,
+        cursor: &Cursor,
+        result: Result<bool, ScatterError>,
+        started: Instant,
+    ) -> Result<bool, ExecError> {
+        let (failed, mut error) = match result {
+            Ok(failed) => (failed, None),
+            Err(ScatterError::Client(e)) => {
+                for (_, w) in std::mem::take(&mut works) {
+                    self.discard_quietly(w);
+                }
+                return Err(ExecError::Client(e));
+            }
+            Err(ScatterError::Backend(shard, e)) => (true, Some((shard, e))),
+        };
+        let unread = cursor.open_shards();
+        for (shard, mut w) in works {
+            let broken = error.as_ref().is_some_and(|(s, _)| *s == shard);
+            if broken || unread.contains(&shard) {
+                self.discard_quietly(w);
+                continue;
+            }
+            match scatter::read_to_ready(&mut w).await {
+                Ok(()) => {
+                    let name = w.conn.pool().name.clone();
+                    self.proxy
+                        .metrics
+                        .query(&name, started.elapsed().as_secs_f64());
+                    self.put_back(w, false);
+                }
+                Err(e) => {
+                    self.discard_quietly(w);
+                    error.get_or_insert((shard, e));
+                }
+            }
+        }
+        if let Some((shard, e)) = error {
+            let shard = self.shard_name(shard);
+            self.proxy.metrics.error(&shard, "backend");
+            return Err(ExecError::Unavailable {
+                shard,
+                message: e.to_string(),
+            });
+        }
+        Ok(failed)
     }
 
     /// Counts a statement that runs on several shards, in `SHOW STATS` and the metrics.
@@ -349,7 +489,8 @@ impl Session {
         self.proxy.metrics.route(route);
     }
 
-    /// Runs per-shard SQL on several backends and writes one merged answer.
+    /// Runs a write's per-shard SQL on several backends (broadcast, split INSERT) and
+    /// writes one merged answer; its RETURNING rows are gathered, not streamed.
     pub async fn run_multi_simple(
         &mut self,
         sqls: Vec<(usize, String)>,

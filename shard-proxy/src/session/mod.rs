@@ -12,13 +12,16 @@
 //!   on any failure or when the client disappears.
 //!
 //! Submodules: [`exec`] (running statements on one or many backends and relaying or merging
-//! their answers), [`extended`] (Parse/Bind/Describe/Execute/Close/Sync), [`txn`] (commit,
+//! their answers), [`scatter`] (scatter reads streamed through the merge, and the cursor a
+//! multi-shard portal keeps between Executes), [`extended`]
+//! (Parse/Bind/Describe/Execute/Close/Sync), [`txn`] (commit,
 //! rollback, 2PC and in-doubt recovery), [`sqltext`] (the few statements understood
 //! textually).
 
 pub mod copy;
 pub mod exec;
 pub mod extended;
+pub mod scatter;
 mod simple;
 
 pub mod txn;
@@ -174,6 +177,9 @@ pub struct Session {
     pub stmts: HashMap<String, Arc<Stmt>>,
     pub sql_prepared: HashMap<String, sqltext::SqlPrepare>,
     pub portals: HashMap<String, extended::Portal>,
+    /// Multi-shard portals being read: their shards' suspended portals and merge state,
+    /// kept between Executes (see [`scatter`]).
+    pub cursors: HashMap<String, scatter::Cursor>,
     pub txn: Option<Txn>,
     pub cancel_slot: CancelSlot,
     pub pending: Vec<proxy_core::wire::frontend::Frame>,
@@ -218,6 +224,7 @@ pub async fn run(
         stmts: HashMap::new(),
         sql_prepared: HashMap::new(),
         portals: HashMap::new(),
+        cursors: HashMap::new(),
         txn: None,
         cancel_slot,
         pending: Vec::new(),

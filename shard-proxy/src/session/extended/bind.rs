@@ -79,6 +79,8 @@ impl Session {
                 self.bind_multi(plan, targets, &bound).await?;
             }
         }
+        // A new Bind replaces the portal: a scatter read of the old one is forgotten.
+        self.cursors.remove(&b.portal);
         self.portals
             .insert(b.portal.clone(), Portal { stmt, route });
         Ok(false)

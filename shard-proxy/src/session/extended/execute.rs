@@ -3,17 +3,20 @@
 use postgres_protocol::message::frontend;
 use proxy_core::wire::sqlstate;
 
-use super::{local_error, Expect, Plan, PortalRoute, Slot};
+use super::{local_error, Expect, Plan, Portal, PortalRoute, Slot};
 use crate::session::exec::mark_session_state;
+use crate::session::scatter::Cursor;
 use crate::session::{ExecError, Session};
 
 impl Session {
-    /// Execute of a bound portal: relayed to its shard, or run on every target shard with
-    /// the rows merged. True: stop planning.
+    /// Execute of a bound portal: relayed to its shard, streamed from every target shard
+    /// (a read), or run on every target with the answers gathered (a write). True: stop
+    /// planning.
     pub(super) async fn plan_execute(
         &mut self,
         plan: &mut Plan,
         portal: &str,
+        max_rows: i32,
         raw: &[u8],
     ) -> Result<bool, ExecError> {
         let Some(p) = self.portals.get(portal).cloned() else {
@@ -39,9 +42,12 @@ impl Session {
                 self.proxy.metrics.route("one");
             }
             PortalRoute::Multi {
+                is_write: false, ..
+            } => return self.plan_scatter_read(plan, portal, &p, max_rows).await,
+            PortalRoute::Multi {
                 targets,
                 merge,
-                is_write,
+                is_write: true,
                 ..
             } => {
                 for &t in targets {
@@ -51,19 +57,73 @@ impl Session {
                     frontend::describe(b'P', portal, &mut c.wbuf)
                         .and_then(|()| frontend::execute(portal, 0, &mut c.wbuf))
                         .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
-                    if *is_write {
-                        plan.wrote.insert(t);
-                    }
+                    plan.wrote.insert(t);
                 }
-                self.proxy
-                    .metrics
-                    .route(if *is_write { "broadcast" } else { "scatter" });
+                self.proxy.metrics.route("broadcast");
                 plan.slots.push(Slot::ExecuteMulti {
                     shards: targets.clone(),
                     merge: merge.clone(),
                 });
             }
         }
+        Ok(false)
+    }
+
+    /// Execute of a multi-shard read portal: each shard that can still contribute is asked
+    /// for the rows this Execute may need (its portal described on the first Execute);
+    /// the portal's cursor, kept between Executes, merges them.
+    async fn plan_scatter_read(
+        &mut self,
+        plan: &mut Plan,
+        portal: &str,
+        p: &Portal,
+        max_rows: i32,
+    ) -> Result<bool, ExecError> {
+        let PortalRoute::Multi { targets, merge, .. } = &p.route else {
+            return Ok(false);
+        };
+        let again = plan
+            .slots
+            .iter()
+            .any(|s| matches!(s, Slot::ScatterRead { portal: q, .. } if q == portal));
+        if again {
+            // The second fetch would depend on what the first one read, which is only known
+            // after this batch ran.
+            plan.slots.push(local_error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a portal that reads several shards can be executed once per Sync; send Sync between Executes",
+            ));
+            return Ok(true);
+        }
+        let cursor = self
+            .cursors
+            .entry(portal.to_owned())
+            .or_insert_with(|| Cursor::new(targets, merge.clone()));
+        let max_rows = match u32::try_from(max_rows) {
+            Ok(n) if cursor.honours_row_limit() => n,
+            _ => 0,
+        };
+        let fetches = cursor.fetches(max_rows);
+        for f in &fetches {
+            let Some(&shard) = targets.get(f.pos) else {
+                continue;
+            };
+            let w = self.work(plan, shard).await?;
+            let c = w.conn.conn();
+            if f.describe {
+                mark_session_state(c, &p.stmt.sql);
+                frontend::describe(b'P', portal, &mut c.wbuf)
+                    .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
+            }
+            frontend::execute(portal, f.rows, &mut c.wbuf)
+                .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
+        }
+        self.proxy.metrics.route("scatter");
+        plan.slots.push(Slot::ScatterRead {
+            portal: portal.to_owned(),
+            fetches,
+            max_rows,
+        });
         Ok(false)
     }
 }

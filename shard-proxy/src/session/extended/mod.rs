@@ -9,7 +9,10 @@
 //! are injected as `Parse` under their proxy-global name and their answers suppressed.
 //! All backends get their messages and a Sync in one write, then slots are read in client
 //! order, so the client sees exactly the sequence one PostgreSQL would send. Statements
-//! that change transaction state (BEGIN/COMMIT/...) split the batch at that point.
+//! that change transaction state (BEGIN/COMMIT/...) split the batch at that point. An
+//! Execute of a portal that reads several shards is streamed through the portal's cursor
+//! (`session::scatter`), which outlives the batch so that Execute's row limit can suspend
+//! the portal and the next Execute resume it.
 
 mod bind;
 mod describe;
@@ -86,10 +89,17 @@ enum Slot {
     },
     /// Describe of a multi-shard portal: first shard's answer, hidden columns cut.
     DescribeMulti { shard: usize, visible_cut: usize },
-    /// Execute of a multi-shard portal: rows merged.
+    /// Execute of a multi-shard write portal (broadcast, split INSERT): answers gathered.
     ExecuteMulti {
         shards: Vec<usize>,
         merge: Option<MergeSpec>,
+    },
+    /// Execute of a multi-shard read portal: rows streamed through the portal's cursor,
+    /// at most `max_rows` (0 = all), then PortalSuspended.
+    ScatterRead {
+        portal: String,
+        fetches: Vec<super::scatter::Fetch>,
+        max_rows: u32,
     },
 }
 
@@ -177,6 +187,7 @@ impl Session {
         self.skip_until_sync = false;
         if self.txn.as_ref().is_none_or(|t| !t.explicit) {
             self.portals.clear();
+            self.cursors.clear();
         }
         self.clear_cancel_slot();
         Ok(())
@@ -318,14 +329,15 @@ impl Session {
             FrontendMessage::Describe { name, .. } => {
                 self.plan_describe_portal(plan, name, &frame.raw).await
             }
-            FrontendMessage::Execute { portal, .. } => {
-                self.plan_execute(plan, portal, &frame.raw).await
+            FrontendMessage::Execute { portal, max_rows } => {
+                self.plan_execute(plan, portal, *max_rows, &frame.raw).await
             }
             FrontendMessage::Close { kind, name } => {
                 if *kind == b'S' {
                     self.stmts.remove(name);
                 } else {
                     self.portals.remove(name);
+                    self.cursors.remove(name);
                 }
                 plan.slots.push(local(wire::close_complete));
                 Ok(false)

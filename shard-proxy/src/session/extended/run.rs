@@ -15,6 +15,7 @@ use super::encode::strip_row_description;
 use super::{Expect, Plan, Slot};
 use crate::backend::BackendError;
 use crate::session::exec::{emit_merged, RelayError, ShardResult};
+use crate::session::scatter::{self, Cursor, Fetch, Pumped, ScatterError};
 use crate::session::{ExecError, Session, Work};
 
 /// The first backend that failed, and why.
@@ -42,7 +43,7 @@ impl Session {
         let started = Instant::now();
         // A scatter read must not interleave with a cross-shard COMMIT PREPARED fan-out.
         let scatter_read =
-            wrote.is_empty() && slots.iter().any(|s| matches!(s, Slot::ExecuteMulti { .. }));
+            wrote.is_empty() && slots.iter().any(|s| matches!(s, Slot::ScatterRead { .. }));
         let proxy = self.proxy.clone();
         let fence = if scatter_read {
             Some(proxy.commit_fence.read().await)
@@ -211,7 +212,93 @@ impl Session {
             Slot::ExecuteMulti { shards, merge } => {
                 self.read_execute_multi(works, shards, merge.as_ref()).await
             }
+            Slot::ScatterRead {
+                portal,
+                fetches,
+                max_rows,
+            } => self.read_scatter(works, &portal, &fetches, max_rows).await,
         }
+    }
+
+    /// A multi-shard read portal's Execute: rows streamed through the portal's cursor,
+    /// which stays for the next Execute unless this one failed.
+    async fn read_scatter(
+        &mut self,
+        works: &mut BTreeMap<usize, Work>,
+        portal: &str,
+        fetches: &[Fetch],
+        max_rows: u32,
+    ) -> Result<bool, (usize, RelayError)> {
+        let Some(mut cursor) = self.cursors.remove(portal) else {
+            wire::error(
+                &mut self.client.out,
+                "ERROR",
+                sqlstate::INTERNAL_ERROR,
+                "the state of a multi-shard portal was lost",
+            );
+            return Ok(false);
+        };
+        cursor.open(Some(fetches));
+        match self.stream_portal(works, &mut cursor, max_rows).await {
+            Ok(true) => {
+                self.cursors.insert(portal.to_owned(), cursor);
+                Ok(true)
+            }
+            Ok(false) => {
+                // The statement failed mid-stream: the shards still sending rows are closed
+                // rather than read to their end (a whole table, perhaps) or pooled.
+                for shard in cursor.open_shards() {
+                    if let Some(w) = works.remove(&shard) {
+                        self.discard_quietly(w);
+                    }
+                }
+                Ok(false)
+            }
+            Err(ScatterError::Backend(shard, e)) => Err((shard, RelayError::Backend(e))),
+            Err(ScatterError::Client(e)) => Err((0, RelayError::Client(e))),
+        }
+    }
+
+    /// Streams up to `max_rows` rows (0 = all), reads the rest of the shards' answers
+    /// (kept when the portal is suspended), and ends with PortalSuspended, CommandComplete
+    /// or the first error. Returns false when an error was relayed (the shards' answers
+    /// are then left unread).
+    async fn stream_portal(
+        &mut self,
+        works: &mut BTreeMap<usize, Work>,
+        cursor: &mut Cursor,
+        max_rows: u32,
+    ) -> Result<bool, ScatterError> {
+        let pumped = self.pump(works, cursor, u64::from(max_rows), false).await?;
+        let end = match pumped {
+            Pumped::Suspended => None,
+            Pumped::Complete(n) => Some(format!("SELECT {n}")),
+            Pumped::NoRows(tag) => Some(tag),
+            Pumped::ShardError(e) => {
+                self.client.out.extend_from_slice(&e);
+                return Ok(false);
+            }
+            Pumped::Merge(e) => {
+                let message = e.to_string();
+                wire::error(
+                    &mut self.client.out,
+                    "ERROR",
+                    sqlstate::INTERNAL_ERROR,
+                    &message,
+                );
+                return Ok(false);
+            }
+        };
+        let late = self.settle(works, cursor, end.is_none()).await?;
+        if let Some(e) = late {
+            self.client.out.extend_from_slice(&e);
+            return Ok(false);
+        }
+        match end {
+            None => scatter::portal_suspended(&mut self.client.out),
+            Some(tag) => wire::command_complete(&mut self.client.out, &tag),
+        }
+        Ok(true)
     }
 
     /// The first shard's description of a multi-shard portal, without the columns the
