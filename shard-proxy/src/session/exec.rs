@@ -60,7 +60,16 @@ impl From<std::io::Error> for RelayError {
 /// Records on `conn` any session state `sql` may leave that cannot be replayed elsewhere,
 /// so the connection is closed rather than pooled once this client is done with it.
 pub(super) fn mark_session_state(conn: &mut crate::backend::BackendConn, sql: &str) {
-    if let Some(what) = proxy_core::sqltext::session_state(sql) {
+    mark_known_session_state(conn, proxy_core::sqltext::session_state(sql));
+}
+
+/// [`mark_session_state`] for a statement whose state was found already (a prepared
+/// statement's, at Parse).
+pub(super) fn mark_known_session_state(
+    conn: &mut crate::backend::BackendConn,
+    what: Option<&'static str>,
+) {
+    if let Some(what) = what {
         conn.session_state.get_or_insert(what);
     }
 }

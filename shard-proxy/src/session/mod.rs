@@ -56,6 +56,9 @@ pub struct Stmt {
     pub described: Mutex<Option<Vec<u32>>>,
     /// Router analysis (sharded database only).
     pub analysis: Option<Arc<Analysis>>,
+    /// Session state this statement leaves on a server connection that cannot be replayed
+    /// (`sqltext::session_state`), found once at Parse rather than on every Execute.
+    pub session_state: Option<&'static str>,
 }
 
 impl Stmt {

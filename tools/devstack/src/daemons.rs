@@ -92,19 +92,7 @@ impl DaemonProcess {
             layout.status_dir().join(format!("{name}.pid")),
             format!("{}\n", child.id()),
         );
-        let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
-        let status_task = tokio::spawn(async move {
-            loop {
-                let Ok(msg) = socket.recv().await else { break };
-                for line in msg.lines() {
-                    if let Some(status) = line.strip_prefix("STATUS=") {
-                        let _ = std::fs::write(&status_file, format!("{status}\n"));
-                    } else if line == "READY=1" {
-                        let _ = ready_tx.send(true);
-                    }
-                }
-            }
-        });
+        let (mut ready_rx, status_task) = follow_notifications(socket, status_file);
 
         let deadline = Instant::now() + timeout;
         loop {
@@ -174,6 +162,31 @@ impl DaemonProcess {
         let _ = self.child.wait();
         self.status_task.abort();
     }
+}
+
+/// Reads the daemon's notify socket: `STATUS=` lines go to its status file (for `make
+/// status`), `READY=1` flips the returned flag.
+fn follow_notifications(
+    socket: NotifySocket,
+    status_file: PathBuf,
+) -> (
+    tokio::sync::watch::Receiver<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok(msg) = socket.recv().await else { break };
+            for line in msg.lines() {
+                if let Some(status) = line.strip_prefix("STATUS=") {
+                    let _ = std::fs::write(&status_file, format!("{status}\n"));
+                } else if line == "READY=1" {
+                    let _ = ready_tx.send(true);
+                }
+            }
+        }
+    });
+    (ready_rx, task)
 }
 
 impl Drop for DaemonProcess {

@@ -4,7 +4,7 @@ use postgres_protocol::message::frontend;
 use proxy_core::wire::sqlstate;
 
 use super::{local_error, Expect, Plan, Portal, PortalRoute, Slot};
-use crate::session::exec::mark_session_state;
+use crate::session::exec::mark_known_session_state;
 use crate::session::scatter::Cursor;
 use crate::session::{ExecError, Session};
 
@@ -30,7 +30,7 @@ impl Session {
             PortalRoute::Special => {}
             PortalRoute::One(shard) => {
                 let w = self.work(plan, *shard).await?;
-                mark_session_state(w.conn.conn(), &p.stmt.sql);
+                mark_known_session_state(w.conn.conn(), p.stmt.session_state);
                 w.conn.conn().wbuf.extend_from_slice(raw);
                 if p.stmt.analysis.as_ref().is_some_and(|a| a.is_write) {
                     plan.wrote.insert(*shard);
@@ -53,7 +53,7 @@ impl Session {
                 for &t in targets {
                     let w = self.work(plan, t).await?;
                     let c = w.conn.conn();
-                    mark_session_state(c, &p.stmt.sql);
+                    mark_known_session_state(c, p.stmt.session_state);
                     frontend::describe(b'P', portal, &mut c.wbuf)
                         .and_then(|()| frontend::execute(portal, 0, &mut c.wbuf))
                         .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
@@ -111,7 +111,7 @@ impl Session {
             let w = self.work(plan, shard).await?;
             let c = w.conn.conn();
             if f.describe {
-                mark_session_state(c, &p.stmt.sql);
+                mark_known_session_state(c, p.stmt.session_state);
                 frontend::describe(b'P', portal, &mut c.wbuf)
                     .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
             }

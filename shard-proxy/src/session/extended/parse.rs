@@ -35,6 +35,7 @@ impl Session {
             types: param_types.to_vec(),
             described: std::sync::Mutex::new(None),
             analysis,
+            session_state: proxy_core::sqltext::session_state(query),
         });
         self.stmts.insert(name.to_owned(), stmt.clone());
         if stmt.analysis.as_ref().is_some_and(|a| is_special(&a.kind)) {
