@@ -19,7 +19,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::backend::Pool;
-use crate::config::{resolve, BackendTarget, ProxyConfig, SetupError, User};
+use crate::config::{resolve, BackendTarget, FenceScope, ProxyConfig, SetupError, User};
+use crate::meta::{Fence, Meta};
 use crate::metrics::Metrics;
 use crate::scram::{random_bytes, Verifier};
 use proxy_core::ring::Ring;
@@ -102,9 +103,11 @@ pub struct Proxy {
     /// Makes a cross-shard commit atomic to scatter readers: the `COMMIT PREPARED` fan-out
     /// holds it exclusively, a scatter read holds it shared. Without it a read running
     /// between two shards' `COMMIT PREPARED` sees a row moved between shards on neither
-    /// (or on both). Per process, and bounded (see `session::txn`): several proxies in
-    /// front of the same shards are not fenced against each other.
-    pub commit_fence: tokio::sync::RwLock<()>,
+    /// (or on both). Spans every proxy with `metadata.fence = "cluster"` (see
+    /// [`crate::meta::fence`]); bounded.
+    pub commit_fence: Fence,
+    /// The proxies' shared metadata (2PC decisions, registry) on the auth cluster.
+    pub meta: Arc<Meta>,
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +127,12 @@ impl Proxy {
         config_path: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Proxy>, SetupError> {
+        let password = resolve(&config)?.backend_password;
+        let meta = Arc::new(Meta::new(&config, password.as_deref())?);
+        let commit_fence = Fence::new(
+            (config.metadata.fence == FenceScope::Cluster).then(|| meta.pool.clone()),
+            std::time::Duration::from_millis(config.metadata.fence_wait_ms),
+        );
         let snapshot = build_snapshot(config, None)?;
         let mock_key = random_bytes::<32>().map_err(|e| SetupError::Load(e.to_string()))?;
         let (paused, _) = watch::channel(false);
@@ -141,7 +150,8 @@ impl Proxy {
             paused,
             started: Instant::now(),
             stats: ProxyStats::default(),
-            commit_fence: tokio::sync::RwLock::new(()),
+            commit_fence,
+            meta,
         }))
     }
 

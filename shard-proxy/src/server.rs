@@ -36,6 +36,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Meta(#[from] crate::meta::MetaError),
     #[error("listen {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -63,7 +65,14 @@ impl Running {
         {
             tracing::warn!("shutdown grace elapsed with clients still connected");
         }
-        for p in self.proxy.topology().all_pools() {
+        if let Err(e) = crate::meta::registry::deregister(&self.proxy.meta).await {
+            tracing::warn!(error = %e, "cannot remove this proxy from the registry");
+        }
+        let topo = self.proxy.topology();
+        for p in topo
+            .all_pools()
+            .chain(std::iter::once(&self.proxy.meta.pool))
+        {
             for c in p.drain_idle() {
                 c.terminate().await;
             }
@@ -81,13 +90,17 @@ pub async fn start(
     let (metrics, registry) = Metrics::new();
     let listen = config.listen;
     let state_dir = config.state_dir.clone();
-    std::fs::create_dir_all(crate::session::txn::decisions_dir(&state_dir)).map_err(|source| {
-        ServerError::StateDir {
-            path: state_dir.clone(),
-            source,
-        }
+    std::fs::create_dir_all(&state_dir).map_err(|source| ServerError::StateDir {
+        path: state_dir.clone(),
+        source,
     })?;
     let proxy = Proxy::new(config, config_path, Arc::new(metrics))?;
+    let applied = crate::meta::schema::migrate(&proxy.meta).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "metadata schema taskflow_meta migrated");
+    }
+    crate::meta::registry::register(&proxy.meta).await?;
+    tracing::info!(instance = %proxy.meta.instance, "registered in taskflow_meta.proxies");
     let resolved = crate::session::txn::resolve_in_doubt(&proxy, true).await;
     if resolved > 0 {
         tracing::info!(
@@ -115,6 +128,7 @@ pub async fn start(
         tracker.clone(),
     ));
     tokio::spawn(maintenance(proxy.clone(), shutdown.clone()));
+    tokio::spawn(heartbeats(proxy.clone(), shutdown.clone()));
     tracing::info!(%addr, "shard proxy listening");
     Ok((
         Running {
@@ -233,6 +247,21 @@ async fn maintenance(proxy: Arc<Proxy>, shutdown: CancellationToken) {
         }
         if n.is_multiple_of(6) {
             crate::session::txn::resolve_in_doubt(&proxy, false).await;
+        }
+    }
+}
+
+/// Every `metadata.heartbeat_secs`: tells the other proxies this one is alive.
+async fn heartbeats(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let every = Duration::from_secs(proxy.meta.settings.heartbeat_secs);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = crate::meta::registry::heartbeat(&proxy.meta).await {
+            tracing::warn!(error = %e, "heartbeat not recorded");
         }
     }
 }

@@ -1,48 +1,83 @@
-//! Recovery of in-doubt prepared transactions: commit those with a recorded decision,
-//! roll back the others (at start-up all of them; later only those prepared over a minute
-//! ago, so a commit in flight is never touched).
+//! Recovery of in-doubt prepared transactions, by any proxy over the same shards.
+//!
+//! For each prepared `taskflow_*` transaction on a shard: a `commit` decision in
+//! `taskflow_meta.decisions` → `COMMIT PREPARED`; an `abort` decision → `ROLLBACK
+//! PREPARED`; no decision → presume it abandoned (record `abort`, which loses to a
+//! concurrent `commit` by the owner, then apply whichever outcome stands) only when its
+//! owner is gone: another proxy whose heartbeat expired, or this proxy itself restarted
+//! (at start-up any of its own; later only those prepared over a minute ago, so a commit
+//! in flight is never touched). A live owner's transactions are left alone. Without the
+//! metadata database nothing is resolved (nothing can be decided safely).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use super::decision_log;
+use super::gid;
 use crate::backend::{BackendConn, Pool};
+use crate::meta::decisions::{self, Outcome};
+use crate::meta::registry;
 use crate::proxy::Proxy;
 
 /// Lists our prepared transactions in a shard's database: (gid, older than a minute).
 const LIST_PREPARED: &str = "SELECT gid, (now() - prepared) > interval '60 seconds' \
     FROM pg_prepared_xacts WHERE gid LIKE 'taskflow\\_%' AND database = current_database()";
 
+/// What recovery does with one prepared transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Commit,
+    Rollback,
+    PresumeAbort,
+    Leave,
+}
+
+/// What one pass knows: decisions (read before any shard was listed) and live proxies.
+struct Pass<'a> {
+    proxy: &'a Proxy,
+    decided: HashMap<String, Outcome>,
+    live: HashSet<String>,
+    startup: bool,
+}
+
 /// Resolves our prepared transactions on every reachable shard. Returns how many were
 /// resolved.
 pub async fn resolve_in_doubt(proxy: &Proxy, startup: bool) -> usize {
-    let decided = decision_log::decided(&proxy.state_dir);
+    let meta = &proxy.meta;
+    let known = async {
+        Ok::<_, crate::meta::MetaError>((decisions::all(meta).await?, registry::live(meta).await?))
+    };
+    let (decided, live) = match known.await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "2PC recovery skipped: the metadata database is unavailable");
+            return 0;
+        }
+    };
+    let pass = Pass {
+        proxy,
+        decided,
+        live,
+        startup,
+    };
     let topo = proxy.topology();
     let mut seen = HashSet::new();
     let mut all_reachable = true;
     let mut resolved = 0;
     for pool in &topo.shards {
-        match resolve_on(proxy, pool, &decided, startup, &mut seen).await {
+        match resolve_on(&pass, pool, &mut seen).await {
             Some(n) => resolved += n,
             None => all_reachable = false,
         }
     }
     if all_reachable {
-        // A decision no shard still has prepared is finished everywhere.
-        for id in decided.difference(&seen) {
-            decision_log::forget(&proxy.state_dir, id);
+        if let Err(e) = decisions::prune(meta, &pass.decided, &seen).await {
+            tracing::debug!(error = %e, "cannot prune finished 2PC decisions yet");
         }
     }
     resolved
 }
 
 /// Resolves one shard; `None` when it cannot be reached or listed.
-async fn resolve_on(
-    proxy: &Proxy,
-    pool: &Pool,
-    decided: &HashSet<String>,
-    startup: bool,
-    seen: &mut HashSet<String>,
-) -> Option<usize> {
+async fn resolve_on(pass: &Pass<'_>, pool: &Pool, seen: &mut HashSet<String>) -> Option<usize> {
     let mut conn = pool.connect().await.ok()?;
     let rows = match conn.simple_query(LIST_PREPARED).await {
         Ok(r) => r.rows,
@@ -53,26 +88,65 @@ async fn resolve_on(
     };
     let mut resolved = 0;
     for row in rows {
-        let (Some(Some(gid)), old) = (row.first().cloned(), row.get(1).cloned().flatten()) else {
+        let (Some(Some(g)), old) = (row.first().cloned(), row.get(1).cloned().flatten()) else {
             continue;
         };
-        let Some(id) = decision_log::gid_id(&gid).map(str::to_owned) else {
+        let Some(parsed) = gid::parse(&g) else {
             continue;
         };
-        seen.insert(id.clone());
-        let action = if decided.contains(&id) {
-            "COMMIT"
-        } else if startup || old.as_deref() == Some("t") {
-            "ROLLBACK"
-        } else {
-            continue;
+        seen.insert(parsed.id.to_owned());
+        let old = old.as_deref() == Some("t");
+        let mut action = choose(pass, parsed, old);
+        if action == Action::PresumeAbort {
+            let owner = parsed.owner.unwrap_or(&pass.proxy.meta.instance);
+            action = match decisions::presume_abort(&pass.proxy.meta, parsed.id, owner).await {
+                Ok(Outcome::Commit) => Action::Commit,
+                Ok(Outcome::Abort) => Action::Rollback,
+                Err(e) => {
+                    tracing::warn!(gid = %g, error = %e, "cannot record an abort decision");
+                    Action::Leave
+                }
+            };
+        }
+        let sql = match action {
+            Action::Commit => "COMMIT",
+            Action::Rollback => "ROLLBACK",
+            Action::PresumeAbort | Action::Leave => continue,
         };
-        if finish(proxy, &mut conn, &pool.name, &gid, action).await {
+        if finish(pass.proxy, &mut conn, &pool.name, &g, sql).await {
             resolved += 1;
         }
     }
     conn.terminate().await;
     Some(resolved)
+}
+
+/// The action for one prepared transaction (see the module documentation).
+fn choose(pass: &Pass<'_>, parsed: gid::Parsed<'_>, old: bool) -> Action {
+    decide(
+        pass.decided.get(parsed.id).copied(),
+        parsed.owner,
+        &pass.proxy.meta.instance,
+        &pass.live,
+        pass.startup || old,
+    )
+}
+
+fn decide(
+    decided: Option<Outcome>,
+    owner: Option<&str>,
+    me: &str,
+    live: &HashSet<String>,
+    own_abandoned: bool,
+) -> Action {
+    match (decided, owner) {
+        (Some(Outcome::Commit), _) => Action::Commit,
+        (Some(Outcome::Abort), _) => Action::Rollback,
+        (None, Some(o)) if o != me && !live.contains(o) => Action::PresumeAbort,
+        (None, Some(o)) if o != me => Action::Leave,
+        (None, _) if own_abandoned => Action::PresumeAbort,
+        (None, _) => Action::Leave,
+    }
 }
 
 /// `COMMIT PREPARED` or `ROLLBACK PREPARED` one gid; true when it worked.
@@ -96,5 +170,34 @@ async fn finish(
             tracing::warn!(shard, gid, error = %e, "cannot resolve in-doubt transaction");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_abandoned_transactions_are_presumed_aborted() {
+        let live: HashSet<String> = ["me".into(), "other".into()].into();
+        let d = |decided, owner, abandoned| decide(decided, owner, "me", &live, abandoned);
+        assert_eq!(
+            d(Some(Outcome::Commit), Some("dead"), false),
+            Action::Commit
+        );
+        assert_eq!(
+            d(Some(Outcome::Abort), Some("other"), false),
+            Action::Rollback
+        );
+        assert_eq!(
+            d(None, Some("other"), true),
+            Action::Leave,
+            "a live owner decides"
+        );
+        assert_eq!(d(None, Some("dead"), false), Action::PresumeAbort);
+        assert_eq!(d(None, Some("me"), false), Action::Leave, "maybe in flight");
+        assert_eq!(d(None, Some("me"), true), Action::PresumeAbort);
+        assert_eq!(d(None, None, true), Action::PresumeAbort, "legacy gid");
+        assert_eq!(d(None, None, false), Action::Leave);
     }
 }

@@ -1,18 +1,17 @@
 //! Two-phase commit across shards: `PREPARE TRANSACTION` everywhere, record the decision
-//! durably, then `COMMIT PREPARED` everywhere under the commit fence — or, if any shard
-//! failed to prepare, `ROLLBACK PREPARED` everywhere.
+//! durably in `taskflow_meta.decisions`, then `COMMIT PREPARED` everywhere under the
+//! commit fence — or, if any shard failed to prepare (or a recovering proxy already
+//! decided to abort), `ROLLBACK PREPARED` everywhere.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::decision_log;
+use super::gid;
 use crate::backend::{BackendError, Pooled};
+use crate::meta::decisions::{self, Outcome};
 use crate::proxy::Proxy;
 use crate::session::{ExecError, Txn};
 use proxy_core::wire::sqlstate;
-
-/// How long a cross-shard commit waits for running scatter reads before it goes ahead.
-const COMMIT_FENCE_WAIT: Duration = Duration::from_secs(2);
 
 /// Test hook (`TFSP_TEST_2PC_HOOK`): `abort-before-decision`,
 /// `abort-after-decision`, or `sleep-<stage>=<ms>`. Used by the crash tests only.
@@ -46,7 +45,7 @@ pub(super) async fn commit(proxy: &Proxy, t: Txn) -> Result<(), ExecError> {
                 .shards
                 .get(s)
                 .map_or_else(|| c.pool().name.clone(), |p| p.name.clone());
-            (decision_log::gid(&id, &name), c)
+            (gid::gid(&id, &proxy.meta.instance, &name), c)
         })
         .collect();
     let (prepared, failure) = prepare_all(conns).await;
@@ -54,10 +53,14 @@ pub(super) async fn commit(proxy: &Proxy, t: Txn) -> Result<(), ExecError> {
         Some(why) => Err(why),
         None => {
             hook("before-decision").await;
-            let gids = prepared.iter().map(|(g, _)| g.clone()).collect();
-            decision_log::record(&proxy.state_dir, &id, gids)
-                .await
-                .map_err(|e| format!("cannot record the commit decision: {e}"))
+            let gids: Vec<String> = prepared.iter().map(|(g, _)| g.clone()).collect();
+            match decisions::decide_commit(&proxy.meta, &id, &gids).await {
+                Ok(Outcome::Commit) => Ok(()),
+                Ok(Outcome::Abort) => {
+                    Err("another proxy took this one for dead and abandoned the transaction".into())
+                }
+                Err(e) => Err(format!("cannot record the commit decision: {e}")),
+            }
         }
     };
     if let Err(why) = decision {
@@ -70,7 +73,13 @@ pub(super) async fn commit(proxy: &Proxy, t: Txn) -> Result<(), ExecError> {
     }
     hook("after-decision").await;
     if commit_prepared(proxy, prepared).await {
-        decision_log::forget(&proxy.state_dir, &id);
+        // Recovery prunes it too if this fails; no need to hold the client for it.
+        let meta = proxy.meta.clone();
+        tokio::spawn(async move {
+            if let Err(e) = decisions::forget(&meta, &id).await {
+                tracing::debug!(error = %e, "cannot forget a finished 2PC decision yet");
+            }
+        });
     }
     proxy.metrics.two_phase_commits.inc();
     proxy.stats.two_phase.fetch_add(1, Ordering::Relaxed);
@@ -143,10 +152,8 @@ async fn rollback_prepared(prepared: Vec<(String, Pooled)>) {
 /// transaction (`SELECT … FOR UPDATE`) must not deadlock the commit. After the wait the
 /// commit goes ahead (logged), and a concurrent scatter read may see it half done.
 async fn commit_prepared(proxy: &Proxy, prepared: Vec<(String, Pooled)>) -> bool {
-    let fence = tokio::time::timeout(COMMIT_FENCE_WAIT, proxy.commit_fence.write())
-        .await
-        .ok();
-    if fence.is_none() {
+    let fence = proxy.commit_fence.exclusive().await;
+    if !fence.complete {
         tracing::warn!("commit fence not acquired in time; a concurrent scatter read may see this commit half done");
     }
     let mut all = true;
