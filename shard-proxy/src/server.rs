@@ -100,6 +100,15 @@ pub async fn start(
         tracing::info!(?applied, "metadata schema taskflow_meta migrated");
     }
     crate::meta::registry::register(&proxy.meta).await?;
+    let weak = Arc::downgrade(&proxy);
+    proxy.commit_fence.set_repair(Box::new(move |pending| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            if let Some(proxy) = weak.upgrade() {
+                crate::session::txn::finish_commits(&proxy, pending).await;
+            }
+        })
+    }));
     tracing::info!(instance = %proxy.meta.instance, "registered in taskflow_meta.proxies");
     let resolved = crate::session::txn::resolve_in_doubt(&proxy, true).await;
     if resolved > 0 {
@@ -227,16 +236,14 @@ async fn serve_client(
     result
 }
 
-/// Every 5 s: pool gauges and health probes of unhealthy shards; every 30 s: 2PC resolution.
+/// Every 5 s: pool gauges, health probes of unhealthy shards, 2PC resolution.
 async fn maintenance(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut n: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        n += 1;
         proxy.refresh_pool_metrics();
         for p in proxy.topology().all_pools() {
             if !p.healthy.load(std::sync::atomic::Ordering::Relaxed) {
@@ -245,9 +252,8 @@ async fn maintenance(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                 }
             }
         }
-        if n.is_multiple_of(6) {
-            crate::session::txn::resolve_in_doubt(&proxy, false).await;
-        }
+        // Every tick: another proxy's leftovers are resolved soon after it dies.
+        crate::session::txn::resolve_in_doubt(&proxy, false).await;
     }
 }
 

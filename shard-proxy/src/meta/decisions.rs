@@ -86,50 +86,89 @@ async fn decide(
         .ok_or_else(|| MetaError::Invalid(format!("the decision on {txn_id} vanished")))
 }
 
-/// Every recorded outcome.
-pub async fn all(meta: &Meta) -> Result<HashMap<String, Outcome>, MetaError> {
+/// One recorded decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub owner: String,
+    /// The gids of a commit (one per shard), empty for a presumed abort.
+    pub gids: Vec<String>,
+    /// Seconds since it was recorded (by the metadata database's clock).
+    pub age_secs: i64,
+}
+
+/// The columns [`parse_rows`] reads, in order.
+pub const COLUMNS: &str = "txn_id, outcome, owner, array_to_string(gids, ','), \
+    extract(epoch FROM now() - decided_at)::bigint::text";
+
+/// Every recorded decision by transaction id.
+pub async fn all(meta: &Meta) -> Result<HashMap<String, Decision>, MetaError> {
     let rows = meta
-        .query("SELECT txn_id, outcome FROM taskflow_meta.decisions")
+        .query(&format!("SELECT {COLUMNS} FROM taskflow_meta.decisions"))
         .await?;
-    Ok(rows
-        .into_iter()
+    Ok(parse_rows(rows))
+}
+
+/// Decisions from rows of [`COLUMNS`].
+pub fn parse_rows(rows: Vec<Vec<Option<String>>>) -> HashMap<String, Decision> {
+    rows.into_iter()
         .filter_map(|r| {
-            let mut it = r.into_iter();
-            let id = it.next().flatten()?;
-            let outcome = Outcome::parse(&it.next().flatten()?)?;
-            Some((id, outcome))
+            let mut it = r.into_iter().map(Option::unwrap_or_default);
+            let id = it.next()?;
+            let outcome = Outcome::parse(&it.next()?)?;
+            let owner = it.next()?;
+            let gids = it
+                .next()?
+                .split(',')
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let age_secs = it.next()?.parse().unwrap_or(0);
+            Some((
+                id,
+                Decision {
+                    outcome,
+                    owner,
+                    gids,
+                    age_secs,
+                },
+            ))
         })
-        .collect())
+        .collect()
+}
+
+/// SQL deleting transaction `txn_id`'s commit decision (run once every shard committed).
+pub fn forget_sql(txn_id: &str) -> String {
+    format!(
+        "DELETE FROM taskflow_meta.decisions WHERE txn_id = {} AND outcome = 'commit'",
+        quote(txn_id)
+    )
 }
 
 /// Forgets this transaction's commit decision once every shard committed.
 pub async fn forget(meta: &Meta, txn_id: &str) -> Result<(), MetaError> {
-    meta.query(&format!(
-        "DELETE FROM taskflow_meta.decisions WHERE txn_id = {} AND outcome = 'commit'",
-        quote(txn_id)
-    ))
-    .await
-    .map(drop)
+    meta.query(&forget_sql(txn_id)).await.map(drop)
 }
 
-/// Deletes decisions read *before* the shards were listed (`read`) that no shard still
-/// holds prepared (`prepared`): commits at once, aborts after [`KEEP_ABORTS`].
+/// Deletes abort decisions read *before* the shards were listed (`read`) that no shard
+/// still holds prepared (`prepared`) and that are older than [`KEEP_ABORTS`]. (Commit
+/// decisions are deleted by whoever finishes their `COMMIT PREPARED`s.)
 pub async fn prune(
     meta: &Meta,
-    read: &HashMap<String, Outcome>,
+    read: &HashMap<String, Decision>,
     prepared: &HashSet<String>,
 ) -> Result<(), MetaError> {
     let done: Vec<String> = read
-        .keys()
-        .filter(|id| !prepared.contains(*id))
-        .cloned()
+        .iter()
+        .filter(|(id, d)| d.outcome == Outcome::Abort && !prepared.contains(*id))
+        .map(|(id, _)| id.clone())
         .collect();
     if done.is_empty() {
         return Ok(());
     }
     meta.query(&format!(
         "DELETE FROM taskflow_meta.decisions WHERE txn_id = ANY({}) \
-         AND (outcome = 'commit' OR decided_at < now() - interval '{KEEP_ABORTS}')",
+         AND outcome = 'abort' AND decided_at < now() - interval '{KEEP_ABORTS}'",
         text_array(&done)
     ))
     .await

@@ -11,13 +11,33 @@
 //! committed must not deadlock it; past the bound the commit goes ahead (logged, counted).
 //! If the auth cluster cannot be reached, a reader falls back to the process fence (logged):
 //! reads stay available, fenced only against this process's commits.
+//!
+//! A proxy that dies in the middle of its fan-out releases the lock with its connection,
+//! leaving some shards committed and others prepared. The commit's decision row says so:
+//! it is deleted in the same transaction that releases the exclusive lock. So a reader
+//! that holds the lock shared and still sees a `commit` decision knows its gids may be
+//! half applied; before reading it has them finished ([`Fence::set_repair`], which
+//! commits them under the exclusive lock) — the reader never sees the half state.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::decisions::{self, Decision};
 use crate::backend::{BackendError, Pool, Pooled};
+
+/// Finishes the given commit decisions (their `COMMIT PREPARED`s), under the exclusive
+/// fence, and forgets them.
+pub type RepairFn = Box<
+    dyn Fn(HashMap<String, Decision>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+/// How often one read repairs before it reads anyway.
+const MAX_REPAIRS: usize = 3;
 
 /// Advisory-lock key of the fence (`"tffence!"` in ASCII).
 const FENCE_KEY: i64 = 0x7466_6665_6e63_6521;
@@ -28,6 +48,7 @@ pub struct Fence {
     /// The metadata pool when the fence spans proxies.
     cluster: Option<Arc<Pool>>,
     wait: Duration,
+    repair: OnceLock<RepairFn>,
 }
 
 /// Held by a scatter read.
@@ -41,6 +62,17 @@ pub struct ExclusiveGuard<'a> {
     _local: Option<RwLockWriteGuard<'a, ()>>,
     cluster: Option<Pooled>,
     pub complete: bool,
+    /// Run in the lock's transaction, just before it commits (and so releases the lock).
+    last: Option<String>,
+}
+
+impl ExclusiveGuard<'_> {
+    /// Runs `sql` in the same transaction that releases the cluster lock; false (and
+    /// nothing runs) when this guard holds no cluster lock.
+    pub fn release_with(&mut self, sql: String) -> bool {
+        self.last = Some(sql);
+        self.cluster.is_some()
+    }
 }
 
 impl Fence {
@@ -49,19 +81,45 @@ impl Fence {
             local: RwLock::new(()),
             cluster,
             wait,
+            repair: OnceLock::new(),
         }
     }
 
-    /// Takes the fence shared, for one scatter read.
+    /// Installs what finishes half-applied commits of dead proxies (set once, at start).
+    pub fn set_repair(&self, repair: RepairFn) {
+        let _ = self.repair.set(repair);
+    }
+
+    /// Takes the fence shared, for one scatter read; first has half-applied commits
+    /// finished (see the module documentation).
     pub async fn read(&self) -> FenceGuard<'_> {
-        let local = self.local.read().await;
-        let cluster = match &self.cluster {
-            Some(pool) => lock_shared(pool).await,
-            None => None,
-        };
-        FenceGuard {
-            _local: local,
-            cluster,
+        let mut repairs = 0;
+        loop {
+            let local = self.local.read().await;
+            let Some(pool) = &self.cluster else {
+                return FenceGuard {
+                    _local: local,
+                    cluster: None,
+                };
+            };
+            let (conn, pending) = lock_shared(pool).await;
+            let repair = self.repair.get().filter(|_| repairs < MAX_REPAIRS);
+            match repair {
+                Some(repair) if !pending.is_empty() => {
+                    if let Some(conn) = conn {
+                        unlock_later(conn, UNLOCK_SHARED.into());
+                    }
+                    drop(local);
+                    repairs += 1;
+                    repair(pending).await;
+                }
+                _ => {
+                    return FenceGuard {
+                        _local: local,
+                        cluster: conn,
+                    }
+                }
+            }
         }
     }
 
@@ -86,28 +144,35 @@ impl Fence {
             _local: local,
             cluster,
             complete,
+            last: None,
         }
     }
 }
 
-async fn lock_shared(pool: &Arc<Pool>) -> Option<Pooled> {
+/// Takes the shared cluster lock; returns the connection holding it (none when the
+/// metadata database is unavailable) and the commit decisions still recorded.
+async fn lock_shared(pool: &Arc<Pool>) -> (Option<Pooled>, HashMap<String, Decision>) {
     let mut conn = match pool.get().await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "commit fence: metadata database unavailable; this scatter read is fenced only within this proxy");
-            return None;
+            return (None, HashMap::new());
         }
     };
-    match conn
-        .conn()
-        .simple_query(&format!("SELECT pg_advisory_lock_shared({FENCE_KEY})"))
-        .await
-    {
-        Ok(_) => Some(conn),
+    let sql = format!(
+        "SELECT pg_advisory_lock_shared({FENCE_KEY}); \
+         SELECT {} FROM taskflow_meta.decisions WHERE outcome = 'commit'",
+        decisions::COLUMNS
+    );
+    match conn.conn().simple_query(&sql).await {
+        Ok(r) => {
+            let pending = decisions::parse_rows(r.rows.into_iter().skip(1).collect());
+            (Some(conn), pending)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "commit fence: cannot take the shared lock; this scatter read is fenced only within this proxy");
             conn.discard();
-            None
+            (None, HashMap::new())
         }
     }
 }
@@ -136,11 +201,11 @@ async fn lock_exclusive(pool: &Arc<Pool>, wait: Duration) -> Option<Pooled> {
 
 /// Runs `sql` (the unlock) on `conn` in the background, then pools it; a connection that
 /// cannot be unlocked is closed, which releases its locks too.
-fn unlock_later(mut conn: Pooled, sql: &'static str) {
+fn unlock_later(mut conn: Pooled, sql: String) {
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => {
             rt.spawn(async move {
-                match conn.conn().simple_query(sql).await {
+                match conn.conn().simple_query(&sql).await {
                     Ok(_) if conn.conn().status == b'I' => conn.release(),
                     _ => conn.discard(),
                 }
@@ -155,7 +220,7 @@ const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared(838750394185386524
 impl Drop for FenceGuard<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.cluster.take() {
-            unlock_later(conn, UNLOCK_SHARED);
+            unlock_later(conn, UNLOCK_SHARED.into());
         }
     }
 }
@@ -163,7 +228,11 @@ impl Drop for FenceGuard<'_> {
 impl Drop for ExclusiveGuard<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.cluster.take() {
-            unlock_later(conn, "COMMIT");
+            let sql = match self.last.take() {
+                Some(last) => format!("{last}; COMMIT"),
+                None => "COMMIT".into(),
+            };
+            unlock_later(conn, sql);
         }
     }
 }

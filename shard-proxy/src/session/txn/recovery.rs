@@ -1,8 +1,10 @@
 //! Recovery of in-doubt prepared transactions, by any proxy over the same shards.
 //!
-//! For each prepared `taskflow_*` transaction on a shard: a `commit` decision in
-//! `taskflow_meta.decisions` → `COMMIT PREPARED`; an `abort` decision → `ROLLBACK
-//! PREPARED`; no decision → presume it abandoned (record `abort`, which loses to a
+//! A `commit` decision in `taskflow_meta.decisions` whose owner is gone (or that is over
+//! 10 s old) → `COMMIT PREPARED` of all its gids under the commit fence, as a whole
+//! ([`finish_commits`], which scatter readers also use). For each other prepared
+//! `taskflow_*` transaction on a shard: an `abort` decision → `ROLLBACK PREPARED`; no
+//! decision → presume it abandoned (record `abort`, which loses to a
 //! concurrent `commit` by the owner, then apply whichever outcome stands) only when its
 //! owner is gone: another proxy whose heartbeat expired, or this proxy itself restarted
 //! (at start-up any of its own; later only those prepared over a minute ago, so a commit
@@ -12,8 +14,8 @@
 use std::collections::{HashMap, HashSet};
 
 use super::gid;
-use crate::backend::{BackendConn, Pool};
-use crate::meta::decisions::{self, Outcome};
+use crate::backend::{BackendConn, BackendError, Pool};
+use crate::meta::decisions::{self, Decision, Outcome};
 use crate::meta::registry;
 use crate::proxy::Proxy;
 
@@ -24,7 +26,6 @@ const LIST_PREPARED: &str = "SELECT gid, (now() - prepared) > interval '60 secon
 /// What recovery does with one prepared transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
-    Commit,
     Rollback,
     PresumeAbort,
     Leave,
@@ -33,7 +34,7 @@ enum Action {
 /// What one pass knows: decisions (read before any shard was listed) and live proxies.
 struct Pass<'a> {
     proxy: &'a Proxy,
-    decided: HashMap<String, Outcome>,
+    decided: HashMap<String, Decision>,
     live: HashSet<String>,
     startup: bool,
 }
@@ -52,6 +53,19 @@ pub async fn resolve_in_doubt(proxy: &Proxy, startup: bool) -> usize {
             return 0;
         }
     };
+    // Commits decided by a proxy that is gone (or long ago) are finished as a whole,
+    // under the commit fence; the per-shard pass below leaves them alone.
+    let stale: HashMap<String, Decision> = decided
+        .iter()
+        .filter(|(_, d)| {
+            d.outcome == Outcome::Commit
+                && (!live.contains(&d.owner)
+                    || d.age_secs > COMMIT_STALE_SECS
+                    || (startup && d.owner == meta.instance))
+        })
+        .map(|(id, d)| (id.clone(), d.clone()))
+        .collect();
+    let mut resolved = finish_commits(proxy, stale).await;
     let pass = Pass {
         proxy,
         decided,
@@ -61,7 +75,6 @@ pub async fn resolve_in_doubt(proxy: &Proxy, startup: bool) -> usize {
     let topo = proxy.topology();
     let mut seen = HashSet::new();
     let mut all_reachable = true;
-    let mut resolved = 0;
     for pool in &topo.shards {
         match resolve_on(&pass, pool, &mut seen).await {
             Some(n) => resolved += n,
@@ -74,6 +87,80 @@ pub async fn resolve_in_doubt(proxy: &Proxy, startup: bool) -> usize {
         }
     }
     resolved
+}
+
+/// A commit decision older than this is finished by recovery even if its owner lives.
+const COMMIT_STALE_SECS: i64 = 10;
+
+/// Finishes commit decisions: every gid `COMMIT PREPARED` (one already gone counts as
+/// done), all under the exclusive commit fence; a decision whose gids all committed is
+/// deleted as the fence is released. Returns how many gids it committed. Used by
+/// recovery and by scatter readers that find a commit possibly half applied.
+pub async fn finish_commits(proxy: &Proxy, pending: HashMap<String, Decision>) -> usize {
+    if pending.is_empty() {
+        return 0;
+    }
+    let mut fence = proxy.commit_fence.exclusive().await;
+    let mut done = Vec::new();
+    let mut committed = 0;
+    for (id, d) in pending {
+        let (n, all) = commit_gids(proxy, &d.gids).await;
+        committed += n;
+        if all {
+            done.push(id);
+        }
+    }
+    if !done.is_empty() {
+        let sql = format!(
+            "DELETE FROM taskflow_meta.decisions WHERE outcome = 'commit' AND txn_id = ANY({})",
+            crate::meta::text_array(&done)
+        );
+        if !fence.release_with(sql.clone()) {
+            if let Err(e) = proxy.meta.query(&sql).await {
+                tracing::debug!(error = %e, "cannot forget finished 2PC decisions yet");
+            }
+        }
+    }
+    committed
+}
+
+/// `COMMIT PREPARED` each gid on the shard it names; (committed now, all done).
+async fn commit_gids(proxy: &Proxy, gids: &[String]) -> (usize, bool) {
+    let topo = proxy.topology();
+    let (mut committed, mut all) = (0, true);
+    for g in gids {
+        let shard = g.rsplit('.').next().unwrap_or_default();
+        let Some(pool) = topo.pool_by_name(shard) else {
+            tracing::warn!(gid = %g, "a commit decision names a shard that is not configured");
+            all = false;
+            continue;
+        };
+        let Ok(mut conn) = pool.get().await else {
+            all = false;
+            continue;
+        };
+        match conn
+            .conn()
+            .simple_query(&format!("COMMIT PREPARED '{g}'"))
+            .await
+        {
+            Ok(_) => {
+                conn.release();
+                committed += 1;
+                proxy.metrics.in_doubt_resolved.inc();
+                tracing::info!(shard, gid = %g, "finished a decided commit");
+            }
+            Err(BackendError::Server(e)) if e.code == super::two_phase::UNDEFINED_OBJECT => {
+                conn.release()
+            }
+            Err(e) => {
+                all = false;
+                tracing::warn!(shard, gid = %g, error = %e, "cannot finish a decided commit yet");
+                conn.discard();
+            }
+        }
+    }
+    (committed, all)
 }
 
 /// Resolves one shard; `None` when it cannot be reached or listed.
@@ -100,7 +187,8 @@ async fn resolve_on(pass: &Pass<'_>, pool: &Pool, seen: &mut HashSet<String>) ->
         if action == Action::PresumeAbort {
             let owner = parsed.owner.unwrap_or(&pass.proxy.meta.instance);
             action = match decisions::presume_abort(&pass.proxy.meta, parsed.id, owner).await {
-                Ok(Outcome::Commit) => Action::Commit,
+                // The owner decided first: finished as a whole by a later pass.
+                Ok(Outcome::Commit) => Action::Leave,
                 Ok(Outcome::Abort) => Action::Rollback,
                 Err(e) => {
                     tracing::warn!(gid = %g, error = %e, "cannot record an abort decision");
@@ -108,12 +196,10 @@ async fn resolve_on(pass: &Pass<'_>, pool: &Pool, seen: &mut HashSet<String>) ->
                 }
             };
         }
-        let sql = match action {
-            Action::Commit => "COMMIT",
-            Action::Rollback => "ROLLBACK",
-            Action::PresumeAbort | Action::Leave => continue,
-        };
-        if finish(pass.proxy, &mut conn, &pool.name, &g, sql).await {
+        if action != Action::Rollback {
+            continue;
+        }
+        if finish(pass.proxy, &mut conn, &pool.name, &g, "ROLLBACK").await {
             resolved += 1;
         }
     }
@@ -124,7 +210,7 @@ async fn resolve_on(pass: &Pass<'_>, pool: &Pool, seen: &mut HashSet<String>) ->
 /// The action for one prepared transaction (see the module documentation).
 fn choose(pass: &Pass<'_>, parsed: gid::Parsed<'_>, old: bool) -> Action {
     decide(
-        pass.decided.get(parsed.id).copied(),
+        pass.decided.get(parsed.id).map(|d| d.outcome),
         parsed.owner,
         &pass.proxy.meta.instance,
         &pass.live,
@@ -140,7 +226,8 @@ fn decide(
     own_abandoned: bool,
 ) -> Action {
     match (decided, owner) {
-        (Some(Outcome::Commit), _) => Action::Commit,
+        // Finished as a whole by `finish_commits`, never one shard at a time.
+        (Some(Outcome::Commit), _) => Action::Leave,
         (Some(Outcome::Abort), _) => Action::Rollback,
         (None, Some(o)) if o != me && !live.contains(o) => Action::PresumeAbort,
         (None, Some(o)) if o != me => Action::Leave,
@@ -183,7 +270,8 @@ mod tests {
         let d = |decided, owner, abandoned| decide(decided, owner, "me", &live, abandoned);
         assert_eq!(
             d(Some(Outcome::Commit), Some("dead"), false),
-            Action::Commit
+            Action::Leave,
+            "finished as a whole"
         );
         assert_eq!(
             d(Some(Outcome::Abort), Some("other"), false),

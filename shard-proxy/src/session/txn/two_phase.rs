@@ -72,15 +72,7 @@ pub(super) async fn commit(proxy: &Proxy, t: Txn) -> Result<(), ExecError> {
         ));
     }
     hook("after-decision").await;
-    if commit_prepared(proxy, prepared).await {
-        // Recovery prunes it too if this fails; no need to hold the client for it.
-        let meta = proxy.meta.clone();
-        tokio::spawn(async move {
-            if let Err(e) = decisions::forget(&meta, &id).await {
-                tracing::debug!(error = %e, "cannot forget a finished 2PC decision yet");
-            }
-        });
-    }
+    commit_prepared(proxy, prepared, &id).await;
     proxy.metrics.two_phase_commits.inc();
     proxy.stats.two_phase.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -145,14 +137,15 @@ async fn rollback_prepared(prepared: Vec<(String, Pooled)>) {
 }
 
 /// `COMMIT PREPARED` everywhere, holding the commit fence so scatter readers see the
-/// commit on every shard or on none. Returns true when every shard committed (the
-/// decision can be forgotten); what fails is finished by recovery from the decision.
+/// commit on every shard or on none. When every shard committed, the decision is deleted
+/// in the transaction that releases the fence (so a reader that finds a `commit` decision
+/// knows it may be half applied); what fails is finished by recovery from the decision.
 ///
 /// The fence wait is bounded: a scatter read that itself waits on a row lock of this
 /// transaction (`SELECT … FOR UPDATE`) must not deadlock the commit. After the wait the
 /// commit goes ahead (logged), and a concurrent scatter read may see it half done.
-async fn commit_prepared(proxy: &Proxy, prepared: Vec<(String, Pooled)>) -> bool {
-    let fence = proxy.commit_fence.exclusive().await;
+async fn commit_prepared(proxy: &Proxy, prepared: Vec<(String, Pooled)>, id: &str) {
+    let mut fence = proxy.commit_fence.exclusive().await;
     if !fence.complete {
         tracing::warn!("commit fence not acquired in time; a concurrent scatter read may see this commit half done");
     }
@@ -167,13 +160,24 @@ async fn commit_prepared(proxy: &Proxy, prepared: Vec<(String, Pooled)>) -> bool
             .await
         {
             Ok(_) => conn.release(),
+            // Already committed by a reader's repair or another proxy's recovery.
+            Err(BackendError::Server(e)) if e.code == UNDEFINED_OBJECT => conn.release(),
             Err(e) => {
                 all = false;
-                tracing::warn!(gid = %gid, error = %e, "COMMIT PREPARED failed; the decision is logged and recovery will finish it");
+                tracing::warn!(gid = %gid, error = %e, "COMMIT PREPARED failed; the decision is recorded and recovery will finish it");
                 conn.discard();
             }
         }
     }
-    drop(fence);
-    all
+    if all && !fence.release_with(decisions::forget_sql(id)) {
+        let (meta, id) = (proxy.meta.clone(), id.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = decisions::forget(&meta, &id).await {
+                tracing::debug!(error = %e, "cannot forget a finished 2PC decision yet");
+            }
+        });
+    }
 }
+
+/// SQLSTATE of `COMMIT PREPARED` for a gid that no longer exists.
+pub(super) const UNDEFINED_OBJECT: &str = "42704";
