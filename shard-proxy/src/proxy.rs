@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::backend::Pool;
 use crate::config::{resolve, BackendTarget, FenceScope, ProxyConfig, SetupError, User};
+use crate::meta::epochs::{self, Verdict};
 use crate::meta::{Fence, Meta};
 use crate::metrics::Metrics;
 use crate::scram::{random_bytes, Verifier};
@@ -108,6 +109,8 @@ pub struct Proxy {
     pub commit_fence: Fence,
     /// The proxies' shared metadata (2PC decisions, registry) on the auth cluster.
     pub meta: Arc<Meta>,
+    /// The stored ring epoch this proxy routes by (`taskflow_meta.ring_epochs`).
+    pub ring_epoch: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +155,7 @@ impl Proxy {
             stats: ProxyStats::default(),
             commit_fence,
             meta,
+            ring_epoch: std::sync::atomic::AtomicI64::new(0),
         }))
     }
 
@@ -180,8 +184,9 @@ impl Proxy {
     }
 
     /// Replaces the configuration: builds and validates the complete new snapshot first,
-    /// then stores it in one step. On error the running state is untouched. A ring change
-    /// over shards that hold rows is refused. Listeners and the state directory are fixed
+    /// then stores it in one step. On error the running state is untouched. A ring that
+    /// differs from the stored epoch is refused while a current shard holds rows, else
+    /// recorded as the next epoch. Listeners and the state directory are fixed
     /// at start; changing them needs a restart (logged).
     pub async fn reload(&self, config: ProxyConfig) -> Result<String, SetupError> {
         let _serial = self.reload_lock.lock().await;
@@ -191,8 +196,17 @@ impl Proxy {
         {
             tracing::warn!("listen addresses changed: takes effect after a restart");
         }
-        self.check_ring_change(&config).await?;
+        let verdict = epochs::check(
+            &self.meta,
+            &config.shards,
+            config.ring.virtual_nodes,
+            &current.topology.shards,
+            &current.topology.sharded_tables,
+        )
+        .await?;
         let next = build_snapshot(config, Some(&current.topology))?;
+        let epoch = self.settle_epoch(verdict, &next.config).await?;
+        self.ring_epoch.store(epoch, Ordering::Relaxed);
         let summary = format!(
             "{} shard(s): {}; {} user(s)",
             next.topology.shards.len(),
@@ -210,57 +224,45 @@ impl Proxy {
         self.reload(cfg).await
     }
 
-    /// Refuses a configuration whose ring would re-route keys while a current shard holds
-    /// rows of a sharded table: without online migration those rows would become
-    /// unreachable. Shards may be added, removed or renamed freely while they are all empty
-    /// (a new deployment), and a shard's URL may change at any time.
-    async fn check_ring_change(&self, config: &ProxyConfig) -> Result<(), SetupError> {
-        let current = self.topology();
-        let mut old_names: Vec<&str> = current.ring.shards().iter().map(String::as_str).collect();
-        let mut new_names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
-        old_names.sort_unstable();
-        new_names.sort_unstable();
-        if old_names == new_names && current.ring.virtual_nodes() == config.ring.virtual_nodes {
-            return Ok(());
-        }
-        let probe = current
-            .sharded_tables
-            .iter()
-            .map(|t| format!("(SELECT 1 FROM \"{}\" LIMIT 1)", t.replace('"', "\"\"")))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        let refuse = |message: String| SetupError::Config {
-            key: "shards".into(),
-            message,
-        };
-        for pool in &current.shards {
-            let mut conn = pool.get().await.map_err(|e| {
-                refuse(format!(
-                    "the shard list or ring changes which shard owns which performer_id; cannot check that {} holds no rows: {e}",
-                    pool.name
-                ))
-            })?;
-            let result = conn.conn().simple_query(&probe).await;
-            match result {
-                Ok(r) => {
-                    conn.release();
-                    if !r.rows.is_empty() {
-                        return Err(refuse(format!(
-                            "the shard list or ring changes which shard owns which performer_id, and {} holds rows that would become unreachable; online migration is not available in this version, so the ring stays as it is",
-                            pool.name
-                        )));
-                    }
-                }
-                Err(e) => {
-                    conn.discard();
-                    return Err(refuse(format!(
-                        "the shard list or ring changes which shard owns which performer_id; cannot check that {} holds no rows: {e}",
-                        pool.name
-                    )));
-                }
+    /// Compares the running configuration's ring with the stored epoch (start-up): adopts
+    /// it, records it (first proxy, or every shard still empty), or refuses naming the
+    /// difference.
+    pub async fn adopt_ring(&self) -> Result<i64, SetupError> {
+        let snap = self.snapshot();
+        let topo = &snap.topology;
+        let verdict = epochs::check(
+            &self.meta,
+            &snap.config.shards,
+            topo.ring.virtual_nodes(),
+            &topo.shards,
+            &topo.sharded_tables,
+        )
+        .await?;
+        let epoch = self.settle_epoch(verdict, &snap.config).await?;
+        self.ring_epoch.store(epoch, Ordering::Relaxed);
+        Ok(epoch)
+    }
+
+    /// The epoch a verdict leaves current, recording a new one when it says so.
+    async fn settle_epoch(
+        &self,
+        verdict: Verdict,
+        config: &ProxyConfig,
+    ) -> Result<i64, SetupError> {
+        match verdict {
+            Verdict::Same(epoch) => Ok(epoch),
+            Verdict::Record(after) => {
+                let epoch =
+                    epochs::record(&self.meta, after, &config.shards, config.ring.virtual_nodes)
+                        .await
+                        .map_err(|e| SetupError::Config {
+                            key: "shards".into(),
+                            message: format!("cannot record the ring: {e}"),
+                        })?;
+                tracing::info!(epoch, shards = ?config.shards.iter().map(|s| &s.name).collect::<Vec<_>>(), "ring epoch recorded");
+                Ok(epoch)
             }
         }
-        Ok(())
     }
 
     /// Registers a new client; returns its id, the (pid, secret) it is told in

@@ -110,6 +110,8 @@ pub async fn start(
         })
     }));
     tracing::info!(instance = %proxy.meta.instance, "registered in taskflow_meta.proxies");
+    let epoch = proxy.adopt_ring().await?;
+    tracing::info!(epoch, "routing by the stored ring epoch");
     let resolved = crate::session::txn::resolve_in_doubt(&proxy, true).await;
     if resolved > 0 {
         tracing::info!(

@@ -178,7 +178,8 @@ async fn lock_shared(pool: &Arc<Pool>) -> (Option<Pooled>, HashMap<String, Decis
 }
 
 async fn lock_exclusive(pool: &Arc<Pool>, wait: Duration) -> Option<Pooled> {
-    let mut conn = pool.get().await.ok()?;
+    // Readers hold metadata connections while they read: the wait for one is bounded too.
+    let mut conn = tokio::time::timeout(wait, pool.get()).await.ok()?.ok()?;
     let sql = format!(
         "BEGIN; SET LOCAL lock_timeout = '{}ms'; SELECT pg_advisory_xact_lock({FENCE_KEY})",
         wait.as_millis()

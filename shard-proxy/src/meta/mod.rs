@@ -11,6 +11,7 @@
 //! [`fence`] orders scatter reads against `COMMIT PREPARED` fan-outs across proxies.
 
 pub mod decisions;
+pub mod epochs;
 pub mod fence;
 pub mod registry;
 pub mod schema;
@@ -43,6 +44,10 @@ pub struct Meta {
     pub settings: MetadataConfig,
     /// `host:port` this proxy listens on, as recorded in the registry.
     pub addr: String,
+    /// Backend credentials and pool settings, for shards known only from the stored ring.
+    backend_user: String,
+    backend_password: Option<String>,
+    pool_settings: PoolConfig,
 }
 
 impl Meta {
@@ -73,7 +78,24 @@ impl Meta {
             instance,
             settings: config.metadata.clone(),
             addr: config.listen.to_string(),
+            backend_user: config.backend.user.clone(),
+            backend_password: password.map(str::to_owned),
+            pool_settings: config.pool.clone(),
         })
+    }
+
+    /// A pool to a shard known only by name and URL (e.g. from a stored ring epoch).
+    pub fn pool_for(&self, name: &str, url: &str) -> Result<Arc<Pool>, MetaError> {
+        let target = BackendTarget::parse(url)
+            .map_err(|m| MetaError::Invalid(format!("stored URL of shard {name}: {m}")))?;
+        Ok(Pool::new(
+            name.to_owned(),
+            url.to_owned(),
+            target,
+            self.backend_user.clone(),
+            self.backend_password.clone(),
+            &self.pool_settings,
+        ))
     }
 
     /// Runs `sql` (simple protocol, possibly several statements) on a pooled connection.

@@ -35,6 +35,7 @@ const VERSIONS: &[(i32, &str)] = &[
         "CREATE TABLE taskflow_meta.ring_epochs (
             epoch bigint PRIMARY KEY,
             shards text[] NOT NULL,
+            urls text[] NOT NULL,
             virtual_nodes integer NOT NULL,
             state text NOT NULL CHECK (state IN ('active', 'migrating', 'retired')),
             created_by text NOT NULL,

@@ -135,28 +135,24 @@ async fn commit_gids(proxy: &Proxy, gids: &[String]) -> (usize, bool) {
             all = false;
             continue;
         };
-        let Ok(mut conn) = pool.get().await else {
+        // A connection of its own: this runs under the exclusive fence, and a reader
+        // waiting for the fence may hold the pool's last connection.
+        let Ok(mut conn) = pool.connect().await else {
             all = false;
             continue;
         };
-        match conn
-            .conn()
-            .simple_query(&format!("COMMIT PREPARED '{g}'"))
-            .await
-        {
+        let result = conn.simple_query(&format!("COMMIT PREPARED '{g}'")).await;
+        conn.terminate().await;
+        match result {
             Ok(_) => {
-                conn.release();
                 committed += 1;
                 proxy.metrics.in_doubt_resolved.inc();
                 tracing::info!(shard, gid = %g, "finished a decided commit");
             }
-            Err(BackendError::Server(e)) if e.code == super::two_phase::UNDEFINED_OBJECT => {
-                conn.release()
-            }
+            Err(BackendError::Server(e)) if e.code == super::two_phase::UNDEFINED_OBJECT => {}
             Err(e) => {
                 all = false;
                 tracing::warn!(shard, gid = %g, error = %e, "cannot finish a decided commit yet");
-                conn.discard();
             }
         }
     }

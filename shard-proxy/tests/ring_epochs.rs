@@ -1,0 +1,112 @@
+//! The ring is durable shared state (`taskflow_meta.ring_epochs`): a proxy started with a
+//! shard list that disagrees with the stored ring refuses, naming the difference, as long
+//! as a shard holds rows — it never silently re-routes keys away from their rows (issue 9).
+//! While every shard is empty, a new shard list is recorded as the next epoch.
+
+mod common;
+
+use common::{shard_url, Env};
+use taskflow_shard_proxy::config::ShardConfig;
+use taskflow_shard_proxy::server;
+use tokio_util::sync::CancellationToken;
+
+async fn start_err(env: &Env) -> String {
+    match server::start(env.config.clone(), None, CancellationToken::new()).await {
+        Ok(_) => panic!("the proxy started with a ring that disagrees with the stored one"),
+        Err(e) => e.to_string(),
+    }
+}
+
+async fn epochs(env: &Env) -> Vec<(i64, String, String)> {
+    let auth = env.auth.client().await.expect("auth client");
+    auth.query(
+        "SELECT epoch, array_to_string(shards, ','), state FROM taskflow_meta.ring_epochs ORDER BY epoch",
+        &[],
+    )
+    .await
+    .expect("epochs")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_never_silently_reroutes() {
+    let mut env = Env::start(3).await;
+    let stored = env.config.shards.clone();
+    assert_eq!(
+        epochs(&env).await,
+        vec![(1, "shard-1,shard-2,shard-3".into(), "active".into())],
+        "the first proxy records the ring"
+    );
+
+    // A fourth shard: a second database with the shard schema on shard-3's cluster.
+    env.shard(2)
+        .await
+        .simple_query("CREATE DATABASE tasks4")
+        .await
+        .expect("create database");
+    let mut c4 = env.shards[2].client("tasks4").await.expect("client");
+    taskflow_migrations::apply_shard(&mut c4)
+        .await
+        .expect("migrate shard-4");
+    let spare = env.shards.ports()[2];
+    let fourth = ShardConfig {
+        name: "shard-4".into(),
+        url: shard_url(spare).replace("/tasks", "/tasks4"),
+    };
+
+    // While every shard is empty, a restart with a fourth shard records epoch 2.
+    env.stop_proxy().await;
+    env.config.shards.push(fourth.clone());
+    env.start_proxy().await;
+    let e = epochs(&env).await;
+    assert_eq!(e.len(), 2);
+    assert_eq!(
+        e[1],
+        (2, "shard-1,shard-2,shard-3,shard-4".into(), "active".into())
+    );
+    assert_eq!(e[0].2, "retired");
+    env.stop_proxy().await;
+    env.config.shards = stored.clone();
+    env.start_proxy().await;
+    assert_eq!(epochs(&env).await.len(), 3, "back to three shards: epoch 3");
+
+    // Once a shard holds rows, adding or removing a shard on restart is refused.
+    let c = env.client("tasks").await;
+    c.simple_query("INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, 7, 1, 't')")
+        .await
+        .expect("insert");
+    env.stop_proxy().await;
+    env.config.shards.push(fourth);
+    let err = start_err(&env).await;
+    assert!(
+        err.contains("adds shard-4") && err.contains("holds rows"),
+        "{err}"
+    );
+    env.config.shards = stored[..2].to_vec();
+    let err = start_err(&env).await;
+    assert!(
+        err.contains("removes shard-3") && err.contains("holds rows"),
+        "{err}"
+    );
+    env.config.shards = stored.clone();
+    env.config.ring.virtual_nodes = 64;
+    let err = start_err(&env).await;
+    assert!(err.contains("virtual_nodes from 256 to 64"), "{err}");
+
+    // The stored shard list (in any order) starts, and the row is where it was.
+    env.config.ring.virtual_nodes = 256;
+    env.config.shards = stored.iter().rev().cloned().collect();
+    env.start_proxy().await;
+    assert_eq!(epochs(&env).await.len(), 3, "no new epoch");
+    let c = env.client("tasks").await;
+    let n = c
+        .simple_query("SELECT id FROM tasks WHERE performer_id = 7")
+        .await
+        .expect("read")
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(n, 1);
+}
