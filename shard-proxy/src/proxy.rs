@@ -243,6 +243,31 @@ impl Proxy {
         Ok(epoch)
     }
 
+    /// Follows a ring epoch another proxy recorded (RELOAD with a new shard list while
+    /// every shard was empty): reloads with the stored shards and virtual nodes. Called
+    /// periodically; a failure is logged and retried on the next call.
+    pub async fn follow_stored_ring(&self) {
+        let stored = match epochs::current(&self.meta).await {
+            Ok(Some(s)) if s.epoch != self.ring_epoch.load(Ordering::Relaxed) => s,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the stored ring");
+                return;
+            }
+        };
+        let mut config = (*self.config()).clone();
+        config.shards = stored.shards.clone();
+        config.ring.virtual_nodes = stored.virtual_nodes;
+        match self.reload(config).await {
+            Ok(summary) => {
+                tracing::info!(epoch = stored.epoch, %summary, "following the ring epoch another proxy recorded")
+            }
+            Err(e) => {
+                tracing::warn!(epoch = stored.epoch, error = %e, "cannot follow the stored ring epoch")
+            }
+        }
+    }
+
     /// The epoch a verdict leaves current, recording a new one when it says so.
     async fn settle_epoch(
         &self,

@@ -112,6 +112,13 @@ pub async fn start(
     tracing::info!(instance = %proxy.meta.instance, "registered in taskflow_meta.proxies");
     let epoch = proxy.adopt_ring().await?;
     tracing::info!(epoch, "routing by the stored ring epoch");
+    let imported = crate::session::txn::import_legacy_decisions(&proxy).await?;
+    if imported > 0 {
+        tracing::info!(
+            imported,
+            "moved 2PC decision files of an earlier version into taskflow_meta.decisions"
+        );
+    }
     let resolved = crate::session::txn::resolve_in_doubt(&proxy, true).await;
     if resolved > 0 {
         tracing::info!(
@@ -238,7 +245,8 @@ async fn serve_client(
     result
 }
 
-/// Every 5 s: pool gauges, health probes of unhealthy shards, 2PC resolution.
+/// Every 5 s: pool gauges, health probes of unhealthy shards, 2PC resolution, and the
+/// stored ring epoch (followed when another proxy recorded a new one).
 async fn maintenance(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -256,6 +264,7 @@ async fn maintenance(proxy: Arc<Proxy>, shutdown: CancellationToken) {
         }
         // Every tick: another proxy's leftovers are resolved soon after it dies.
         crate::session::txn::resolve_in_doubt(&proxy, false).await;
+        proxy.follow_stored_ring().await;
     }
 }
 

@@ -56,10 +56,20 @@ async fn a_restart_never_silently_reroutes() {
         url: shard_url(spare).replace("/tasks", "/tasks4"),
     };
 
-    // While every shard is empty, a restart with a fourth shard records epoch 2.
-    env.stop_proxy().await;
-    env.config.shards.push(fourth.clone());
-    env.start_proxy().await;
+    // While every shard is empty, a RELOAD with a fourth shard on one proxy records
+    // epoch 2, and a second proxy over the same shards follows it.
+    let mut other = env.config.clone();
+    other.metadata.instance_id = Some("proxy-b".into());
+    other.state_dir = env.dir.path().join("state-b");
+    let (b, _) = server::start(other, None, CancellationToken::new())
+        .await
+        .expect("second proxy");
+    let mut four = env.config.clone();
+    four.shards.push(fourth.clone());
+    let a = env.proxy.as_ref().expect("running").proxy.clone();
+    a.reload(four)
+        .await
+        .expect("reload with shard-4 while empty");
     let e = epochs(&env).await;
     assert_eq!(e.len(), 2);
     assert_eq!(
@@ -67,6 +77,16 @@ async fn a_restart_never_silently_reroutes() {
         (2, "shard-1,shard-2,shard-3,shard-4".into(), "active".into())
     );
     assert_eq!(e[0].2, "retired");
+    let mut followed = false;
+    for _ in 0..100 {
+        if b.proxy.topology().shards.len() == 4 {
+            followed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(followed, "the second proxy follows the stored epoch");
+    b.stop(std::time::Duration::from_secs(1)).await;
     env.stop_proxy().await;
     env.config.shards = stored.clone();
     env.start_proxy().await;
@@ -109,4 +129,25 @@ async fn a_restart_never_silently_reroutes() {
         .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
         .count();
     assert_eq!(n, 1);
+
+    // SHOW PROXIES lists the registry; this proxy routes by epoch 3.
+    let admin = env.client("admin").await;
+    let listed: Vec<Vec<String>> = admin
+        .simple_query("SHOW PROXIES")
+        .await
+        .expect("SHOW PROXIES")
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    let this: Vec<&Vec<String>> = listed.iter().filter(|r| r[6] == "true").collect();
+    assert_eq!(this.len(), 1, "{listed:?}");
+    assert_eq!(this[0][5], "true", "alive");
+    assert_eq!(this[0][7], "3", "ring epoch");
 }

@@ -14,6 +14,8 @@ pub enum Command {
     ShowPools,
     ShowClients,
     ShowStats,
+    /// `SHOW PROXIES`: the proxies registered in `taskflow_meta.proxies`.
+    ShowProxies,
     /// `SHOW SHARD FOR <key>`: which shard owns a `performer_id`.
     ShowShardFor(i64),
     Pause,
@@ -28,7 +30,7 @@ pub enum CommandError {
     BadKey(String),
     #[error("online migration is not available in this version")]
     NotAvailable,
-    #[error("unknown admin command \"{0}\"; try SHOW SHARDS | RING | POOLS | CLIENTS | STATS, SHOW SHARD FOR <key>, PAUSE, RESUME, RELOAD")]
+    #[error("unknown admin command \"{0}\"; try SHOW SHARDS | RING | POOLS | CLIENTS | STATS | PROXIES, SHOW SHARD FOR <key>, PAUSE, RESUME, RELOAD")]
     Unknown(String),
 }
 
@@ -56,6 +58,7 @@ impl Command {
             ["SHOW", "POOLS"] => Command::ShowPools,
             ["SHOW", "CLIENTS"] => Command::ShowClients,
             ["SHOW", "STATS"] => Command::ShowStats,
+            ["SHOW", "PROXIES"] => Command::ShowProxies,
             ["SHOW", "SHARD", "FOR", key] => key
                 .trim_matches('\'')
                 .parse::<i64>()
@@ -85,6 +88,7 @@ mod tests {
             Ok(Command::ShowShardFor(42))
         );
         assert_eq!(Command::parse("pause"), Ok(Command::Pause));
+        assert_eq!(Command::parse("show proxies"), Ok(Command::ShowProxies));
     }
 
     #[test]

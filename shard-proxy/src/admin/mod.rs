@@ -130,6 +130,7 @@ pub async fn execute(proxy: &Arc<Proxy>, stmt: &str) -> Answer {
         Ok(Command::ShowPools) => show::pools(proxy),
         Ok(Command::ShowClients) => show::clients(proxy),
         Ok(Command::ShowStats) => show::stats(proxy),
+        Ok(Command::ShowProxies) => show::proxies(proxy).await,
         Ok(Command::ShowShardFor(key)) => show::shard_for(proxy, key),
         Ok(Command::Pause) => control::pause(proxy).await,
         Ok(Command::Resume) => control::resume(proxy),

@@ -41,6 +41,17 @@ pub fn parse(gid: &str) -> Option<Parsed<'_>> {
     }
 }
 
+/// The shard a gid names (either format).
+pub fn shard_of(gid: &str) -> Option<&str> {
+    let rest = gid.strip_prefix(GID_PREFIX)?.get(32..)?;
+    match rest.as_bytes().first() {
+        Some(b'_') => rest.get(1..),
+        Some(b'.') => rest.rsplit('.').next(),
+        _ => None,
+    }
+    .filter(|s| !s.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +74,7 @@ mod tests {
         assert_eq!(parse("taskflow_short_shard-1"), None);
         assert_eq!(parse(&format!("other_{id}_x")), None);
         assert_eq!(parse(&format!("taskflow_{id}..shard-1")), None);
+        assert_eq!(shard_of(&g), Some("shard_1"));
+        assert_eq!(shard_of(&format!("taskflow_{id}_shard_1")), Some("shard_1"));
     }
 }

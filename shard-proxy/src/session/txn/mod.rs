@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub use gid::GID_PREFIX;
-pub use recovery::{finish_commits, resolve_in_doubt};
+pub use recovery::{finish_commits, import_legacy_decisions, resolve_in_doubt};
 
 use crate::backend::Pooled;
 use crate::session::{ExecError, Session, Txn};

@@ -89,6 +89,36 @@ pub async fn resolve_in_doubt(proxy: &Proxy, startup: bool) -> usize {
     resolved
 }
 
+/// Moves commit decisions an earlier version kept as files (`state_dir/2pc/<id>.commit`,
+/// one gid a line) into `taskflow_meta.decisions`, so an upgrade never rolls back a
+/// transaction that version had decided to commit. Returns how many it moved.
+pub async fn import_legacy_decisions(proxy: &Proxy) -> Result<usize, crate::meta::MetaError> {
+    let dir = proxy.state_dir.join("2pc");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut moved = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".commit"))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let gids: Vec<String> = text.lines().map(str::to_owned).collect();
+        decisions::decide_commit(&proxy.meta, &id, &gids).await?;
+        let _ = std::fs::remove_file(&path);
+        moved += 1;
+    }
+    Ok(moved)
+}
+
 /// A commit decision older than this is finished by recovery even if its owner lives.
 const COMMIT_STALE_SECS: i64 = 10;
 
@@ -129,7 +159,7 @@ async fn commit_gids(proxy: &Proxy, gids: &[String]) -> (usize, bool) {
     let topo = proxy.topology();
     let (mut committed, mut all) = (0, true);
     for g in gids {
-        let shard = g.rsplit('.').next().unwrap_or_default();
+        let shard = gid::shard_of(g).unwrap_or_default();
         let Some(pool) = topo.pool_by_name(shard) else {
             tracing::warn!(gid = %g, "a commit decision names a shard that is not configured");
             all = false;
