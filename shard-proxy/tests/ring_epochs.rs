@@ -151,3 +151,72 @@ async fn a_restart_never_silently_reroutes() {
     assert_eq!(this[0][5], "true", "alive");
     assert_eq!(this[0][7], "3", "ring epoch");
 }
+
+fn row_count(messages: &[tokio_postgres::SimpleQueryMessage]) -> usize {
+    messages
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count()
+}
+
+/// `ADD SHARD` applies the shard schema, then changes the ring through the same rule as a
+/// RELOAD: accepted while every shard is empty, refused (naming the change) once one holds
+/// rows; `REMOVE SHARD` likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_and_remove_shard_from_the_console() {
+    let env = Env::start(2).await;
+    env.shard(1)
+        .await
+        .simple_query("CREATE DATABASE tasks3")
+        .await
+        .expect("create database");
+    let url = shard_url(env.shards.ports()[1]).replace("/tasks", "/tasks3");
+    let admin = env.client("admin").await;
+    admin
+        .simple_query(&format!("ADD SHARD shard-3 '{url}'"))
+        .await
+        .expect("ADD SHARD while every shard is empty");
+    let c3 = env.shards[1].client("tasks3").await.expect("client");
+    c3.query_one("SELECT count(*) FROM task_observers", &[])
+        .await
+        .expect("the new shard has the schema");
+    let shards = admin
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS");
+    assert_eq!(row_count(&shards), 3);
+    assert_eq!(epochs(&env).await.len(), 2);
+
+    let c = env.client("tasks").await;
+    c.simple_query("INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, 7, 1, 't')")
+        .await
+        .expect("insert");
+    let err = admin
+        .simple_query("REMOVE SHARD shard-3")
+        .await
+        .expect_err("rows would be re-routed");
+    let msg = format!("{err:?}");
+    assert!(
+        msg.contains("removes shard-3") && msg.contains("holds rows"),
+        "{msg}"
+    );
+    let err = admin
+        .simple_query(&format!("ADD SHARD shard-4 '{url}'"))
+        .await
+        .expect_err("rows would be re-routed");
+    assert!(format!("{err:?}").contains("adds shard-4"), "{err:?}");
+
+    c.simple_query("DELETE FROM tasks WHERE performer_id = 7")
+        .await
+        .expect("delete");
+    admin
+        .simple_query("REMOVE SHARD shard-3")
+        .await
+        .expect("REMOVE SHARD once empty");
+    let shards = admin
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS");
+    assert_eq!(row_count(&shards), 2);
+    assert_eq!(epochs(&env).await.len(), 3);
+}

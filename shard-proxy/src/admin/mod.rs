@@ -8,6 +8,7 @@
 
 mod command;
 mod control;
+mod shards;
 mod show;
 
 use std::sync::Arc;
@@ -135,6 +136,8 @@ pub async fn execute(proxy: &Arc<Proxy>, stmt: &str) -> Answer {
         Ok(Command::Pause) => control::pause(proxy).await,
         Ok(Command::Resume) => control::resume(proxy),
         Ok(Command::Reload) => control::reload(proxy).await,
+        Ok(Command::AddShard { name, url }) => shards::add(proxy, &name, &url).await,
+        Ok(Command::RemoveShard(name)) => shards::remove(proxy, &name).await,
         Err(e) => Answer::Error(e.code(), e.to_string()),
     }
 }

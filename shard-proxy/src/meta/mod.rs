@@ -84,6 +84,11 @@ impl Meta {
         })
     }
 
+    /// The role and password the proxy logs in to backends with.
+    pub fn backend_login(&self) -> (&str, Option<&str>) {
+        (&self.backend_user, self.backend_password.as_deref())
+    }
+
     /// A pool to a shard known only by name and URL (e.g. from a stored ring epoch).
     pub fn pool_for(&self, name: &str, url: &str) -> Result<Arc<Pool>, MetaError> {
         let target = BackendTarget::parse(url)
