@@ -10,7 +10,6 @@
 //! too, or the next restart refuses the (then different) file.
 
 use proxy_core::wire::sqlstate;
-use taskflow_kit::config::DaemonConfig;
 
 use super::Answer;
 use crate::config::{BackendTarget, ShardConfig};
@@ -29,8 +28,9 @@ pub(super) async fn add(proxy: &Proxy, name: &str, url: &str) -> Answer {
         name: name.to_owned(),
         url: url.to_owned(),
     });
-    if let Err(e) = config.validate() {
-        return Answer::Error(sqlstate::SYNTAX_ERROR, e.to_string());
+    // The name was checked by the command parser; the URL is checked here.
+    if let Err(e) = BackendTarget::parse(url) {
+        return Answer::Error(sqlstate::SYNTAX_ERROR, format!("shard {name}: {e}"));
     }
     match apply_schema(proxy, url).await {
         Ok(applied) => tracing::info!(shard = name, ?applied, "shard schema applied"),
