@@ -37,7 +37,7 @@ pub type RepairFn = Box<
 >;
 
 /// How often one read repairs before it reads anyway.
-const MAX_REPAIRS: usize = 3;
+const MAX_REPAIRS: usize = 1;
 
 /// Advisory-lock key of the fence (`"tffence!"` in ASCII).
 const FENCE_KEY: i64 = 0x7466_6665_6e63_6521;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::gid;
 use crate::backend::{BackendError, Pooled};
 use crate::meta::decisions::{self, Outcome};
+use crate::meta::fence::ExclusiveGuard;
 use crate::proxy::Proxy;
 use crate::session::{ExecError, Txn};
 use proxy_core::wire::sqlstate;
@@ -49,10 +50,18 @@ pub(super) async fn commit(proxy: &Proxy, t: Txn) -> Result<(), ExecError> {
         })
         .collect();
     let (prepared, failure) = prepare_all(conns).await;
+    // The fence is taken before the decision is recorded and released (by the
+    // transaction that deletes it) after the fan-out: a reader holding the fence shared
+    // that still finds a `commit` decision knows its owner died mid-way.
+    let mut fence = None;
     let decision = match failure {
         Some(why) => Err(why),
         None => {
             hook("before-decision").await;
+            let f = fence.insert(proxy.commit_fence.exclusive().await);
+            if !f.complete {
+                tracing::warn!("commit fence not acquired in time; a concurrent scatter read may see this commit half done");
+            }
             let gids: Vec<String> = prepared.iter().map(|(g, _)| g.clone()).collect();
             match decisions::decide_commit(&proxy.meta, &id, &gids).await {
                 Ok(Outcome::Commit) => Ok(()),
@@ -63,16 +72,17 @@ pub(super) async fn commit(proxy: &Proxy, t: Txn) -> Result<(), ExecError> {
             }
         }
     };
-    if let Err(why) = decision {
+    let (Ok(()), Some(fence)) = (&decision, fence) else {
         rollback_prepared(prepared).await;
         proxy.metrics.two_phase_aborts.inc();
+        let why = decision.err().unwrap_or_default();
         return Err(ExecError::sql(
             sqlstate::TRANSACTION_ROLLBACK,
             format!("transaction rolled back on every shard: {why}"),
         ));
-    }
+    };
     hook("after-decision").await;
-    commit_prepared(proxy, prepared, &id).await;
+    commit_prepared(proxy, prepared, &id, fence).await;
     proxy.metrics.two_phase_commits.inc();
     proxy.stats.two_phase.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -136,19 +146,20 @@ async fn rollback_prepared(prepared: Vec<(String, Pooled)>) {
     }
 }
 
-/// `COMMIT PREPARED` everywhere, holding the commit fence so scatter readers see the
-/// commit on every shard or on none. When every shard committed, the decision is deleted
-/// in the transaction that releases the fence (so a reader that finds a `commit` decision
-/// knows it may be half applied); what fails is finished by recovery from the decision.
+/// `COMMIT PREPARED` everywhere, holding the commit fence (taken by the caller before it
+/// recorded the decision) so scatter readers see the commit on every shard or on none.
+/// When every shard committed, the decision is deleted in the transaction that releases
+/// the fence; what fails is finished by recovery from the decision.
 ///
-/// The fence wait is bounded: a scatter read that itself waits on a row lock of this
+/// The fence wait was bounded: a scatter read that itself waits on a row lock of this
 /// transaction (`SELECT … FOR UPDATE`) must not deadlock the commit. After the wait the
 /// commit goes ahead (logged), and a concurrent scatter read may see it half done.
-async fn commit_prepared(proxy: &Proxy, prepared: Vec<(String, Pooled)>, id: &str) {
-    let mut fence = proxy.commit_fence.exclusive().await;
-    if !fence.complete {
-        tracing::warn!("commit fence not acquired in time; a concurrent scatter read may see this commit half done");
-    }
+async fn commit_prepared(
+    proxy: &Proxy,
+    prepared: Vec<(String, Pooled)>,
+    id: &str,
+    mut fence: ExclusiveGuard<'_>,
+) {
     let mut all = true;
     for (i, (gid, mut conn)) in prepared.into_iter().enumerate() {
         if i > 0 {
