@@ -14,7 +14,8 @@
 //!
 //! A proxy that dies in the middle of its fan-out releases the lock with its connection,
 //! leaving some shards committed and others prepared. The commit's decision row says so:
-//! it is deleted in the same transaction that releases the exclusive lock. So a reader
+//! the owner records it only while holding the exclusive lock, and deletes it in the same
+//! transaction that releases the lock. So a reader
 //! that holds the lock shared and still sees a `commit` decision knows its gids may be
 //! half applied; before reading it has them finished ([`Fence::set_repair`], which
 //! commits them under the exclusive lock) — the reader never sees the half state.
