@@ -95,11 +95,7 @@ pub async fn start(
         source,
     })?;
     let proxy = Proxy::new(config, config_path, Arc::new(metrics))?;
-    let applied = crate::meta::schema::migrate(&proxy.meta).await?;
-    if !applied.is_empty() {
-        tracing::info!(?applied, "metadata schema taskflow_meta migrated");
-    }
-    crate::meta::registry::register(&proxy.meta).await?;
+    prepare_metadata(&proxy).await?;
     let weak = Arc::downgrade(&proxy);
     proxy.commit_fence.set_repair(Box::new(move |pending| {
         let weak = weak.clone();
@@ -157,6 +153,32 @@ pub async fn start(
         },
         registry,
     ))
+}
+
+/// How long start-up waits for the metadata database (the auth cluster) to accept a
+/// connection, e.g. when the proxy boots before it.
+const METADATA_WAIT: Duration = Duration::from_secs(60);
+
+/// Migrates `taskflow_meta` and registers this proxy, waiting (bounded) for the auth
+/// cluster to come up; any other error is final.
+async fn prepare_metadata(proxy: &Proxy) -> Result<(), crate::meta::MetaError> {
+    let deadline = tokio::time::Instant::now() + METADATA_WAIT;
+    loop {
+        let attempt = async {
+            let applied = crate::meta::schema::migrate(&proxy.meta).await?;
+            if !applied.is_empty() {
+                tracing::info!(?applied, "metadata schema taskflow_meta migrated");
+            }
+            crate::meta::registry::register(&proxy.meta).await
+        };
+        match attempt.await {
+            Err(crate::meta::MetaError::Pool(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "waiting for the metadata database");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Accepts clients until `shutdown`; each runs in its own task tracked by `tracker`.
