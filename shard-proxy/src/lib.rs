@@ -13,6 +13,7 @@ pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod frontend;
+pub mod meta;
 pub mod metrics;
 pub mod proxy;
 pub mod scram;

@@ -19,7 +19,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::backend::Pool;
-use crate::config::{resolve, BackendTarget, ProxyConfig, SetupError, User};
+use crate::config::{resolve, BackendTarget, FenceScope, ProxyConfig, SetupError, User};
+use crate::meta::epochs::{self, Verdict};
+use crate::meta::{Fence, Meta};
 use crate::metrics::Metrics;
 use crate::scram::{random_bytes, Verifier};
 use proxy_core::ring::Ring;
@@ -102,9 +104,13 @@ pub struct Proxy {
     /// Makes a cross-shard commit atomic to scatter readers: the `COMMIT PREPARED` fan-out
     /// holds it exclusively, a scatter read holds it shared. Without it a read running
     /// between two shards' `COMMIT PREPARED` sees a row moved between shards on neither
-    /// (or on both). Per process, and bounded (see `session::txn`): several proxies in
-    /// front of the same shards are not fenced against each other.
-    pub commit_fence: tokio::sync::RwLock<()>,
+    /// (or on both). Spans every proxy with `metadata.fence = "cluster"` (see
+    /// [`crate::meta::fence`]); bounded.
+    pub commit_fence: Fence,
+    /// The proxies' shared metadata (2PC decisions, registry) on the auth cluster.
+    pub meta: Arc<Meta>,
+    /// The stored ring epoch this proxy routes by (`taskflow_meta.ring_epochs`).
+    pub ring_epoch: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +130,12 @@ impl Proxy {
         config_path: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Proxy>, SetupError> {
+        let password = resolve(&config)?.backend_password;
+        let meta = Arc::new(Meta::new(&config, password.as_deref())?);
+        let commit_fence = Fence::new(
+            (config.metadata.fence == FenceScope::Cluster).then(|| meta.pool.clone()),
+            std::time::Duration::from_millis(config.metadata.fence_wait_ms),
+        );
         let snapshot = build_snapshot(config, None)?;
         let mock_key = random_bytes::<32>().map_err(|e| SetupError::Load(e.to_string()))?;
         let (paused, _) = watch::channel(false);
@@ -141,7 +153,9 @@ impl Proxy {
             paused,
             started: Instant::now(),
             stats: ProxyStats::default(),
-            commit_fence: tokio::sync::RwLock::new(()),
+            commit_fence,
+            meta,
+            ring_epoch: std::sync::atomic::AtomicI64::new(0),
         }))
     }
 
@@ -170,8 +184,9 @@ impl Proxy {
     }
 
     /// Replaces the configuration: builds and validates the complete new snapshot first,
-    /// then stores it in one step. On error the running state is untouched. A ring change
-    /// over shards that hold rows is refused. Listeners and the state directory are fixed
+    /// then stores it in one step. On error the running state is untouched. A ring that
+    /// differs from the stored epoch is refused while a current shard holds rows, else
+    /// recorded as the next epoch. Listeners and the state directory are fixed
     /// at start; changing them needs a restart (logged).
     pub async fn reload(&self, config: ProxyConfig) -> Result<String, SetupError> {
         let _serial = self.reload_lock.lock().await;
@@ -181,8 +196,17 @@ impl Proxy {
         {
             tracing::warn!("listen addresses changed: takes effect after a restart");
         }
-        self.check_ring_change(&config).await?;
+        let verdict = epochs::check(
+            &self.meta,
+            &config.shards,
+            config.ring.virtual_nodes,
+            &current.topology.shards,
+            &current.topology.sharded_tables,
+        )
+        .await?;
         let next = build_snapshot(config, Some(&current.topology))?;
+        let epoch = self.settle_epoch(verdict, &next.config).await?;
+        self.ring_epoch.store(epoch, Ordering::Relaxed);
         let summary = format!(
             "{} shard(s): {}; {} user(s)",
             next.topology.shards.len(),
@@ -200,57 +224,70 @@ impl Proxy {
         self.reload(cfg).await
     }
 
-    /// Refuses a configuration whose ring would re-route keys while a current shard holds
-    /// rows of a sharded table: without online migration those rows would become
-    /// unreachable. Shards may be added, removed or renamed freely while they are all empty
-    /// (a new deployment), and a shard's URL may change at any time.
-    async fn check_ring_change(&self, config: &ProxyConfig) -> Result<(), SetupError> {
-        let current = self.topology();
-        let mut old_names: Vec<&str> = current.ring.shards().iter().map(String::as_str).collect();
-        let mut new_names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
-        old_names.sort_unstable();
-        new_names.sort_unstable();
-        if old_names == new_names && current.ring.virtual_nodes() == config.ring.virtual_nodes {
-            return Ok(());
-        }
-        let probe = current
-            .sharded_tables
-            .iter()
-            .map(|t| format!("(SELECT 1 FROM \"{}\" LIMIT 1)", t.replace('"', "\"\"")))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        let refuse = |message: String| SetupError::Config {
-            key: "shards".into(),
-            message,
+    /// Compares the running configuration's ring with the stored epoch (start-up): adopts
+    /// it, records it (first proxy, or every shard still empty), or refuses naming the
+    /// difference.
+    pub async fn adopt_ring(&self) -> Result<i64, SetupError> {
+        let snap = self.snapshot();
+        let topo = &snap.topology;
+        let verdict = epochs::check(
+            &self.meta,
+            &snap.config.shards,
+            topo.ring.virtual_nodes(),
+            &topo.shards,
+            &topo.sharded_tables,
+        )
+        .await?;
+        let epoch = self.settle_epoch(verdict, &snap.config).await?;
+        self.ring_epoch.store(epoch, Ordering::Relaxed);
+        Ok(epoch)
+    }
+
+    /// Follows a ring epoch another proxy recorded (RELOAD with a new shard list while
+    /// every shard was empty): reloads with the stored shards and virtual nodes. Called
+    /// periodically; a failure is logged and retried on the next call.
+    pub async fn follow_stored_ring(&self) {
+        let stored = match epochs::current(&self.meta).await {
+            Ok(Some(s)) if s.epoch != self.ring_epoch.load(Ordering::Relaxed) => s,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the stored ring");
+                return;
+            }
         };
-        for pool in &current.shards {
-            let mut conn = pool.get().await.map_err(|e| {
-                refuse(format!(
-                    "the shard list or ring changes which shard owns which performer_id; cannot check that {} holds no rows: {e}",
-                    pool.name
-                ))
-            })?;
-            let result = conn.conn().simple_query(&probe).await;
-            match result {
-                Ok(r) => {
-                    conn.release();
-                    if !r.rows.is_empty() {
-                        return Err(refuse(format!(
-                            "the shard list or ring changes which shard owns which performer_id, and {} holds rows that would become unreachable; online migration is not available in this version, so the ring stays as it is",
-                            pool.name
-                        )));
-                    }
-                }
-                Err(e) => {
-                    conn.discard();
-                    return Err(refuse(format!(
-                        "the shard list or ring changes which shard owns which performer_id; cannot check that {} holds no rows: {e}",
-                        pool.name
-                    )));
-                }
+        let mut config = (*self.config()).clone();
+        config.shards = stored.shards.clone();
+        config.ring.virtual_nodes = stored.virtual_nodes;
+        match self.reload(config).await {
+            Ok(summary) => {
+                tracing::info!(epoch = stored.epoch, %summary, "following the ring epoch another proxy recorded")
+            }
+            Err(e) => {
+                tracing::warn!(epoch = stored.epoch, error = %e, "cannot follow the stored ring epoch")
             }
         }
-        Ok(())
+    }
+
+    /// The epoch a verdict leaves current, recording a new one when it says so.
+    async fn settle_epoch(
+        &self,
+        verdict: Verdict,
+        config: &ProxyConfig,
+    ) -> Result<i64, SetupError> {
+        match verdict {
+            Verdict::Same(epoch) => Ok(epoch),
+            Verdict::Record(after) => {
+                let epoch =
+                    epochs::record(&self.meta, after, &config.shards, config.ring.virtual_nodes)
+                        .await
+                        .map_err(|e| SetupError::Config {
+                            key: "shards".into(),
+                            message: format!("cannot record the ring: {e}"),
+                        })?;
+                tracing::info!(epoch, shards = ?config.shards.iter().map(|s| &s.name).collect::<Vec<_>>(), "ring epoch recorded");
+                Ok(epoch)
+            }
+        }
     }
 
     /// Registers a new client; returns its id, the (pid, secret) it is told in

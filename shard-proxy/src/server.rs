@@ -36,6 +36,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Meta(#[from] crate::meta::MetaError),
     #[error("listen {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -63,7 +65,14 @@ impl Running {
         {
             tracing::warn!("shutdown grace elapsed with clients still connected");
         }
-        for p in self.proxy.topology().all_pools() {
+        if let Err(e) = crate::meta::registry::deregister(&self.proxy.meta).await {
+            tracing::warn!(error = %e, "cannot remove this proxy from the registry");
+        }
+        let topo = self.proxy.topology();
+        for p in topo
+            .all_pools()
+            .chain(std::iter::once(&self.proxy.meta.pool))
+        {
             for c in p.drain_idle() {
                 c.terminate().await;
             }
@@ -81,13 +90,31 @@ pub async fn start(
     let (metrics, registry) = Metrics::new();
     let listen = config.listen;
     let state_dir = config.state_dir.clone();
-    std::fs::create_dir_all(crate::session::txn::decisions_dir(&state_dir)).map_err(|source| {
-        ServerError::StateDir {
-            path: state_dir.clone(),
-            source,
-        }
+    std::fs::create_dir_all(&state_dir).map_err(|source| ServerError::StateDir {
+        path: state_dir.clone(),
+        source,
     })?;
     let proxy = Proxy::new(config, config_path, Arc::new(metrics))?;
+    prepare_metadata(&proxy).await?;
+    let weak = Arc::downgrade(&proxy);
+    proxy.commit_fence.set_repair(Box::new(move |pending| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            if let Some(proxy) = weak.upgrade() {
+                crate::session::txn::finish_commits(&proxy, pending).await;
+            }
+        })
+    }));
+    tracing::info!(instance = %proxy.meta.instance, "registered in taskflow_meta.proxies");
+    let epoch = proxy.adopt_ring().await?;
+    tracing::info!(epoch, "routing by the stored ring epoch");
+    let imported = crate::session::txn::import_legacy_decisions(&proxy).await?;
+    if imported > 0 {
+        tracing::info!(
+            imported,
+            "moved 2PC decision files of an earlier version into taskflow_meta.decisions"
+        );
+    }
     let resolved = crate::session::txn::resolve_in_doubt(&proxy, true).await;
     if resolved > 0 {
         tracing::info!(
@@ -115,6 +142,7 @@ pub async fn start(
         tracker.clone(),
     ));
     tokio::spawn(maintenance(proxy.clone(), shutdown.clone()));
+    tokio::spawn(heartbeats(proxy.clone(), shutdown.clone()));
     tracing::info!(%addr, "shard proxy listening");
     Ok((
         Running {
@@ -125,6 +153,32 @@ pub async fn start(
         },
         registry,
     ))
+}
+
+/// How long start-up waits for the metadata database (the auth cluster) to accept a
+/// connection, e.g. when the proxy boots before it.
+const METADATA_WAIT: Duration = Duration::from_secs(60);
+
+/// Migrates `taskflow_meta` and registers this proxy, waiting (bounded) for the auth
+/// cluster to come up; any other error is final.
+async fn prepare_metadata(proxy: &Proxy) -> Result<(), crate::meta::MetaError> {
+    let deadline = tokio::time::Instant::now() + METADATA_WAIT;
+    loop {
+        let attempt = async {
+            let applied = crate::meta::schema::migrate(&proxy.meta).await?;
+            if !applied.is_empty() {
+                tracing::info!(?applied, "metadata schema taskflow_meta migrated");
+            }
+            crate::meta::registry::register(&proxy.meta).await
+        };
+        match attempt.await {
+            Err(crate::meta::MetaError::Pool(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "waiting for the metadata database");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Accepts clients until `shutdown`; each runs in its own task tracked by `tracker`.
@@ -213,16 +267,15 @@ async fn serve_client(
     result
 }
 
-/// Every 5 s: pool gauges and health probes of unhealthy shards; every 30 s: 2PC resolution.
+/// Every 5 s: pool gauges, health probes of unhealthy shards, 2PC resolution, and the
+/// stored ring epoch (followed when another proxy recorded a new one).
 async fn maintenance(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut n: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        n += 1;
         proxy.refresh_pool_metrics();
         for p in proxy.topology().all_pools() {
             if !p.healthy.load(std::sync::atomic::Ordering::Relaxed) {
@@ -231,8 +284,23 @@ async fn maintenance(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                 }
             }
         }
-        if n.is_multiple_of(6) {
-            crate::session::txn::resolve_in_doubt(&proxy, false).await;
+        // Every tick: another proxy's leftovers are resolved soon after it dies.
+        crate::session::txn::resolve_in_doubt(&proxy, false).await;
+        proxy.follow_stored_ring().await;
+    }
+}
+
+/// Every `metadata.heartbeat_secs`: tells the other proxies this one is alive.
+async fn heartbeats(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let every = Duration::from_secs(proxy.meta.settings.heartbeat_secs);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = crate::meta::registry::heartbeat(&proxy.meta).await {
+            tracing::warn!(error = %e, "heartbeat not recorded");
         }
     }
 }

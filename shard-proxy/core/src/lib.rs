@@ -7,6 +7,8 @@
 //!   cached) → [`router::Plan`] (target shards, per-shard SQL, merge spec).
 //! - [`merge`]: combines the rows of a scatter read (ORDER BY/LIMIT/OFFSET, aggregates,
 //!   GROUP BY, DISTINCT) with PostgreSQL's own output formats.
+//! - [`reshard`]: what differs between two rings (shards added/removed) and which keys
+//!   change owner.
 //! - [`oid`]: the PostgreSQL type OIDs the proxy interprets, in one table.
 //! - [`sqltext`]: leading-token readers for the statements the proxy keeps itself (`SET`,
 //!   SQL-level `PREPARE`/`EXECUTE`, `COPY … FROM STDIN`), where a full parse would cost
@@ -21,6 +23,7 @@
 
 pub mod merge;
 pub mod oid;
+pub mod reshard;
 pub mod ring;
 pub mod router;
 pub mod sqltext;

@@ -14,11 +14,20 @@ pub enum Command {
     ShowPools,
     ShowClients,
     ShowStats,
+    /// `SHOW PROXIES`: the proxies registered in `taskflow_meta.proxies`.
+    ShowProxies,
     /// `SHOW SHARD FOR <key>`: which shard owns a `performer_id`.
     ShowShardFor(i64),
     Pause,
     Resume,
     Reload,
+    /// `ADD SHARD <name> '<url>'`.
+    AddShard {
+        name: String,
+        url: String,
+    },
+    /// `REMOVE SHARD <name>`.
+    RemoveShard(String),
 }
 
 /// Why a line is not a command.
@@ -28,7 +37,9 @@ pub enum CommandError {
     BadKey(String),
     #[error("online migration is not available in this version")]
     NotAvailable,
-    #[error("unknown admin command \"{0}\"; try SHOW SHARDS | RING | POOLS | CLIENTS | STATS, SHOW SHARD FOR <key>, PAUSE, RESUME, RELOAD")]
+    #[error("usage: {0}")]
+    Usage(&'static str),
+    #[error("unknown admin command \"{0}\"; try SHOW SHARDS | RING | POOLS | CLIENTS | STATS | PROXIES, SHOW SHARD FOR <key>, PAUSE, RESUME, RELOAD")]
     Unknown(String),
 }
 
@@ -37,7 +48,9 @@ impl CommandError {
     pub fn code(&self) -> &'static str {
         match self {
             CommandError::NotAvailable => sqlstate::FEATURE_NOT_SUPPORTED,
-            CommandError::BadKey(_) | CommandError::Unknown(_) => sqlstate::SYNTAX_ERROR,
+            CommandError::BadKey(_) | CommandError::Unknown(_) | CommandError::Usage(_) => {
+                sqlstate::SYNTAX_ERROR
+            }
         }
     }
 }
@@ -56,6 +69,7 @@ impl Command {
             ["SHOW", "POOLS"] => Command::ShowPools,
             ["SHOW", "CLIENTS"] => Command::ShowClients,
             ["SHOW", "STATS"] => Command::ShowStats,
+            ["SHOW", "PROXIES"] => Command::ShowProxies,
             ["SHOW", "SHARD", "FOR", key] => key
                 .trim_matches('\'')
                 .parse::<i64>()
@@ -64,11 +78,36 @@ impl Command {
             ["PAUSE"] => Command::Pause,
             ["RESUME"] => Command::Resume,
             ["RELOAD"] => Command::Reload,
-            ["SHOW", "MIGRATIONS"] | ["ADD", "SHARD", ..] => {
-                return Err(CommandError::NotAvailable)
-            }
+            ["SHOW", "MIGRATIONS"] => return Err(CommandError::NotAvailable),
+            ["ADD", "SHARD", ..] | ["REMOVE", "SHARD", ..] => return shard_change(stmt),
             _ => return Err(CommandError::Unknown(stmt.to_owned())),
         })
+    }
+}
+
+/// `ADD SHARD <name> '<url>'` or `REMOVE SHARD <name>`, keeping the name's and URL's case.
+fn shard_change(stmt: &str) -> Result<Command, CommandError> {
+    let raw: Vec<&str> = stmt.split_whitespace().collect();
+    let usage = || CommandError::Usage("ADD SHARD <name> '<postgres://…>' | REMOVE SHARD <name>");
+    let name = raw.get(2).map(|n| n.trim_matches('"')).ok_or_else(usage)?;
+    let valid = !name.is_empty()
+        && name.len() <= 40
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid {
+        return Err(usage());
+    }
+    let adding = raw.first().is_some_and(|w| w.eq_ignore_ascii_case("ADD"));
+    match (adding, raw.get(3), raw.len()) {
+        (true, Some(url), 4) if url.len() > 2 && url.starts_with('\'') && url.ends_with('\'') => {
+            Ok(Command::AddShard {
+                name: name.to_owned(),
+                url: url[1..url.len() - 1].to_owned(),
+            })
+        }
+        (false, None, 3) => Ok(Command::RemoveShard(name.to_owned())),
+        _ => Err(usage()),
     }
 }
 
@@ -85,6 +124,20 @@ mod tests {
             Ok(Command::ShowShardFor(42))
         );
         assert_eq!(Command::parse("pause"), Ok(Command::Pause));
+        assert_eq!(Command::parse("show proxies"), Ok(Command::ShowProxies));
+        assert_eq!(
+            Command::parse("add shard Shard-4 'postgres://TaskFlow@h:5437/tasks'"),
+            Ok(Command::AddShard {
+                name: "Shard-4".into(),
+                url: "postgres://TaskFlow@h:5437/tasks".into()
+            })
+        );
+        assert_eq!(
+            Command::parse("REMOVE SHARD shard-4"),
+            Ok(Command::RemoveShard("shard-4".into()))
+        );
+        assert!(Command::parse("ADD SHARD shard-4").is_err());
+        assert!(Command::parse("ADD SHARD 'x y' 'u'").is_err());
     }
 
     #[test]

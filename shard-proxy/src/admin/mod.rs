@@ -8,6 +8,7 @@
 
 mod command;
 mod control;
+mod shards;
 mod show;
 
 use std::sync::Arc;
@@ -130,10 +131,13 @@ pub async fn execute(proxy: &Arc<Proxy>, stmt: &str) -> Answer {
         Ok(Command::ShowPools) => show::pools(proxy),
         Ok(Command::ShowClients) => show::clients(proxy),
         Ok(Command::ShowStats) => show::stats(proxy),
+        Ok(Command::ShowProxies) => show::proxies(proxy).await,
         Ok(Command::ShowShardFor(key)) => show::shard_for(proxy, key),
         Ok(Command::Pause) => control::pause(proxy).await,
         Ok(Command::Resume) => control::resume(proxy),
         Ok(Command::Reload) => control::reload(proxy).await,
+        Ok(Command::AddShard { name, url }) => shards::add(proxy, &name, &url).await,
+        Ok(Command::RemoveShard(name)) => shards::remove(proxy, &name).await,
         Err(e) => Answer::Error(e.code(), e.to_string()),
     }
 }

@@ -35,6 +35,43 @@ pub(super) fn shards(proxy: &Proxy) -> Answer {
     )
 }
 
+/// `SHOW PROXIES`: every proxy in `taskflow_meta.proxies`, its heartbeat, whether it
+/// counts as alive, which one is this proxy, and the ring epoch this proxy routes by.
+pub(super) async fn proxies(proxy: &Proxy) -> Answer {
+    let listed = match crate::meta::registry::list(&proxy.meta).await {
+        Ok(l) => l,
+        Err(e) => {
+            return Answer::Error(
+                proxy_core::wire::sqlstate::CONNECTION_FAILURE,
+                e.to_string(),
+            )
+        }
+    };
+    let epoch = proxy.ring_epoch.load(Ordering::Relaxed).to_string();
+    rows(
+        vec![
+            "instance_id",
+            "addr",
+            "pid",
+            "version",
+            "heartbeat_age_secs",
+            "alive",
+            "this_proxy",
+            "ring_epoch",
+        ],
+        listed
+            .into_iter()
+            .map(|r| {
+                let mut row: Vec<String> = r.into_iter().map(Option::unwrap_or_default).collect();
+                let this = row.first().is_some_and(|id| id == &proxy.meta.instance);
+                row.push(this.to_string());
+                row.push(if this { epoch.clone() } else { String::new() });
+                row
+            })
+            .collect(),
+    )
+}
+
 /// `SHOW RING`: virtual nodes and key-space ownership per shard.
 pub(super) fn ring(proxy: &Proxy) -> Answer {
     let topo = proxy.topology();

@@ -43,6 +43,8 @@ pub struct ProxyConfig {
     pub sharding: ShardingConfig,
     pub backend: BackendConfig,
     pub auth_database: AuthDatabaseConfig,
+    /// The proxies' shared state on the auth cluster (schema `taskflow_meta`).
+    pub metadata: MetadataConfig,
     pub shards: Vec<ShardConfig>,
 }
 
@@ -67,6 +69,7 @@ impl Default for ProxyConfig {
             sharding: ShardingConfig::default(),
             backend: BackendConfig::default(),
             auth_database: AuthDatabaseConfig::default(),
+            metadata: MetadataConfig::default(),
             shards: Vec::new(),
         }
     }
@@ -231,6 +234,74 @@ impl Default for AuthDatabaseConfig {
         AuthDatabaseConfig {
             url: "postgres://taskflow@127.0.0.1:5435/auth".into(),
         }
+    }
+}
+
+/// How proxies over the same shards coordinate: through the schema `taskflow_meta` on
+/// the auth cluster (2PC decisions, the proxies registry, the cross-proxy commit fence).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MetadataConfig {
+    /// This proxy's name in every 2PC gid and in the registry; ASCII letters, digits and
+    /// `-`, at most 40 characters. Unset: derived from the host name and listen port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// How often this proxy records that it is alive.
+    pub heartbeat_secs: u64,
+    /// A proxy whose last heartbeat is older than this is dead: another proxy may roll
+    /// back its undecided prepared transactions.
+    pub dead_after_secs: u64,
+    /// `cluster`: scatter reads and cross-shard commits of every proxy are fenced against
+    /// each other by an advisory lock on the auth cluster. `process`: only within this
+    /// process (one proxy, one less round trip per scatter read).
+    pub fence: FenceScope,
+    /// Longest a cross-shard commit waits for running scatter reads before it goes ahead.
+    pub fence_wait_ms: u64,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        MetadataConfig {
+            instance_id: None,
+            heartbeat_secs: 5,
+            dead_after_secs: 30,
+            fence: FenceScope::Cluster,
+            fence_wait_ms: 2000,
+        }
+    }
+}
+
+/// Where the scatter-read/commit fence holds (`metadata.fence`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FenceScope {
+    Cluster,
+    Process,
+}
+
+impl MetadataConfig {
+    /// The configured instance id, or `<host>-<port>` (`<host>-<hash of state_dir>` when
+    /// the port is chosen by the system), made of valid characters only.
+    pub fn instance_id(&self, listen: SocketAddr, state_dir: &std::path::Path) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "proxy".into());
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(24)
+            .collect();
+        let suffix = if listen.port() == 0 {
+            let h = xxhash_rust::xxh64::xxh64(state_dir.as_os_str().as_encoded_bytes(), 0);
+            format!("{:08x}", h as u32)
+        } else {
+            listen.port().to_string()
+        };
+        format!("{host}-{suffix}")
     }
 }
 

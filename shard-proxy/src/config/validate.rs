@@ -16,7 +16,42 @@ pub(super) fn validate(c: &ProxyConfig) -> Result<(), ConfigError> {
     tls(c)?;
     limits(c)?;
     sharding(c)?;
+    metadata(c)?;
     backends(c)
+}
+
+fn metadata(c: &ProxyConfig) -> Result<(), ConfigError> {
+    let m = &c.metadata;
+    if let Some(id) = &m.instance_id {
+        if id.is_empty()
+            || id.len() > 40
+            || !id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+        {
+            return Err(ConfigError::invalid(
+                "metadata.instance_id",
+                "must be 1 to 40 ASCII letters, digits or `-`",
+            ));
+        }
+    }
+    if m.heartbeat_secs == 0 {
+        return Err(ConfigError::invalid(
+            "metadata.heartbeat_secs",
+            "must be at least 1",
+        ));
+    }
+    if m.dead_after_secs < 2 * m.heartbeat_secs {
+        return Err(ConfigError::invalid(
+            "metadata.dead_after_secs",
+            "must be at least twice metadata.heartbeat_secs",
+        ));
+    }
+    if m.fence_wait_ms == 0 || m.fence_wait_ms > 60_000 {
+        return Err(ConfigError::invalid(
+            "metadata.fence_wait_ms",
+            "must be between 1 and 60000",
+        ));
+    }
+    Ok(())
 }
 
 fn users(c: &ProxyConfig) -> Result<(), ConfigError> {

@@ -4,12 +4,13 @@
 //!
 //! Why 2PC with a durable decision log: a cross-shard write must commit on all shards or
 //! none, even if a shard or the proxy dies half-way. Each shard first `PREPARE
-//! TRANSACTION 'taskflow_<uuid>_<shard>'`; only when every shard prepared does the proxy
-//! record (and fsync) the decision ([`decision_log`]), then `COMMIT PREPARED` everywhere
-//! ([`two_phase`]). [`recovery`] commits prepared transactions whose decision exists and
-//! rolls back the others.
+//! TRANSACTION 'taskflow_<uuid>.<instance>.<shard>'` ([`gid`]); only when every shard
+//! prepared does the proxy record the decision in the shared metadata
+//! ([`crate::meta::decisions`]), then `COMMIT PREPARED` everywhere ([`two_phase`]).
+//! [`recovery`] — run by any proxy — commits prepared transactions whose decision is
+//! `commit` and rolls back those whose owner is gone without deciding.
 
-mod decision_log;
+mod gid;
 mod one_phase;
 mod recovery;
 mod two_phase;
@@ -17,8 +18,8 @@ mod two_phase;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-pub use decision_log::{decisions_dir, GID_PREFIX};
-pub use recovery::resolve_in_doubt;
+pub use gid::GID_PREFIX;
+pub use recovery::{finish_commits, import_legacy_decisions, resolve_in_doubt};
 
 use crate::backend::Pooled;
 use crate::session::{ExecError, Session, Txn};

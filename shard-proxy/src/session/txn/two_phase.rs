@@ -1,18 +1,18 @@
 //! Two-phase commit across shards: `PREPARE TRANSACTION` everywhere, record the decision
-//! durably, then `COMMIT PREPARED` everywhere under the commit fence — or, if any shard
-//! failed to prepare, `ROLLBACK PREPARED` everywhere.
+//! durably in `taskflow_meta.decisions`, then `COMMIT PREPARED` everywhere under the
+//! commit fence — or, if any shard failed to prepare (or a recovering proxy already
+//! decided to abort), `ROLLBACK PREPARED` everywhere.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::decision_log;
+use super::gid;
 use crate::backend::{BackendError, Pooled};
+use crate::meta::decisions::{self, Outcome};
+use crate::meta::fence::ExclusiveGuard;
 use crate::proxy::Proxy;
 use crate::session::{ExecError, Txn};
 use proxy_core::wire::sqlstate;
-
-/// How long a cross-shard commit waits for running scatter reads before it goes ahead.
-const COMMIT_FENCE_WAIT: Duration = Duration::from_secs(2);
 
 /// Test hook (`TFSP_TEST_2PC_HOOK`): `abort-before-decision`,
 /// `abort-after-decision`, or `sleep-<stage>=<ms>`. Used by the crash tests only.
@@ -46,32 +46,43 @@ pub(super) async fn commit(proxy: &Proxy, t: Txn) -> Result<(), ExecError> {
                 .shards
                 .get(s)
                 .map_or_else(|| c.pool().name.clone(), |p| p.name.clone());
-            (decision_log::gid(&id, &name), c)
+            (gid::gid(&id, &proxy.meta.instance, &name), c)
         })
         .collect();
     let (prepared, failure) = prepare_all(conns).await;
+    // The fence is taken before the decision is recorded and released (by the
+    // transaction that deletes it) after the fan-out: a reader holding the fence shared
+    // that still finds a `commit` decision knows its owner died mid-way.
+    let mut fence = None;
     let decision = match failure {
         Some(why) => Err(why),
         None => {
             hook("before-decision").await;
-            let gids = prepared.iter().map(|(g, _)| g.clone()).collect();
-            decision_log::record(&proxy.state_dir, &id, gids)
-                .await
-                .map_err(|e| format!("cannot record the commit decision: {e}"))
+            let f = fence.insert(proxy.commit_fence.exclusive().await);
+            if !f.complete {
+                tracing::warn!("commit fence not acquired in time; a concurrent scatter read may see this commit half done");
+            }
+            let gids: Vec<String> = prepared.iter().map(|(g, _)| g.clone()).collect();
+            match decisions::decide_commit(&proxy.meta, &id, &gids).await {
+                Ok(Outcome::Commit) => Ok(()),
+                Ok(Outcome::Abort) => {
+                    Err("another proxy took this one for dead and abandoned the transaction".into())
+                }
+                Err(e) => Err(format!("cannot record the commit decision: {e}")),
+            }
         }
     };
-    if let Err(why) = decision {
+    let (Ok(()), Some(fence)) = (&decision, fence) else {
         rollback_prepared(prepared).await;
         proxy.metrics.two_phase_aborts.inc();
+        let why = decision.err().unwrap_or_default();
         return Err(ExecError::sql(
             sqlstate::TRANSACTION_ROLLBACK,
             format!("transaction rolled back on every shard: {why}"),
         ));
-    }
+    };
     hook("after-decision").await;
-    if commit_prepared(proxy, prepared).await {
-        decision_log::forget(&proxy.state_dir, &id);
-    }
+    commit_prepared(proxy, prepared, &id, fence).await;
     proxy.metrics.two_phase_commits.inc();
     proxy.stats.two_phase.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -135,20 +146,20 @@ async fn rollback_prepared(prepared: Vec<(String, Pooled)>) {
     }
 }
 
-/// `COMMIT PREPARED` everywhere, holding the commit fence so scatter readers see the
-/// commit on every shard or on none. Returns true when every shard committed (the
-/// decision can be forgotten); what fails is finished by recovery from the decision.
+/// `COMMIT PREPARED` everywhere, holding the commit fence (taken by the caller before it
+/// recorded the decision) so scatter readers see the commit on every shard or on none.
+/// When every shard committed, the decision is deleted in the transaction that releases
+/// the fence; what fails is finished by recovery from the decision.
 ///
-/// The fence wait is bounded: a scatter read that itself waits on a row lock of this
+/// The fence wait was bounded: a scatter read that itself waits on a row lock of this
 /// transaction (`SELECT … FOR UPDATE`) must not deadlock the commit. After the wait the
 /// commit goes ahead (logged), and a concurrent scatter read may see it half done.
-async fn commit_prepared(proxy: &Proxy, prepared: Vec<(String, Pooled)>) -> bool {
-    let fence = tokio::time::timeout(COMMIT_FENCE_WAIT, proxy.commit_fence.write())
-        .await
-        .ok();
-    if fence.is_none() {
-        tracing::warn!("commit fence not acquired in time; a concurrent scatter read may see this commit half done");
-    }
+async fn commit_prepared(
+    proxy: &Proxy,
+    prepared: Vec<(String, Pooled)>,
+    id: &str,
+    mut fence: ExclusiveGuard<'_>,
+) {
     let mut all = true;
     for (i, (gid, mut conn)) in prepared.into_iter().enumerate() {
         if i > 0 {
@@ -160,13 +171,24 @@ async fn commit_prepared(proxy: &Proxy, prepared: Vec<(String, Pooled)>) -> bool
             .await
         {
             Ok(_) => conn.release(),
+            // Already committed by a reader's repair or another proxy's recovery.
+            Err(BackendError::Server(e)) if e.code == UNDEFINED_OBJECT => conn.release(),
             Err(e) => {
                 all = false;
-                tracing::warn!(gid = %gid, error = %e, "COMMIT PREPARED failed; the decision is logged and recovery will finish it");
+                tracing::warn!(gid = %gid, error = %e, "COMMIT PREPARED failed; the decision is recorded and recovery will finish it");
                 conn.discard();
             }
         }
     }
-    drop(fence);
-    all
+    if all && !fence.release_with(decisions::forget_sql(id)) {
+        let (meta, id) = (proxy.meta.clone(), id.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = decisions::forget(&meta, &id).await {
+                tracing::debug!(error = %e, "cannot forget a finished 2PC decision yet");
+            }
+        });
+    }
 }
+
+/// SQLSTATE of `COMMIT PREPARED` for a gid that no longer exists.
+pub(super) const UNDEFINED_OBJECT: &str = "42704";

@@ -1,0 +1,222 @@
+//! The ring is durable shared state (`taskflow_meta.ring_epochs`): a proxy started with a
+//! shard list that disagrees with the stored ring refuses, naming the difference, as long
+//! as a shard holds rows — it never silently re-routes keys away from their rows (issue 9).
+//! While every shard is empty, a new shard list is recorded as the next epoch.
+
+mod common;
+
+use common::{shard_url, Env};
+use taskflow_shard_proxy::config::ShardConfig;
+use taskflow_shard_proxy::server;
+use tokio_util::sync::CancellationToken;
+
+async fn start_err(env: &Env) -> String {
+    match server::start(env.config.clone(), None, CancellationToken::new()).await {
+        Ok(_) => panic!("the proxy started with a ring that disagrees with the stored one"),
+        Err(e) => e.to_string(),
+    }
+}
+
+async fn epochs(env: &Env) -> Vec<(i64, String, String)> {
+    let auth = env.auth.client().await.expect("auth client");
+    auth.query(
+        "SELECT epoch, array_to_string(shards, ','), state FROM taskflow_meta.ring_epochs ORDER BY epoch",
+        &[],
+    )
+    .await
+    .expect("epochs")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_never_silently_reroutes() {
+    let mut env = Env::start(3).await;
+    let stored = env.config.shards.clone();
+    assert_eq!(
+        epochs(&env).await,
+        vec![(1, "shard-1,shard-2,shard-3".into(), "active".into())],
+        "the first proxy records the ring"
+    );
+
+    // A fourth shard: a second database with the shard schema on shard-3's cluster.
+    env.shard(2)
+        .await
+        .simple_query("CREATE DATABASE tasks4")
+        .await
+        .expect("create database");
+    let mut c4 = env.shards[2].client("tasks4").await.expect("client");
+    taskflow_migrations::apply_shard(&mut c4)
+        .await
+        .expect("migrate shard-4");
+    let spare = env.shards.ports()[2];
+    let fourth = ShardConfig {
+        name: "shard-4".into(),
+        url: shard_url(spare).replace("/tasks", "/tasks4"),
+    };
+
+    // While every shard is empty, a RELOAD with a fourth shard on one proxy records
+    // epoch 2, and a second proxy over the same shards follows it.
+    let mut other = env.config.clone();
+    other.metadata.instance_id = Some("proxy-b".into());
+    other.state_dir = env.dir.path().join("state-b");
+    let (b, _) = server::start(other, None, CancellationToken::new())
+        .await
+        .expect("second proxy");
+    let mut four = env.config.clone();
+    four.shards.push(fourth.clone());
+    let a = env.proxy.as_ref().expect("running").proxy.clone();
+    a.reload(four)
+        .await
+        .expect("reload with shard-4 while empty");
+    let e = epochs(&env).await;
+    assert_eq!(e.len(), 2);
+    assert_eq!(
+        e[1],
+        (2, "shard-1,shard-2,shard-3,shard-4".into(), "active".into())
+    );
+    assert_eq!(e[0].2, "retired");
+    let mut followed = false;
+    for _ in 0..100 {
+        if b.proxy.topology().shards.len() == 4 {
+            followed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(followed, "the second proxy follows the stored epoch");
+    b.stop(std::time::Duration::from_secs(1)).await;
+    env.stop_proxy().await;
+    env.config.shards = stored.clone();
+    env.start_proxy().await;
+    assert_eq!(epochs(&env).await.len(), 3, "back to three shards: epoch 3");
+
+    // Once a shard holds rows, adding or removing a shard on restart is refused.
+    let c = env.client("tasks").await;
+    c.simple_query("INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, 7, 1, 't')")
+        .await
+        .expect("insert");
+    env.stop_proxy().await;
+    env.config.shards.push(fourth);
+    let err = start_err(&env).await;
+    assert!(
+        err.contains("adds shard-4") && err.contains("holds rows"),
+        "{err}"
+    );
+    env.config.shards = stored[..2].to_vec();
+    let err = start_err(&env).await;
+    assert!(
+        err.contains("removes shard-3") && err.contains("holds rows"),
+        "{err}"
+    );
+    env.config.shards = stored.clone();
+    env.config.ring.virtual_nodes = 64;
+    let err = start_err(&env).await;
+    assert!(err.contains("virtual_nodes from 256 to 64"), "{err}");
+
+    // The stored shard list (in any order) starts, and the row is where it was.
+    env.config.ring.virtual_nodes = 256;
+    env.config.shards = stored.iter().rev().cloned().collect();
+    env.start_proxy().await;
+    assert_eq!(epochs(&env).await.len(), 3, "no new epoch");
+    let c = env.client("tasks").await;
+    let n = c
+        .simple_query("SELECT id FROM tasks WHERE performer_id = 7")
+        .await
+        .expect("read")
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(n, 1);
+
+    // SHOW PROXIES lists the registry; this proxy routes by epoch 3.
+    let admin = env.client("admin").await;
+    let listed: Vec<Vec<String>> = admin
+        .simple_query("SHOW PROXIES")
+        .await
+        .expect("SHOW PROXIES")
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    let this: Vec<&Vec<String>> = listed.iter().filter(|r| r[6] == "true").collect();
+    assert_eq!(this.len(), 1, "{listed:?}");
+    assert_eq!(this[0][5], "true", "alive");
+    assert_eq!(this[0][7], "3", "ring epoch");
+}
+
+fn row_count(messages: &[tokio_postgres::SimpleQueryMessage]) -> usize {
+    messages
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count()
+}
+
+/// `ADD SHARD` applies the shard schema, then changes the ring through the same rule as a
+/// RELOAD: accepted while every shard is empty, refused (naming the change) once one holds
+/// rows; `REMOVE SHARD` likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_and_remove_shard_from_the_console() {
+    let env = Env::start(2).await;
+    env.shard(1)
+        .await
+        .simple_query("CREATE DATABASE tasks3")
+        .await
+        .expect("create database");
+    let url = shard_url(env.shards.ports()[1]).replace("/tasks", "/tasks3");
+    let admin = env.client("admin").await;
+    admin
+        .simple_query(&format!("ADD SHARD shard-3 '{url}'"))
+        .await
+        .expect("ADD SHARD while every shard is empty");
+    let c3 = env.shards[1].client("tasks3").await.expect("client");
+    c3.query_one("SELECT count(*) FROM task_observers", &[])
+        .await
+        .expect("the new shard has the schema");
+    let shards = admin
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS");
+    assert_eq!(row_count(&shards), 3);
+    assert_eq!(epochs(&env).await.len(), 2);
+
+    let c = env.client("tasks").await;
+    c.simple_query("INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, 7, 1, 't')")
+        .await
+        .expect("insert");
+    let err = admin
+        .simple_query("REMOVE SHARD shard-3")
+        .await
+        .expect_err("rows would be re-routed");
+    let msg = format!("{err:?}");
+    assert!(
+        msg.contains("removes shard-3") && msg.contains("holds rows"),
+        "{msg}"
+    );
+    let err = admin
+        .simple_query(&format!("ADD SHARD shard-4 '{url}'"))
+        .await
+        .expect_err("rows would be re-routed");
+    assert!(format!("{err:?}").contains("adds shard-4"), "{err:?}");
+
+    c.simple_query("DELETE FROM tasks WHERE performer_id = 7")
+        .await
+        .expect("delete");
+    admin
+        .simple_query("REMOVE SHARD shard-3")
+        .await
+        .expect("REMOVE SHARD once empty");
+    let shards = admin
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS");
+    assert_eq!(row_count(&shards), 2);
+    assert_eq!(epochs(&env).await.len(), 3);
+}
