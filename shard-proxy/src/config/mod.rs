@@ -4,12 +4,14 @@
 //! they live in one typed struct that the kit loads (TOML + `TASKFLOW_` overrides) and that
 //! [`DaemonConfig::validate`] checks, naming the offending key on every error.
 
+mod backend_tls;
 mod resolve;
 mod target;
 mod validate;
 
+pub use backend_tls::{BackendSecurity, BackendTlsError};
 pub use resolve::{resolve, Resolved, SetupError, User};
-pub use target::BackendTarget;
+pub use target::{BackendTarget, SslMode};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -203,12 +205,21 @@ impl Default for ShardingConfig {
     }
 }
 
+/// How the proxy logs in to every backend (shards and the auth database).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BackendConfig {
     pub user: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<String>,
+    /// TLS to backends whose URL has no `sslmode` parameter (libpq's values; default
+    /// `disable`).
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) for backends whose URL has no `sslrootcert` parameter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Answer a server's cleartext or MD5 password request (refused by default: SCRAM only).
+    pub allow_insecure_auth: bool,
 }
 
 impl Default for BackendConfig {
@@ -216,6 +227,9 @@ impl Default for BackendConfig {
         BackendConfig {
             user: "taskflow".into(),
             password_file: None,
+            sslmode: SslMode::Disable,
+            tls_ca_file: None,
+            allow_insecure_auth: false,
         }
     }
 }

@@ -200,8 +200,17 @@ fn backends(c: &ProxyConfig) -> Result<(), ConfigError> {
     if c.backend.user.is_empty() {
         return Err(ConfigError::invalid("backend.user", "must not be empty"));
     }
-    BackendTarget::parse(&c.auth_database.url)
+    if let Some(ca) = &c.backend.tls_ca_file {
+        if !ca.is_absolute() {
+            return Err(ConfigError::invalid(
+                "backend.tls_ca_file",
+                "must be an absolute path",
+            ));
+        }
+    }
+    let auth = BackendTarget::parse(&c.auth_database.url)
         .map_err(|m| ConfigError::invalid("auth_database.url", m))?;
+    backend_tls(c, "auth_database.url", &auth)?;
     let mut names = HashSet::new();
     for (i, s) in c.shards.iter().enumerate() {
         if s.name.is_empty() || s.name.len() > 40 {
@@ -226,8 +235,25 @@ fn backends(c: &ProxyConfig) -> Result<(), ConfigError> {
                 format!("duplicate shard `{}`", s.name),
             ));
         }
-        BackendTarget::parse(&s.url)
-            .map_err(|m| ConfigError::invalid(format!("shards[{i}].url"), m))?;
+        let key = format!("shards[{i}].url");
+        let target =
+            BackendTarget::parse(&s.url).map_err(|m| ConfigError::invalid(key.clone(), m))?;
+        backend_tls(c, &key, &target)?;
+    }
+    Ok(())
+}
+
+/// verify-ca and verify-full need a CA: the URL's `sslrootcert` or `backend.tls_ca_file`.
+fn backend_tls(c: &ProxyConfig, key: &str, target: &BackendTarget) -> Result<(), ConfigError> {
+    let mode = target.sslmode.unwrap_or(c.backend.sslmode);
+    if mode.verifies() && super::backend_tls::ca_file(c, target).is_none() {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "sslmode={mode} needs a CA: add sslrootcert=/path/ca.pem to the URL or set \
+                 backend.tls_ca_file"
+            ),
+        ));
     }
     Ok(())
 }
