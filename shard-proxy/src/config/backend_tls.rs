@@ -102,12 +102,12 @@ pub fn backend_security(
 }
 
 /// The CA file that applies to `target`: the URL's `sslrootcert`, else
-/// `backend.tls_ca_file`.
+/// `backend.sslrootcert`.
 pub fn ca_file<'a>(config: &'a ProxyConfig, target: &'a BackendTarget) -> Option<&'a Path> {
     target
         .sslrootcert
         .as_deref()
-        .or(config.backend.tls_ca_file.as_deref())
+        .or(config.backend.sslrootcert.as_deref())
 }
 
 fn for_target(
@@ -136,7 +136,7 @@ fn for_target(
         (_, None) => {
             return Err(err(format!(
                 "sslmode={sslmode} needs a CA: add sslrootcert=/path/ca.pem to the URL or set \
-                 backend.tls_ca_file"
+                 backend.sslrootcert"
             )))
         }
         (_, Some(path)) => {

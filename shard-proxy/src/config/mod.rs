@@ -217,7 +217,7 @@ pub struct BackendConfig {
     pub sslmode: SslMode,
     /// CA certificates (PEM) for backends whose URL has no `sslrootcert` parameter.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_ca_file: Option<PathBuf>,
+    pub sslrootcert: Option<PathBuf>,
     /// Answer a server's cleartext or MD5 password request (refused by default: SCRAM only).
     pub allow_insecure_auth: bool,
 }
@@ -228,7 +228,7 @@ impl Default for BackendConfig {
             user: "taskflow".into(),
             password_file: None,
             sslmode: SslMode::Disable,
-            tls_ca_file: None,
+            sslrootcert: None,
             allow_insecure_auth: false,
         }
     }
@@ -290,5 +290,29 @@ mod tests {
         c.shards[0].url = "nope".into();
         let e = c.validate().expect_err("bad url");
         assert!(e.to_string().contains("shards[0].url"), "{e}");
+    }
+
+    #[test]
+    fn verifying_sslmodes_need_a_ca() {
+        let mut c = ProxyConfig::default();
+        c.shards.push(ShardConfig {
+            name: "shard-1".into(),
+            url: "postgres://h/db?sslmode=verify-full".into(),
+        });
+        let e = c.validate().expect_err("no CA");
+        assert!(e.to_string().contains("shards[0].url"), "{e}");
+        assert!(e.to_string().contains("needs a CA"), "{e}");
+        c.backend.sslrootcert = Some("ca.pem".into());
+        let e = c.validate().expect_err("relative CA");
+        assert!(e.to_string().contains("backend.sslrootcert"), "{e}");
+        c.backend.sslrootcert = Some("/etc/ca.pem".into());
+        c.validate().expect("CA from backend.sslrootcert");
+        c.backend.sslrootcert = None;
+        c.backend.sslmode = SslMode::VerifyCa;
+        let e = c.validate().expect_err("default mode needs a CA too");
+        assert!(e.to_string().contains("auth_database.url"), "{e}");
+        c.shards[0].url = "postgres://h/db?sslmode=require".into();
+        c.auth_database.url = "postgres://h/auth?sslmode=verify-ca&sslrootcert=/ca.pem".into();
+        c.validate().expect("require needs no CA");
     }
 }

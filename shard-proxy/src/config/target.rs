@@ -85,7 +85,7 @@ pub struct BackendTarget {
     /// `sslmode` from the URL, if it names one (else `backend.sslmode`).
     pub sslmode: Option<SslMode>,
     /// `sslrootcert` from the URL: the CA file for verify-ca/verify-full (else
-    /// `backend.tls_ca_file`).
+    /// `backend.sslrootcert`).
     pub sslrootcert: Option<PathBuf>,
 }
 

@@ -200,10 +200,10 @@ fn backends(c: &ProxyConfig) -> Result<(), ConfigError> {
     if c.backend.user.is_empty() {
         return Err(ConfigError::invalid("backend.user", "must not be empty"));
     }
-    if let Some(ca) = &c.backend.tls_ca_file {
+    if let Some(ca) = &c.backend.sslrootcert {
         if !ca.is_absolute() {
             return Err(ConfigError::invalid(
-                "backend.tls_ca_file",
+                "backend.sslrootcert",
                 "must be an absolute path",
             ));
         }
@@ -243,7 +243,7 @@ fn backends(c: &ProxyConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// verify-ca and verify-full need a CA: the URL's `sslrootcert` or `backend.tls_ca_file`.
+/// verify-ca and verify-full need a CA: the URL's `sslrootcert` or `backend.sslrootcert`.
 fn backend_tls(c: &ProxyConfig, key: &str, target: &BackendTarget) -> Result<(), ConfigError> {
     let mode = target.sslmode.unwrap_or(c.backend.sslmode);
     if mode.verifies() && super::backend_tls::ca_file(c, target).is_none() {
@@ -251,7 +251,7 @@ fn backend_tls(c: &ProxyConfig, key: &str, target: &BackendTarget) -> Result<(),
             key,
             format!(
                 "sslmode={mode} needs a CA: add sslrootcert=/path/ca.pem to the URL or set \
-                 backend.tls_ca_file"
+                 backend.sslrootcert"
             ),
         ));
     }
