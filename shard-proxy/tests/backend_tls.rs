@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::Env;
 use taskflow_localstack::PgCluster;
+use taskflow_shard_proxy::config::{backend_security, BackendTarget};
 
 /// A test CA, a server certificate for `localhost` signed by it, and an unrelated CA.
 struct Pki {
@@ -235,6 +236,31 @@ async fn verify_full_connects_routes_and_encrypts() {
             i + 1
         );
     }
+    typed_client_is_encrypted(&env).await;
+}
+
+/// `migrate`'s typed clients use the same TLS as the pools.
+async fn typed_client_is_encrypted(env: &Env) {
+    let security = backend_security(&env.config).expect("backend security");
+    let url = &env.config.shards[0].url;
+    let target = BackendTarget::parse(url).expect("url");
+    let client = taskflow_shard_proxy::backend::client::connect(
+        &target,
+        &security[url],
+        "taskflow",
+        Some(common::PASSWORD),
+    )
+    .await
+    .expect("typed client over TLS");
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "migrate's client is not encrypted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

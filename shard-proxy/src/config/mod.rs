@@ -9,7 +9,7 @@ mod resolve;
 mod target;
 mod validate;
 
-pub use backend_tls::{BackendSecurity, BackendTlsError};
+pub use backend_tls::{backend_security, BackendSecurity, BackendTlsError};
 pub use resolve::{resolve, Resolved, SetupError, User};
 pub use target::{BackendTarget, SslMode};
 
