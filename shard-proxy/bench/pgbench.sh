@@ -251,10 +251,12 @@ if [ "$PROFILE" = 1 ]; then
     sleep 1
     perf record -q -F 1999 -p "$PROXY_PID" -o "$WORK/perf.data" -- sleep "$PROFILE_SECS" >/dev/null 2>&1 || true
     wait "$LOAD_PID" || true
+    # (|| true: head closing the pipe must not stop the script under pipefail)
     perf report -i "$WORK/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
-      | grep -E '^ +[0-9]' | head -"${PROFILE_TOP:-40}"
+      | grep -E '^ +[0-9]' | sed 's/ *-  *- *$//' | head -"${PROFILE_TOP:-40}" || true
     echo "-- by shared object:"
-    perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -8
+    perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' | head -8 || true
   else
     echo "== perf is not installed (apt-get install linux-perf): no profile"
   fi
