@@ -98,6 +98,10 @@ format = "text"
 [[users]]
 name = "taskflow"
 password = "taskflow"
+[[users]]
+name = "taskflow_admin"
+password = "taskflow"
+admin = true
 [pool]
 size = $POOL
 [backend]
@@ -274,7 +278,7 @@ for _ in $(seq 40); do
   sleep 0.5
   now=$(rss); [ "$now" -gt "$peak" ] && peak=$now
 done
-clients=$(psql -p "$PROXY_PORT" -d admin -qAtc 'SHOW STATS' | awk -F'|' '$1=="clients" {print $2}')
+clients=$(PGUSER=taskflow_admin psql -p "$PROXY_PORT" -d admin -qAtc 'SHOW STATS' | awk -F'|' '$1=="clients" {print $2}' || true)
 wait "$IDLE_PID" || true
 echo "proxy RSS before: ${before} KiB, with ${clients:-?} clients: ${peak} KiB"
 awk -v b="$before" -v p="$peak" -v n="${clients:-$IDLE}" 'BEGIN { if (n > 0) printf "per idle client: %.1f KiB\n", (p - b) / n }'
