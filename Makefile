@@ -54,6 +54,9 @@ test-nixos: deps ## Evaluate the NixOS module (good and bad configurations), ren
 test-systemd: test-nixos ## Boot a Debian VM and run the module's units under real systemd (tests/systemd)
 	tests/systemd/run.sh
 
+bench: deps ## Proxy vs pgbouncer vs direct PostgreSQL, one run (shard-proxy/bench/pgbench.sh; root; DURATION, CLIENTS, REPS)
+	shard-proxy/bench/pgbench.sh
+
 lint: ## clippy with warnings as errors, and the Nix parse check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	scripts/check-nix.sh

@@ -329,6 +329,39 @@ let
           type = freeformSubmodule {
             user = optionalStr "Role used on every backend cluster (daemon default `taskflow`).";
             password_file = optionalStr "Secret file with that role's password.";
+            sslmode = mkOption {
+              type = types.nullOr (
+                types.enum [
+                  "disable"
+                  "prefer"
+                  "require"
+                  "verify-ca"
+                  "verify-full"
+                ]
+              );
+              default = null;
+              description = ''
+                TLS to every backend whose URL has no `sslmode` parameter (libpq's meanings;
+                daemon default `disable`). `verify-ca`/`verify-full` need `sslrootcert`.
+              '';
+            };
+            sslrootcert = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "/etc/ssl/taskflow/pg-ca.pem";
+              description = ''
+                Absolute path of the CA certificate(s) (PEM) for backends whose URL has no
+                `sslrootcert` parameter. Public, so the Nix store is fine (`"''${./pg-ca.pem}"`).
+              '';
+            };
+            allow_insecure_auth = mkOption {
+              type = types.nullOr types.bool;
+              default = null;
+              description = ''
+                Answer a backend's cleartext or MD5 password request (daemon default `false`:
+                SCRAM-SHA-256, trust or peer only).
+              '';
+            };
           };
         };
         auth_database = mkOption {

@@ -4,17 +4,27 @@
 #   shard-proxy/bench/pgbench.sh            # DURATION=10 CLIENTS="1 16 64" by default
 #   DURATION=30 CLIENTS="1 16 64" shard-proxy/bench/pgbench.sh
 #   PROXY_BIN=target/release/taskflow-shard-proxy shard-proxy/bench/pgbench.sh  # skip the build
+#   REPS=3 SEED_ROWS=200000 PROFILE=1 shard-proxy/bench/pgbench.sh
 #
 # What it does (everything on loopback, in a temporary directory, cleaned up on exit):
 #  1. starts one PostgreSQL 15 cluster (role taskflow/taskflow, scram) with database
-#     `bench` (pgbench -i -s $SCALE) and databases tasks1..3 (the TaskFlow shard schema);
+#     `bench` (pgbench -i -s $SCALE), databases tasks1..3 (the TaskFlow shard schema) and
+#     `tasksall` (the same schema, one database that will hold all the rows);
 #  2. starts the proxy (release build) with `auth` → bench (passthrough) and shards
-#     shard-1..3 → tasks1..3, and pgbouncer (transaction mode, same pool size);
-#  3. runs `pgbench -S` in simple and prepared mode for each client count against
-#     direct PostgreSQL, the proxy, and pgbouncer, and prints TPS and ratios;
-#  4. runs a sharded read/write workload (random performer_id) through the proxy;
-#  5. opens 1,000 idle clients to the proxy and reports RSS growth per client.
-# Requires root (PostgreSQL and pgbouncer run as `postgres`), pgbench, psql, pgbouncer.
+#     shard-1..3 → tasks1..3, and pgbouncer (transaction mode, same pool size) with
+#     `bench` and `tasksall`; loads the same $SEED_ROWS tasks through the proxy (COPY,
+#     split by performer_id over the 3 shards) and straight into `tasksall`;
+#  3. runs `pgbench -S` in simple and prepared mode for each client count against direct
+#     PostgreSQL, pgbouncer and the proxy, and the sharded read/write workload (random
+#     performer_id) through the proxy (`tasks`, 3 shards) and through pgbouncer
+#     (`tasksall`, plain pooling, no routing) — every cell $REPS times, the rounds
+#     interleaved (round 1 of every cell, then round 2, …) so that drifting background load
+#     hits every column alike; prints each cell's median TPS and the ratios;
+#  4. with PROFILE=1 and `perf` installed: samples the proxy for $PROFILE_SECS s under
+#     `pgbench -S -M simple -c 16` and prints its hottest symbols;
+#  5. opens $IDLE idle clients to the proxy and reports RSS growth per client.
+# Requires root (PostgreSQL and pgbouncer run as `postgres`), pgbench, psql, pgbouncer
+# (`make deps` / scripts/install-deps.sh installs them).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -22,8 +32,16 @@ CLIENTS=${CLIENTS:-"1 16 64"}
 SCALE=${SCALE:-10}
 POOL=${POOL:-20}
 IDLE=${IDLE:-1000}
+REPS=${REPS:-2}
+SEED_ROWS=${SEED_ROWS:-100000}
+PROFILE=${PROFILE:-0}
+PROFILE_SECS=${PROFILE_SECS:-10}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+
+for tool in pgbench psql pgbouncer; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing: run scripts/install-deps.sh (make deps)" >&2; exit 1; }
+done
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -64,8 +82,8 @@ CONF
 su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D $WORK/pg -l $WORK/pg/server.log -w start >/dev/null"
 psql_su() { su postgres -s /bin/sh -c "psql -h $WORK/pg -p $PG_PORT -U postgres -qAt -v ON_ERROR_STOP=1 $*"; }
 psql_su "-c \"CREATE ROLE taskflow LOGIN PASSWORD 'taskflow'\""
-for db in bench tasks1 tasks2 tasks3; do psql_su "-c 'CREATE DATABASE $db OWNER taskflow'"; done
-for db in tasks1 tasks2 tasks3; do psql -p "$PG_PORT" -d "$db" -q -f "$ROOT/migrations/sql/shard/V1__tasks.sql"; done
+for db in bench tasks1 tasks2 tasks3 tasksall; do psql_su "-c 'CREATE DATABASE $db OWNER taskflow'"; done
+for db in tasks1 tasks2 tasks3 tasksall; do psql -p "$PG_PORT" -d "$db" -q -f "$ROOT/migrations/sql/shard/V1__tasks.sql"; done
 pgbench -i -q -s "$SCALE" -p "$PG_PORT" bench >/dev/null 2>&1
 
 echo "== starting the proxy on $PROXY_PORT"
@@ -80,6 +98,10 @@ format = "text"
 [[users]]
 name = "taskflow"
 password = "taskflow"
+[[users]]
+name = "taskflow_admin"
+password = "taskflow"
+admin = true
 [pool]
 size = $POOL
 [backend]
@@ -107,6 +129,7 @@ echo '"taskflow" "taskflow"' > "$WORK/bouncer/users.txt"
 cat > "$WORK/bouncer/pgbouncer.ini" <<CONF
 [databases]
 bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+tasksall = host=127.0.0.1 port=$PG_PORT dbname=tasksall
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT
@@ -133,33 +156,14 @@ if [ -n "${HOLD:-}" ]; then
   exit 0
 fi
 
-# tps TARGET_PORT DB MODE CLIENTS [extra args]: prints TPS or "error"
-tps() {
-  local port=$1 db=$2 mode=$3 c=$4; shift 4
-  local j=$(( c < 2 ? c : 2 ))
-  local out
-  if out=$(pgbench -n -S -M "$mode" -c "$c" -j "$j" -T "$DURATION" -p "$port" "$@" "$db" 2>&1); then
-    echo "$out" | awk '/^tps = / { printf "%.0f", $3; exit }'
-  else
-    echo "error"
-  fi
-}
-ratio() { if [[ "$1" =~ ^[0-9]+$ && "$2" =~ ^[0-9]+$ && "$2" -gt 0 ]]; then awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; else echo "n/a"; fi; }
+echo "== loading $SEED_ROWS tasks through the proxy (3 shards) and into tasksall (one database)"
+awk -v n="$SEED_ROWS" 'BEGIN { srand(42); for (i = 1; i <= n; i++) printf "%d,%d,1,seed\n", 1000000000 + i, 1 + int(rand() * 100000) }' > "$WORK/seed.csv"
+psql -p "$PROXY_PORT" -d tasks -q -v ON_ERROR_STOP=1 -c "\copy tasks (id, performer_id, creator_id, title) FROM '$WORK/seed.csv' WITH (FORMAT csv)"
+psql -p "$PG_PORT" -d tasksall -q -v ON_ERROR_STOP=1 -c "\copy tasks (id, performer_id, creator_id, title) FROM '$WORK/seed.csv' WITH (FORMAT csv)"
+for db in tasks1 tasks2 tasks3 tasksall; do psql -p "$PG_PORT" -d "$db" -qc 'VACUUM ANALYZE tasks'; done
+echo "rows per shard: $(for db in tasks1 tasks2 tasks3; do psql -p "$PG_PORT" -d "$db" -qAtc 'SELECT count(*) FROM tasks'; done | paste -sd/)," \
+  "in tasksall: $(psql -p "$PG_PORT" -d tasksall -qAtc 'SELECT count(*) FROM tasks')"
 
-echo
-echo "== pgbench -S, ${DURATION}s per cell, scale $SCALE, pool $POOL (TPS)"
-printf "%-9s %7s %10s %10s %10s %12s %14s\n" mode clients direct proxy pgbouncer proxy/direct proxy/pgbouncer
-for mode in simple prepared; do
-  for c in $CLIENTS; do
-    d=$(tps "$PG_PORT" bench "$mode" "$c")
-    p=$(tps "$PROXY_PORT" auth "$mode" "$c")
-    b=$(tps "$BOUNCER_PORT" bench "$mode" "$c")
-    printf "%-9s %7s %10s %10s %10s %12s %14s\n" "$mode" "$c" "$d" "$p" "$b" "$(ratio "$p" "$d")" "$(ratio "$p" "$b")"
-  done
-done
-
-echo
-echo "== sharded workload through the proxy (random performer_id over 3 shards; 1 insert, 1 update, 2 reads per transaction)"
 cat > "$WORK/sharded.sql" <<'SQL'
 \set p random(1, 100000)
 \set id random(1, 1000000000)
@@ -168,14 +172,99 @@ UPDATE tasks SET version = version + 1 WHERE performer_id = :p AND id = :id;
 SELECT id, title FROM tasks WHERE performer_id = :p AND id = :id;
 SELECT count(*) FROM tasks WHERE performer_id = :p;
 SQL
-printf "%-9s %7s %10s\n" mode clients tps
+
+# run PORT DB MODE CLIENTS [pgbench args]: prints TPS or "error"
+run() {
+  local port=$1 db=$2 mode=$3 c=$4; shift 4
+  local j=$(( c < 2 ? c : 2 ))
+  local out
+  if out=$(pgbench -n -M "$mode" -c "$c" -j "$j" -T "$DURATION" -p "$port" "$@" "$db" 2>&1 </dev/null); then
+    echo "$out" | awk '/^tps = / { printf "%.0f", $3; exit }'
+  else
+    echo "error"
+  fi
+}
+# median of the numeric arguments ("error" if none is numeric)
+median() { printf '%s\n' "$@" | { grep -E '^[0-9]+$' || true; } | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "error"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+ratio() { if [[ "$1" =~ ^[0-9]+$ && "$2" =~ ^[0-9]+$ && "$2" -gt 0 ]]; then awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; else echo "n/a"; fi; }
+
+# Every cell: kind (S = pgbench -S, W = sharded workload) mode clients target.
+declare -A RESULTS
+cells() {
+  for kind in S W; do
+    for mode in simple prepared; do
+      for c in $CLIENTS; do
+        if [ "$kind" = S ]; then echo "S $mode $c direct"; echo "S $mode $c pgbouncer"; echo "S $mode $c proxy"
+        else echo "W $mode $c pgbouncer"; echo "W $mode $c proxy"; fi
+      done
+    done
+  done
+}
+cell() {
+  local kind=$1 mode=$2 c=$3 target=$4
+  case "$kind/$target" in
+    S/direct) run "$PG_PORT" bench "$mode" "$c" -S ;;
+    S/pgbouncer) run "$BOUNCER_PORT" bench "$mode" "$c" -S ;;
+    S/proxy) run "$PROXY_PORT" auth "$mode" "$c" -S ;;
+    W/pgbouncer) run "$BOUNCER_PORT" tasksall "$mode" "$c" -f "$WORK/sharded.sql" ;;
+    W/proxy) run "$PROXY_PORT" tasks "$mode" "$c" -f "$WORK/sharded.sql" ;;
+  esac
+}
+ncells=$(cells | wc -l)
+echo
+echo "== $REPS interleaved rounds of $ncells cells, ${DURATION}s each (~$(( REPS * ncells * DURATION / 60 + 1 )) min)"
+for rep in $(seq "$REPS"); do
+  while read -r kind mode c target; do
+    t=$(cell "$kind" "$mode" "$c" "$target")
+    RESULTS["$kind $mode $c $target"]+="$t "
+    printf '  round %s: %s %-8s %3s %-9s %s\n' "$rep" "$kind" "$mode" "$c" "$target" "$t"
+  done < <(cells)
+done
+med() { # shellcheck disable=SC2086
+  median ${RESULTS["$1"]}; }
+runs() { echo "${RESULTS["$1"]}" | sed 's/ *$//; s/ /, /g'; }
+
+echo
+echo "== pgbench -S (select-only), scale $SCALE, pool $POOL: median TPS of $REPS runs [runs]"
+printf "%-9s %7s %10s %10s %10s %13s %16s   %s\n" mode clients direct pgbouncer proxy proxy/direct proxy/pgbouncer "runs direct | pgbouncer | proxy"
 for mode in simple prepared; do
   for c in $CLIENTS; do
-    j=$(( c < 2 ? c : 2 ))
-    t=$(pgbench -n -M "$mode" -c "$c" -j "$j" -T "$DURATION" -p "$PROXY_PORT" -f "$WORK/sharded.sql" tasks 2>&1 | awk '/^tps = / { printf "%.0f", $3; exit }')
-    printf "%-9s %7s %10s\n" "$mode" "$c" "${t:-error}"
+    d=$(med "S $mode $c direct"); b=$(med "S $mode $c pgbouncer"); p=$(med "S $mode $c proxy")
+    printf "%-9s %7s %10s %10s %10s %13s %16s   %s | %s | %s\n" "$mode" "$c" "$d" "$b" "$p" "$(ratio "$p" "$d")" "$(ratio "$p" "$b")" \
+      "$(runs "S $mode $c direct")" "$(runs "S $mode $c pgbouncer")" "$(runs "S $mode $c proxy")"
   done
 done
+
+echo
+echo "== sharded workload (1 insert, 1 update, 2 keyed reads per transaction; random performer_id):"
+echo "   proxy → 3 shards vs pgbouncer → tasksall (one database, all rows); median TPS of $REPS runs [runs]"
+printf "%-9s %7s %16s %12s %16s   %s\n" mode clients "pgbouncer(1 db)" "proxy(3 sh)" proxy/pgbouncer "runs pgbouncer | proxy"
+for mode in simple prepared; do
+  for c in $CLIENTS; do
+    b=$(med "W $mode $c pgbouncer"); p=$(med "W $mode $c proxy")
+    printf "%-9s %7s %16s %12s %16s   %s | %s\n" "$mode" "$c" "$b" "$p" "$(ratio "$p" "$b")" "$(runs "W $mode $c pgbouncer")" "$(runs "W $mode $c proxy")"
+  done
+done
+
+if [ "$PROFILE" = 1 ]; then
+  echo
+  if command -v perf >/dev/null; then
+    echo "== perf: proxy under pgbench -S -M simple -c 16 for ${PROFILE_SECS}s (self time, top symbols)"
+    pgbench -n -S -M simple -c 16 -j 2 -T "$(( PROFILE_SECS + 2 ))" -p "$PROXY_PORT" auth >/dev/null 2>&1 &
+    LOAD_PID=$!; PIDS+=("$LOAD_PID")
+    sleep 1
+    perf record -q -F 1999 -p "$PROXY_PID" -o "$WORK/perf.data" -- sleep "$PROFILE_SECS" >/dev/null 2>&1 || true
+    wait "$LOAD_PID" || true
+    # (|| true: head closing the pipe must not stop the script under pipefail)
+    perf report -i "$WORK/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' | sed 's/ *-  *- *$//' | head -"${PROFILE_TOP:-40}" || true
+    echo "-- by shared object:"
+    perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' | head -8 || true
+  else
+    echo "== perf is not installed (apt-get install linux-perf): no profile"
+  fi
+fi
 
 echo
 echo "== idle clients: $IDLE connections held open (no queries)"
@@ -189,7 +278,7 @@ for _ in $(seq 40); do
   sleep 0.5
   now=$(rss); [ "$now" -gt "$peak" ] && peak=$now
 done
-clients=$(psql -p "$PROXY_PORT" -d admin -qAtc 'SHOW STATS' | awk -F'|' '$1=="clients" {print $2}')
+clients=$(PGUSER=taskflow_admin psql -p "$PROXY_PORT" -d admin -qAtc 'SHOW STATS' | awk -F'|' '$1=="clients" {print $2}' || true)
 wait "$IDLE_PID" || true
 echo "proxy RSS before: ${before} KiB, with ${clients:-?} clients: ${peak} KiB"
 awk -v b="$before" -v p="$peak" -v n="${clients:-$IDLE}" 'BEGIN { if (n > 0) printf "per idle client: %.1f KiB\n", (p - b) / n }'

@@ -13,7 +13,7 @@ use clap::Parser;
 use taskflow_kit::deps::Checks;
 use taskflow_kit::http::Readiness;
 use taskflow_kit::{Daemon, DaemonArgs};
-use taskflow_shard_proxy::config::{BackendTarget, ProxyConfig};
+use taskflow_shard_proxy::config::{backend_security, BackendTarget, ProxyConfig};
 use taskflow_shard_proxy::proxy::Proxy;
 use tokio_util::sync::CancellationToken;
 
@@ -168,30 +168,24 @@ async fn migrate(daemon: Daemon<ProxyConfig>) -> anyhow::Result<()> {
         Some(f) => Some(taskflow_kit::secrets::read_secret(f).context("backend.password_file")?),
         None => None,
     };
+    // The same TLS (sslmode, CA) as the pools: never plaintext where a URL asks for TLS.
+    let security = backend_security(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let connect = |url: String, key: String| {
         let target = BackendTarget::parse(&url).map_err(|m| anyhow::anyhow!("{key}: {m}"));
+        let secured = security.get(&url).cloned();
         let user = config.backend.user.clone();
         let password = password.clone();
         async move {
             let target = target?;
-            let mut pg = tokio_postgres::Config::new();
-            pg.host(&target.host)
-                .port(target.port)
-                .dbname(&target.database)
-                .user(target.user.as_deref().unwrap_or(&user));
-            if let Some(pw) = &password {
-                pg.password(pw);
-            }
-            let (client, conn) = pg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .with_context(|| format!("connecting to {url}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, "migration connection ended");
-                }
-            });
-            anyhow::Ok(client)
+            let secured = secured.ok_or_else(|| anyhow::anyhow!("{key}: TLS not resolved"))?;
+            taskflow_shard_proxy::backend::client::connect(
+                &target,
+                &secured,
+                &user,
+                password.as_deref(),
+            )
+            .await
+            .with_context(|| format!("connecting to {url}"))
         }
     };
     let mut auth = connect(config.auth_database.url.clone(), "auth_database.url".into()).await?;

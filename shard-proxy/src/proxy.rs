@@ -19,7 +19,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::backend::Pool;
-use crate::config::{resolve, BackendTarget, FenceScope, ProxyConfig, SetupError, User};
+use crate::config::{
+    resolve, BackendSecurity, BackendTarget, FenceScope, ProxyConfig, SetupError, User,
+};
 use crate::meta::epochs::{self, Verdict};
 use crate::meta::{Fence, Meta};
 use crate::metrics::Metrics;
@@ -385,6 +387,7 @@ fn build_snapshot(
     let topology = build_topology(
         &config,
         resolved.backend_password.as_deref(),
+        &resolved.backend_security,
         previous,
         generation,
     )?;
@@ -401,12 +404,20 @@ fn build_snapshot(
 fn build_topology(
     config: &ProxyConfig,
     password: Option<&str>,
+    security: &HashMap<String, BackendSecurity>,
     previous: Option<&Topology>,
     generation: u64,
 ) -> Result<Topology, SetupError> {
     let make_pool = |name: &str, url: &str, key: String| -> Result<Arc<Pool>, SetupError> {
+        let security = security
+            .get(url)
+            .cloned()
+            .ok_or_else(|| SetupError::Config {
+                key: key.clone(),
+                message: "TLS settings were not resolved".into(),
+            })?;
         if let Some(prev) = previous.and_then(|p| p.all_pools().find(|p| p.name == name).cloned()) {
-            if prev.same_backend(url, &config.backend.user, password, &config.pool) {
+            if prev.same_backend(url, &security, &config.backend.user, password, &config.pool) {
                 return Ok(prev);
             }
         }
@@ -416,6 +427,7 @@ fn build_topology(
             name.to_owned(),
             url.to_owned(),
             target,
+            security,
             config.backend.user.clone(),
             password.map(str::to_owned),
             &config.pool,

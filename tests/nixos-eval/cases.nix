@@ -211,6 +211,20 @@ in
     with' { services.taskflow.auth.settings.bcrypt_cost = 40; }
   );
 
+  # TLS to the backends: a CA certificate is public, so a store path is fine (no `_file`
+  # suffix: it is not a secret reference).
+  good-backend-tls = with' {
+    services.taskflow.shardProxy.settings.backend = {
+      sslmode = "verify-full";
+      sslrootcert = "${builtins.storeDir}/0123456789abcdfghijklmnpqrsvwxyz-pg-ca.pem";
+      allow_insecure_auth = false;
+    };
+  };
+
+  bad-backend-sslmode = fails "services.taskflow.shardProxy.settings.backend.sslmode' is not of type" (
+    with' { services.taskflow.shardProxy.settings.backend.sslmode = "verify_full"; }
+  );
+
   bad-smtp-tls = fails "services.taskflow.notify.settings.smtp.tls' is not of type" (
     with' { services.taskflow.notify.settings.smtp.tls = "ssl"; }
   );

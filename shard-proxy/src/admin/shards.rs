@@ -12,7 +12,8 @@
 use proxy_core::wire::sqlstate;
 
 use super::Answer;
-use crate::config::{BackendTarget, ShardConfig};
+use crate::backend::client;
+use crate::config::{security_for_url, BackendTarget, ShardConfig};
 use crate::proxy::Proxy;
 
 /// `ADD SHARD`: schema first, then the ring.
@@ -82,28 +83,25 @@ pub(super) async fn remove(proxy: &Proxy, name: &str) -> Answer {
     }
 }
 
-/// Applies `migrations/`' shard schema at `url`; returns the versions it applied.
+/// Applies `migrations/`' shard schema at `url`, over the TLS the URL (or `backend.*`)
+/// asks for; returns the versions it applied.
 async fn apply_schema(proxy: &Proxy, url: &str) -> Result<Vec<String>, String> {
     let target = BackendTarget::parse(url)?;
-    let (user, password) = proxy.meta.backend_login();
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&target.host)
-        .port(target.port)
-        .dbname(&target.database)
-        .user(target.user.as_deref().unwrap_or(user))
-        .connect_timeout(std::time::Duration::from_secs(5));
-    if let Some(pw) = password {
-        pg.password(pw);
-    }
-    let (mut client, conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
+    let security = security_for_url(&proxy.config().backend, "ADD SHARD url", url)
         .map_err(|e| e.to_string())?;
-    let driver = tokio::spawn(conn);
-    let report = taskflow_migrations::apply_shard(&mut client)
+    let (user, password) = proxy.meta.backend_login();
+    let connect = client::connect(&target, &security, user, password);
+    let mut client = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
         .await
-        .map_err(|e| e.to_string());
-    drop(client);
-    let _ = driver.await;
-    report.map(|r| r.applied)
+        .map_err(|_| {
+            format!(
+                "connecting to {}:{}: timed out after 5 s",
+                target.host, target.port
+            )
+        })?
+        .map_err(|e| e.to_string())?;
+    taskflow_migrations::apply_shard(&mut client)
+        .await
+        .map(|r| r.applied)
+        .map_err(|e| e.to_string())
 }

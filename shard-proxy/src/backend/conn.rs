@@ -5,18 +5,23 @@
 //! `postgres-protocol`'s `authentication::sasl`) happen here; afterwards the connection
 //! remembers what session state it carries (prepared statement names, applied settings) so
 //! the pool can hand it to any client and make it look like that client's own session.
+//!
+//! Transport: plain TCP, or TLS (rustls) after an SSLRequest when the backend's `sslmode`
+//! asks for it ([`BackendSecurity`]); both are a [`BackendStream`].
 
 use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::BackendTarget;
+use crate::config::{BackendSecurity, BackendTarget, SslMode};
 use proxy_core::wire::{self, ErrorInfo, RawMsg};
 
 /// Why talking to a backend failed.
@@ -34,6 +39,121 @@ pub enum BackendError {
     Server(ErrorInfo),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("server does not accept TLS connections, but sslmode={0} requires TLS")]
+    TlsRefused(SslMode),
+    #[error("TLS handshake failed (sslmode={mode}): {message}")]
+    Tls { mode: SslMode, message: String },
+    #[error(
+        "server asked for {0} password authentication, which the proxy refuses: it exposes \
+         the password (or a replayable hash of it) on the wire; use scram-sha-256 in the \
+         server's pg_hba.conf, or set backend.allow_insecure_auth = true to allow it"
+    )]
+    InsecureAuth(&'static str),
+}
+
+/// The socket to a backend: plain TCP or TLS over TCP.
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl BackendStream {
+    /// Opens the TCP connection and, when `security` asks for it, sends SSLRequest and
+    /// runs the TLS handshake (before the startup message, as libpq does).
+    async fn open(
+        target: &BackendTarget,
+        security: &BackendSecurity,
+    ) -> Result<BackendStream, BackendError> {
+        let mut tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        tcp.set_nodelay(true)?;
+        let Some(tls) = &security.tls else {
+            return Ok(BackendStream::Plain(tcp));
+        };
+        let mode = security.sslmode;
+        let mut request = BytesMut::with_capacity(8);
+        frontend::ssl_request(&mut request);
+        tcp.write_all(&request).await?;
+        // Exactly one byte: anything the server sent after it belongs to the handshake
+        // (and a plaintext injection there fails it, CVE-2021-23222).
+        match tcp.read_u8().await? {
+            b'S' => {}
+            b'N' if mode == SslMode::Prefer => return Ok(BackendStream::Plain(tcp)),
+            b'N' => return Err(BackendError::TlsRefused(mode)),
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "unexpected answer {:?} to SSLRequest",
+                    char::from(other)
+                )))
+            }
+        }
+        let name = rustls::pki_types::ServerName::try_from(target.host.clone()).map_err(|e| {
+            BackendError::Tls {
+                mode,
+                message: format!("host `{}`: {e}", target.host),
+            }
+        })?;
+        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| BackendError::Tls {
+                mode,
+                message: e.to_string(),
+            })?;
+        Ok(BackendStream::Tls(Box::new(stream)))
+    }
+
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendStream::Plain(s) => s,
+            BackendStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, BackendStream::Tls(_))
+    }
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Rows and tags returned by [`BackendConn::simple_query`].
@@ -45,7 +165,7 @@ pub struct SimpleResult {
 
 /// A connected, authenticated backend.
 pub struct BackendConn {
-    stream: TcpStream,
+    stream: BackendStream,
     rbuf: BytesMut,
     pub wbuf: BytesMut,
     /// Backend process id and cancel key (for forwarding CancelRequest).
@@ -80,26 +200,30 @@ impl std::fmt::Debug for BackendConn {
 }
 
 impl BackendConn {
-    /// Connects, authenticates (SCRAM-SHA-256; MD5 or cleartext if the server asks for
-    /// them) and waits for the first ReadyForQuery.
+    /// Connects (over TLS when `security` says so), authenticates (SCRAM-SHA-256; MD5 or
+    /// cleartext only if `security` allows them) and waits for the first ReadyForQuery.
     pub async fn connect(
         target: &BackendTarget,
+        security: &BackendSecurity,
         user: &str,
         password: Option<&str>,
         timeout: Duration,
     ) -> Result<BackendConn, BackendError> {
-        tokio::time::timeout(timeout, Self::connect_inner(target, user, password))
-            .await
-            .map_err(|_| BackendError::Timeout)?
+        tokio::time::timeout(
+            timeout,
+            Self::connect_inner(target, security, user, password),
+        )
+        .await
+        .map_err(|_| BackendError::Timeout)?
     }
 
     async fn connect_inner(
         target: &BackendTarget,
+        security: &BackendSecurity,
         user: &str,
         password: Option<&str>,
     ) -> Result<BackendConn, BackendError> {
-        let stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
-        stream.set_nodelay(true)?;
+        let stream = BackendStream::open(target, security).await?;
         let mut conn = BackendConn {
             stream,
             rbuf: BytesMut::with_capacity(8192),
@@ -128,6 +252,7 @@ impl BackendConn {
         let mut auth = ClientAuth {
             user,
             password,
+            allow_insecure: security.allow_insecure_auth,
             scram: None,
         };
         loop {
@@ -201,6 +326,10 @@ impl BackendConn {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
+            if self.stream.is_tls() {
+                // rustls may hold the last record until flushed.
+                self.stream.flush().await?;
+            }
         }
         Ok(())
     }
@@ -211,8 +340,9 @@ impl BackendConn {
         if !self.rbuf.is_empty() {
             return true;
         }
+        // On TLS this reads (and loses) ciphertext: fine, any byte means "discard".
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
+        match self.stream.tcp().try_read(&mut probe) {
             Ok(_) => true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
             Err(_) => true,
@@ -273,15 +403,27 @@ impl BackendConn {
 }
 
 /// The proxy's side of a backend's authentication request: SCRAM-SHA-256 (through
-/// `postgres-protocol`), or MD5 and cleartext when the server asks for them (PostgreSQL's
-/// `pg_hba.conf` decides which; the proxy sends nothing a server did not ask for).
+/// `postgres-protocol`), or MD5 and cleartext when the server asks for them and
+/// `backend.allow_insecure_auth` allows them (PostgreSQL's `pg_hba.conf` decides which;
+/// the proxy sends nothing a server did not ask for).
 struct ClientAuth<'a> {
     user: &'a str,
     password: Option<&'a str>,
+    /// Answer cleartext and MD5 requests (else refuse them).
+    allow_insecure: bool,
     scram: Option<ScramSha256>,
 }
 
 impl ClientAuth<'_> {
+    /// Refuses a cleartext or MD5 request unless allowed.
+    fn insecure(&self, mechanism: &'static str) -> Result<(), BackendError> {
+        if self.allow_insecure {
+            Ok(())
+        } else {
+            Err(BackendError::InsecureAuth(mechanism))
+        }
+    }
+
     fn password(&self) -> Result<&str, BackendError> {
         self.password.ok_or_else(|| {
             BackendError::Auth("server asked for a password; none configured".into())
@@ -293,9 +435,11 @@ impl ClientAuth<'_> {
     fn answer(&mut self, msg: Message, out: &mut BytesMut) -> Result<bool, BackendError> {
         match msg {
             Message::AuthenticationCleartextPassword => {
+                self.insecure("cleartext")?;
                 frontend::password_message(self.password()?.as_bytes(), out)?;
             }
             Message::AuthenticationMd5Password(body) => {
+                self.insecure("MD5")?;
                 let hashed = postgres_protocol::authentication::md5_hash(
                     self.user.as_bytes(),
                     self.password()?.as_bytes(),

@@ -4,6 +4,7 @@
 //! many, short-lived and untrusted. Everything that knows how to authenticate *to* a
 //! server and keep its session state lives here.
 
+pub mod client;
 pub mod conn;
 pub mod pool;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{BackendConn, BackendError};
-use crate::config::{BackendTarget, PoolConfig};
+use crate::config::{BackendSecurity, BackendTarget, PoolConfig};
 
 /// Most prepared statements a pooled connection may carry before it is retired.
 const MAX_PREPARED_PER_CONN: usize = 2000;
@@ -49,6 +49,8 @@ pub struct Pool {
     pub name: String,
     pub url: String,
     pub target: BackendTarget,
+    /// TLS and the password methods allowed (from `sslmode`, the CA, `backend.*`).
+    pub security: BackendSecurity,
     user: String,
     password: Option<String>,
     idle: Mutex<Vec<BackendConn>>,
@@ -74,6 +76,7 @@ impl Pool {
         name: String,
         url: String,
         target: BackendTarget,
+        security: BackendSecurity,
         user: String,
         password: Option<String>,
         settings: &PoolConfig,
@@ -83,6 +86,7 @@ impl Pool {
             name,
             url,
             target,
+            security,
             user,
             password,
             idle: Mutex::new(Vec::new()),
@@ -100,11 +104,13 @@ impl Pool {
     pub fn same_backend(
         &self,
         url: &str,
+        security: &BackendSecurity,
         user: &str,
         password: Option<&str>,
         settings: &PoolConfig,
     ) -> bool {
         self.url == url
+            && self.security.same_as(security)
             && self.user == user
             && self.password.as_deref() == password
             && self.size == settings.size
@@ -156,6 +162,7 @@ impl Pool {
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         match BackendConn::connect(
             &self.target,
+            &self.security,
             &self.user,
             self.password.as_deref(),
             self.connect_timeout,

@@ -4,12 +4,14 @@
 //! they live in one typed struct that the kit loads (TOML + `TASKFLOW_` overrides) and that
 //! [`DaemonConfig::validate`] checks, naming the offending key on every error.
 
+mod backend_tls;
 mod resolve;
 mod target;
 mod validate;
 
+pub use backend_tls::{backend_security, security_for_url, BackendSecurity, BackendTlsError};
 pub use resolve::{resolve, Resolved, SetupError, User};
-pub use target::BackendTarget;
+pub use target::{BackendTarget, SslMode};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -206,12 +208,21 @@ impl Default for ShardingConfig {
     }
 }
 
+/// How the proxy logs in to every backend (shards and the auth database).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BackendConfig {
     pub user: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<String>,
+    /// TLS to backends whose URL has no `sslmode` parameter (libpq's values; default
+    /// `disable`).
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) for backends whose URL has no `sslrootcert` parameter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    /// Answer a server's cleartext or MD5 password request (refused by default: SCRAM only).
+    pub allow_insecure_auth: bool,
 }
 
 impl Default for BackendConfig {
@@ -219,6 +230,9 @@ impl Default for BackendConfig {
         BackendConfig {
             user: "taskflow".into(),
             password_file: None,
+            sslmode: SslMode::Disable,
+            sslrootcert: None,
+            allow_insecure_auth: false,
         }
     }
 }
@@ -347,5 +361,29 @@ mod tests {
         c.shards[0].url = "nope".into();
         let e = c.validate().expect_err("bad url");
         assert!(e.to_string().contains("shards[0].url"), "{e}");
+    }
+
+    #[test]
+    fn verifying_sslmodes_need_a_ca() {
+        let mut c = ProxyConfig::default();
+        c.shards.push(ShardConfig {
+            name: "shard-1".into(),
+            url: "postgres://h/db?sslmode=verify-full".into(),
+        });
+        let e = c.validate().expect_err("no CA");
+        assert!(e.to_string().contains("shards[0].url"), "{e}");
+        assert!(e.to_string().contains("needs a CA"), "{e}");
+        c.backend.sslrootcert = Some("ca.pem".into());
+        let e = c.validate().expect_err("relative CA");
+        assert!(e.to_string().contains("backend.sslrootcert"), "{e}");
+        c.backend.sslrootcert = Some("/etc/ca.pem".into());
+        c.validate().expect("CA from backend.sslrootcert");
+        c.backend.sslrootcert = None;
+        c.backend.sslmode = SslMode::VerifyCa;
+        let e = c.validate().expect_err("default mode needs a CA too");
+        assert!(e.to_string().contains("auth_database.url"), "{e}");
+        c.shards[0].url = "postgres://h/db?sslmode=require".into();
+        c.auth_database.url = "postgres://h/auth?sslmode=verify-ca&sslrootcert=/ca.pem".into();
+        c.validate().expect("require needs no CA");
     }
 }

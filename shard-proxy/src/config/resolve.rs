@@ -1,6 +1,7 @@
 //! Resolution: a validated [`ProxyConfig`] plus the files it names (password files, TLS
-//! certificate and key) become the values the runtime uses — SCRAM verifiers, the backend
-//! password, a rustls server configuration.
+//! certificate and key, backend CA files) become the values the runtime uses — SCRAM
+//! verifiers, the backend password, a rustls server configuration, each backend's rustls
+//! client configuration.
 //!
 //! Why here and not in the runtime: start-up, `RELOAD`/SIGHUP and the kit's secret check
 //! must read the same files the same way, and configuration code must not call up into
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use taskflow_kit::config::ConfigError;
 use taskflow_kit::secrets::{read_secret, read_secret_bytes, SecretError};
 
+use super::backend_tls::{backend_security, BackendSecurity};
 use super::ProxyConfig;
 use crate::scram::Verifier;
 
@@ -61,6 +63,8 @@ pub struct Resolved {
     pub backend_password: Option<String>,
     /// The TLS server configuration, when `tls.cert_file`/`tls.key_file` are set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How to reach each backend (TLS, CA, insecure password methods), by URL.
+    pub backend_security: HashMap<String, BackendSecurity>,
 }
 
 /// Reads every file the configuration names. Fails naming the key whose file is bad.
@@ -69,6 +73,10 @@ pub fn resolve(config: &ProxyConfig) -> Result<Resolved, SetupError> {
         users: users(config)?,
         backend_password: backend_password(config)?,
         tls: tls(config)?,
+        backend_security: backend_security(config).map_err(|e| SetupError::Config {
+            key: e.key,
+            message: e.message,
+        })?,
     })
 }
 

@@ -235,8 +235,17 @@ fn backends(c: &ProxyConfig) -> Result<(), ConfigError> {
     if c.backend.user.is_empty() {
         return Err(ConfigError::invalid("backend.user", "must not be empty"));
     }
-    BackendTarget::parse(&c.auth_database.url)
+    if let Some(ca) = &c.backend.sslrootcert {
+        if !ca.is_absolute() {
+            return Err(ConfigError::invalid(
+                "backend.sslrootcert",
+                "must be an absolute path",
+            ));
+        }
+    }
+    let auth = BackendTarget::parse(&c.auth_database.url)
         .map_err(|m| ConfigError::invalid("auth_database.url", m))?;
+    backend_tls(c, "auth_database.url", &auth)?;
     let mut names = HashSet::new();
     for (i, s) in c.shards.iter().enumerate() {
         if s.name.is_empty() || s.name.len() > 40 {
@@ -261,8 +270,25 @@ fn backends(c: &ProxyConfig) -> Result<(), ConfigError> {
                 format!("duplicate shard `{}`", s.name),
             ));
         }
-        BackendTarget::parse(&s.url)
-            .map_err(|m| ConfigError::invalid(format!("shards[{i}].url"), m))?;
+        let key = format!("shards[{i}].url");
+        let target =
+            BackendTarget::parse(&s.url).map_err(|m| ConfigError::invalid(key.clone(), m))?;
+        backend_tls(c, &key, &target)?;
+    }
+    Ok(())
+}
+
+/// verify-ca and verify-full need a CA: the URL's `sslrootcert` or `backend.sslrootcert`.
+fn backend_tls(c: &ProxyConfig, key: &str, target: &BackendTarget) -> Result<(), ConfigError> {
+    let mode = target.sslmode.unwrap_or(c.backend.sslmode);
+    if mode.verifies() && super::backend_tls::ca_file(&c.backend, target).is_none() {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "sslmode={mode} needs a CA: add sslrootcert=/path/ca.pem to the URL or set \
+                 backend.sslrootcert"
+            ),
+        ));
     }
     Ok(())
 }

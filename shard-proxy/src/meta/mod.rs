@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{BackendError, Pool, PoolError};
-use crate::config::{BackendTarget, MetadataConfig, PoolConfig, ProxyConfig, SetupError};
+use crate::config::{
+    security_for_url, BackendConfig, BackendTarget, MetadataConfig, PoolConfig, ProxyConfig,
+    SetupError,
+};
 
 pub use fence::{Fence, FenceGuard};
 
@@ -44,7 +47,9 @@ pub struct Meta {
     pub settings: MetadataConfig,
     /// `host:port` this proxy listens on, as recorded in the registry.
     pub addr: String,
-    /// Backend credentials and pool settings, for shards known only from the stored ring.
+    /// Backend credentials, TLS settings and pool settings, for shards known only from the
+    /// stored ring.
+    backend: BackendConfig,
     backend_user: String,
     backend_password: Option<String>,
     pool_settings: PoolConfig,
@@ -59,10 +64,20 @@ impl Meta {
                 message,
             }
         })?;
+        let security = security_for_url(
+            &config.backend,
+            "auth_database.url",
+            &config.auth_database.url,
+        )
+        .map_err(|e| SetupError::Config {
+            key: e.key.clone(),
+            message: e.message.clone(),
+        })?;
         let pool = Pool::new(
             "metadata".into(),
             config.auth_database.url.clone(),
             target,
+            security,
             config.backend.user.clone(),
             password.map(str::to_owned),
             &PoolConfig {
@@ -78,6 +93,7 @@ impl Meta {
             instance,
             settings: config.metadata.clone(),
             addr: config.listen.to_string(),
+            backend: config.backend.clone(),
             backend_user: config.backend.user.clone(),
             backend_password: password.map(str::to_owned),
             pool_settings: config.pool.clone(),
@@ -93,10 +109,13 @@ impl Meta {
     pub fn pool_for(&self, name: &str, url: &str) -> Result<Arc<Pool>, MetaError> {
         let target = BackendTarget::parse(url)
             .map_err(|m| MetaError::Invalid(format!("stored URL of shard {name}: {m}")))?;
+        let security = security_for_url(&self.backend, &format!("stored URL of shard {name}"), url)
+            .map_err(|e| MetaError::Invalid(e.to_string()))?;
         Ok(Pool::new(
             name.to_owned(),
             url.to_owned(),
             target,
+            security,
             self.backend_user.clone(),
             self.backend_password.clone(),
             &self.pool_settings,
