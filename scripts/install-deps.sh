@@ -56,10 +56,20 @@ if [ ${#missing[@]} -gt 0 ]; then
       printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
         'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$bpo"
     fi
-    missing=("${missing[@]/#qemu-system-x86/qemu-system-x86/bookworm-backports}")
+    # Installed on its own with the suite as target release, so that its dependencies
+    # (qemu-system-common/-data, seabios) come from backports too.
+    backports_qemu=1
+    missing=("${missing[@]/qemu-system-x86}")
   fi
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rest=()
+  for p in "${missing[@]}"; do [ -n "$p" ] && rest+=("$p"); done
+  if [ ${#rest[@]} -gt 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${rest[@]}" >/dev/null
+  fi
+  if [ "${backports_qemu:-0}" = 1 ]; then
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+  fi
 fi
 
 # maildev from npm, into the cache (not the clone).
