@@ -2,7 +2,9 @@
 //! the shard proxy's passthrough `auth` database).
 //!
 //! One connection per partition worker, re-opened when it breaks: a worker handles one
-//! message at a time, so a pool would only add idle connections.
+//! message at a time, so a pool would only add idle connections. The lookup is prepared
+//! once per connection: it runs for every event, and an unprepared query costs a second
+//! round trip (Parse/Describe) each time.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recipient {
@@ -13,8 +15,11 @@ pub struct Recipient {
 
 pub struct Directory {
     config: tokio_postgres::Config,
-    client: Option<tokio_postgres::Client>,
+    /// The open connection and the lookup prepared on it.
+    client: Option<(tokio_postgres::Client, tokio_postgres::Statement)>,
 }
+
+const LOOKUP: &str = "SELECT id, email, name FROM users WHERE id = ANY($1) ORDER BY id";
 
 impl Directory {
     pub fn new(config: tokio_postgres::Config) -> Self {
@@ -34,8 +39,8 @@ impl Directory {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let client = match self.client.take() {
-            Some(c) if !c.is_closed() => c,
+        let (client, lookup) = match self.client.take() {
+            Some((c, s)) if !c.is_closed() => (c, s),
             _ => {
                 let (client, conn) = self
                     .config
@@ -47,17 +52,15 @@ impl Directory {
                         tracing::debug!(error = %e, "auth database connection ended");
                     }
                 });
-                client
+                let lookup = client.prepare(LOOKUP).await.map_err(|e| e.to_string())?;
+                (client, lookup)
             }
         };
         let rows = client
-            .query(
-                "SELECT id, email, name FROM users WHERE id = ANY($1) ORDER BY id",
-                &[&ids],
-            )
+            .query(&lookup, &[&ids])
             .await
             .map_err(|e| e.to_string())?;
-        self.client = Some(client);
+        self.client = Some((client, lookup));
         Ok(rows
             .iter()
             .map(|r| Recipient {
