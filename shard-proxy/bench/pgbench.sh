@@ -36,6 +36,7 @@ REPS=${REPS:-2}
 SEED_ROWS=${SEED_ROWS:-100000}
 PROFILE=${PROFILE:-0}
 PROFILE_SECS=${PROFILE_SECS:-10}
+# PROFILE_LOAD=W profiles under the sharded workload instead of pgbench -S.
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 
@@ -249,8 +250,13 @@ done
 if [ "$PROFILE" = 1 ]; then
   echo
   if command -v perf >/dev/null; then
-    echo "== perf: proxy under pgbench -S -M simple -c 16 for ${PROFILE_SECS}s (self time, top symbols)"
-    pgbench -n -S -M simple -c 16 -j 2 -T "$(( PROFILE_SECS + 2 ))" -p "$PROXY_PORT" auth >/dev/null 2>&1 &
+    if [ "${PROFILE_LOAD:-S}" = W ]; then
+      echo "== perf: proxy under the sharded workload, -M simple -c 16, for ${PROFILE_SECS}s (self time, top symbols)"
+      pgbench -n -M simple -c 16 -j 2 -T "$(( PROFILE_SECS + 2 ))" -p "$PROXY_PORT" -f "$WORK/sharded.sql" tasks >/dev/null 2>&1 &
+    else
+      echo "== perf: proxy under pgbench -S -M simple -c 16 for ${PROFILE_SECS}s (self time, top symbols)"
+      pgbench -n -S -M simple -c 16 -j 2 -T "$(( PROFILE_SECS + 2 ))" -p "$PROXY_PORT" auth >/dev/null 2>&1 &
+    fi
     LOAD_PID=$!; PIDS+=("$LOAD_PID")
     sleep 1
     perf record -q -F 1999 -p "$PROXY_PID" -o "$WORK/perf.data" -- sleep "$PROFILE_SECS" >/dev/null 2>&1 || true
