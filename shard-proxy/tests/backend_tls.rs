@@ -316,6 +316,21 @@ async fn require_fails_clearly_without_server_tls_and_prefer_falls_back() {
     assert_eq!(keyed_read(&env, 1).await, Ok(0));
 }
 
+/// Opens a typed client to shard-1 as the proxy's `migrate` would.
+async fn typed_client(env: &Env) -> Result<tokio_postgres::Client, String> {
+    let security = backend_security(&env.config).expect("backend security");
+    let url = &env.config.shards[0].url;
+    let target = BackendTarget::parse(url).expect("url");
+    taskflow_shard_proxy::backend::client::connect(
+        &target,
+        &security[url],
+        "taskflow",
+        Some(common::PASSWORD),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// Makes the cluster ask role `taskflow` for `method` (md5 or password) instead of SCRAM.
 async fn weaken_password_auth(cluster: &PgCluster, method: &str) {
     let su = cluster
@@ -364,9 +379,17 @@ async fn md5_and_cleartext_are_refused_unless_allowed() {
             "{e}"
         );
         assert!(e.contains("backend.allow_insecure_auth"), "{e}");
+        // The typed client (migrate, ADD SHARD's schema step) refuses it too.
+        let e = typed_client(&env)
+            .await
+            .expect_err("typed client refuses insecure auth");
+        assert!(e.contains("backend.allow_insecure_auth"), "{e}");
 
         env.config.backend.allow_insecure_auth = true;
         restart_with(&mut env, common::shard_url).await;
         assert_eq!(keyed_read(&env, 1).await, Ok(0), "{method} allowed");
+        typed_client(&env)
+            .await
+            .expect("typed client, insecure auth allowed");
     }
 }

@@ -726,7 +726,14 @@ mod session_state_tests {
                 assert!(may_hold_marker(text.as_bytes()), "{text}");
             }
         }
-        for text in ["", "SELECT 1", "SELECT abalone FROM shelf", "hol", "tem", "liste"] {
+        for text in [
+            "",
+            "SELECT 1",
+            "SELECT abalone FROM shelf",
+            "hol",
+            "tem",
+            "liste",
+        ] {
             assert!(!may_hold_marker(text.as_bytes()), "{text}");
         }
     }

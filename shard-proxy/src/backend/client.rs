@@ -1,21 +1,25 @@
 //! tokio-postgres clients to a backend, secured exactly like the pools' raw connections
 //! (the same [`BackendSecurity`]: `sslmode`, CA, rustls), for the proxy's own typed work —
-//! `taskflow-shard-proxy migrate`.
+//! `taskflow-shard-proxy migrate` and `ADD SHARD`'s schema step.
 //!
 //! Why not `NoTls` there: a URL that says `sslmode=verify-full` must not be used in
-//! plaintext by any code path. Limitation: tokio-postgres answers a server's cleartext or
-//! MD5 password request by itself, so `backend.allow_insecure_auth` is not enforced here.
+//! plaintext by any code path. Why a probe first: tokio-postgres answers a server's
+//! cleartext or MD5 password request by itself, so unless `backend.allow_insecure_auth` is
+//! set, the proxy's own [`BackendConn`] (which refuses them) logs in once before the typed
+//! client does, and the password is never sent to a server that would take it weakly.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 use tokio_postgres::{Client, NoTls};
 
+use super::{BackendConn, BackendError};
 use crate::config::{BackendSecurity, BackendTarget, SslMode};
 
 /// Why a client could not be opened.
@@ -30,7 +34,12 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Refused(#[from] BackendError),
 }
+
+/// How long the insecure-authentication probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a client to `target` as `user` (or the URL's user), over TLS when `security` says
 /// so; its connection task runs on the current runtime.
@@ -40,6 +49,12 @@ pub async fn connect(
     user: &str,
     password: Option<&str>,
 ) -> Result<Client, ClientError> {
+    if password.is_some() && !security.allow_insecure_auth {
+        BackendConn::connect(target, security, user, password, PROBE_TIMEOUT)
+            .await?
+            .terminate()
+            .await;
+    }
     let mut pg = tokio_postgres::Config::new();
     pg.host(&target.host)
         .port(target.port)
