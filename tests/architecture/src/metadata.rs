@@ -24,13 +24,31 @@ pub struct Graph {
     normal_deps: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// The host's target triple, from `rustc -vV`.
+fn host_triple() -> Result<String, String> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .map_err(|e| format!("cannot run rustc -vV: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .ok_or_else(|| "rustc -vV printed no host line".to_owned())
+}
+
 impl Graph {
-    /// Runs `cargo metadata` on the workspace.
+    /// Runs `cargo metadata` on the workspace, for the host platform only: offline, the
+    /// graph of every platform would need packages never downloaded here (Windows-only
+    /// crates), and a fresh machine does not have them.
     pub fn load() -> Result<Graph, String> {
         let root = crate::workspace_root();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let host = host_triple()?;
         let out = Command::new(cargo)
             .args(["metadata", "--format-version", "1", "--offline"])
+            .args(["--filter-platform", &host])
             .current_dir(&root)
             .output()
             .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
