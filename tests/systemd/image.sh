@@ -66,11 +66,13 @@ mmdebstrap --variant=apt --mode=root --quiet \
   --customize-hook='for u in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer e2scrub_reap.service; do ln -sf /dev/null "$1/etc/systemd/system/$u"; done' \
   --customize-hook="cp '$here/taskflow-vmtest.service' \"\$1/etc/systemd/system/\"" \
   --customize-hook='mkdir -p "$1/etc/systemd/system/multi-user.target.wants" "$1/mnt/taskflow" && ln -sf ../taskflow-vmtest.service "$1/etc/systemd/system/multi-user.target.wants/"' \
-  bookworm "$work/root" "$MIRROR"
+  bookworm "$work/root" "$MIRROR" >&2
 
 cp -L "$work"/root/boot/vmlinuz-* "$work/vmlinuz"
 cp -L "$work"/root/boot/initrd.img-* "$work/initrd.img"
-mkfs.ext4 -q -L taskflow-root -d "$work/root" "$work/rootfs.raw" 3G
+# (stdout is the image path the caller reads: tools' chatter goes to stderr — mkfs.ext4
+# says "Creating regular file …" even with -q, which broke the first run on a fresh machine)
+mkfs.ext4 -q -L taskflow-root -d "$work/root" "$work/rootfs.raw" 3G >&2
 rm -rf "$work/root"
 rm -rf "$OUT"
 mkdir -p "$OUT"
