@@ -74,6 +74,7 @@ mod model;
 mod params;
 mod plan;
 mod scatter;
+mod shape;
 mod split;
 mod text;
 
@@ -111,6 +112,10 @@ pub struct Router {
     key_column: String,
     /// `None`: caching disabled.
     cache: Option<AnalysisCache>,
+    /// Templates by statement shape (`shape.rs`): statements that differ only in literal
+    /// values share one analysis. `None` disables shapes (with `cache`, or when the bounds
+    /// are too small to split).
+    shapes: Option<AnalysisCache>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -135,7 +140,9 @@ impl Router {
             tables: rules.tables.iter().map(|t| fold(t)).collect(),
             key_column: fold(&rules.key_column),
             rules,
-            cache: AnalysisCache::new(capacity, bytes),
+            // The bounds are shared: half for exact texts, half for shapes.
+            cache: AnalysisCache::new(capacity - capacity / 2, bytes - bytes / 2),
+            shapes: AnalysisCache::new(capacity / 2, bytes / 2),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -148,16 +155,44 @@ impl Router {
 
     /// Analyses `sql` (cached). Never panics: unparsable text becomes
     /// [`StatementKind::Unparsed`].
+    ///
+    /// Looked up by the exact text first, then by the statement's shape (its literals
+    /// taken out: `shape.rs`); a statement analysed in full is cached under its shape when
+    /// its analysis can be shared that way, else under its text.
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
-        let cache = self.cache.as_ref().filter(|_| sql.len() <= MAX_CACHED_SQL);
-        if let Some(hit) = cache.and_then(|c| c.get(sql)) {
+        if sql.len() > MAX_CACHED_SQL {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return Arc::new(self.analyze_uncached(sql));
+        }
+        let Some(cache) = &self.cache else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return Arc::new(self.analyze_uncached(sql));
+        };
+        if let Some(hit) = cache.get(sql) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return hit;
         }
+        let Some(shapes) = &self.shapes else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            let analysis = Arc::new(self.analyze_uncached(sql));
+            cache.insert(sql, Arc::clone(&analysis));
+            return analysis;
+        };
+        let shape = shape::shape_of(sql);
+        if let Some(shape) = &shape {
+            let reused = shapes
+                .get(&shape.text)
+                .and_then(|t| shape::Template(t).instantiate(shape, sql));
+            if let Some(analysis) = reused {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Arc::new(analysis);
+            }
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let analysis = Arc::new(self.analyze_uncached(sql));
-        if let Some(cache) = cache {
-            cache.insert(sql, Arc::clone(&analysis));
+        match shape.and_then(|s| Some((shape::Template::of(&analysis, &s, sql)?, s))) {
+            Some((template, shape)) => shapes.insert(&shape.text, template.0),
+            None => cache.insert(sql, Arc::clone(&analysis)),
         }
         analysis
     }
@@ -173,11 +208,13 @@ impl Router {
     /// Approximate bytes the cache holds right now.
     pub fn cache_bytes(&self) -> usize {
         self.cache.as_ref().map_or(0, AnalysisCache::bytes)
+            + self.shapes.as_ref().map_or(0, AnalysisCache::bytes)
     }
 
     /// Cached analyses right now.
     pub fn cache_len(&self) -> usize {
         self.cache.as_ref().map_or(0, AnalysisCache::len)
+            + self.shapes.as_ref().map_or(0, AnalysisCache::len)
     }
 
     fn analyze_uncached(&self, sql: &str) -> Analysis {
