@@ -1,4 +1,5 @@
-//! The analysis cache: [`Analysis`] by SQL text, bounded both in entries and in bytes.
+//! The analysis cache: [`Analysis`] by SQL text (the router keeps two: exact texts and
+//! statement shapes), bounded both in entries and in bytes.
 //!
 //! Why a cache: parsing costs far more than the rest of a proxy round trip, and
 //! applications repeat the same statements. Why `quick_cache`: a maintained, sharded,

@@ -9,7 +9,8 @@
 //!    how to merge the shards' results ([`MergeSpec`]). Analyses are cached by SQL text
 //!    (bounded), because parsing costs far more than the rest of a proxy round trip
 //!    (PgDog measured 28–49 % of throughput lost to parsing) and applications repeat the
-//!    same statements.
+//!    same statements — or, inlining values, the same statement *shapes*: those share one
+//!    analysis, cached by the text with its literal values taken out (`shape.rs`).
 //! 2. [`Analysis::plan`] is cheap and runs per execution: it binds `$n` keys from the Bind
 //!    parameters (text or binary), hashes keys on the [`Ring`](crate::ring::Ring), and returns a [`Plan`]:
 //!    one shard, several, or all, plus per-shard SQL for a multi-row INSERT whose rows
@@ -102,8 +103,8 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// every time: they rarely repeat and would crowd out the statements that do).
 const MAX_CACHED_SQL: usize = 16 * 1024;
 
-/// Parses statements and caches their [`Analysis`] by SQL text. `Send + Sync`: one router
-/// serves every session.
+/// Parses statements and caches their [`Analysis`] by SQL text or shape. `Send + Sync`:
+/// one router serves every session.
 #[derive(Debug)]
 pub struct Router {
     rules: ShardingRules,
