@@ -1,7 +1,8 @@
 //! The notify daemon end to end: a `task_events` message becomes one email per recipient
 //! (performer, creator, observers) and one `notify_events` message each; a redelivered
 //! event sends no second email; a malformed message is skipped without stopping the
-//! daemon; an SMTP outage delays mail but loses none.
+//! daemon; an SMTP outage delays mail but loses none; a partition retrying a recipient whose
+//! server answers 4xx does not hold up the other partitions.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -34,45 +35,77 @@ async fn start() -> Stack {
 
 /// Users 1–3 have good addresses, user 4 an unusable one.
 async fn start_with(smtp: taskflow_localstack::SmtpSinkBuilder) -> Stack {
+    let smtp = smtp.start().await.expect("smtp");
+    let b = boot(smtp.smtp_port(), 1, "", &[]).await;
+    Stack {
+        _db: b.db,
+        _redis: b.redis,
+        kafka: b.kafka,
+        smtp,
+        notify: b.notify,
+        _scratch: b.scratch,
+    }
+}
+
+/// What [`boot`] starts.
+struct Booted {
+    db: PgCluster,
+    redis: RedisServer,
+    kafka: KafkaBroker,
+    notify: Daemon,
+    scratch: Scratch,
+}
+
+/// The auth database (users 1–3 good, 4 unusable, then `extra_users`), Redis, a broker
+/// whose topics have `partitions` partitions, and notify mailing through `smtp_port` with
+/// `settings` (top-level keys) added to its configuration.
+async fn boot(
+    smtp_port: u16,
+    partitions: i32,
+    settings: &str,
+    extra_users: &[(&str, &str)],
+) -> Booted {
     let db = taskflow_e2e::migrated_db("auth").await;
     let c = db.client("auth").await.expect("client");
     let bad = unusable_address();
-    for (email, name) in [
+    let users = [
         ("creator@example.com", "Creator"),
         ("performer@example.com", "Performer"),
         ("observer@example.com", "Observer"),
         (bad.as_str(), "Unreachable"),
-    ] {
+    ];
+    for (email, name) in users.iter().chain(extra_users) {
         c.execute(
             "INSERT INTO users (email, name, password_hash) VALUES ($1, $2, 'x')",
-            &[&email, &name],
+            &[email, name],
         )
         .await
         .expect("insert user");
     }
     let redis = RedisServer::temp().await.expect("redis");
     let mut kafka = KafkaBroker::temp().await.expect("broker");
-    kafka.create_topic("task_events", 1).await.expect("topic");
-    kafka.create_topic("notify_events", 1).await.expect("topic");
-    let smtp = smtp.start().await.expect("smtp");
+    kafka
+        .create_topic("task_events", partitions)
+        .await
+        .expect("topic");
+    kafka
+        .create_topic("notify_events", partitions)
+        .await
+        .expect("topic");
     let scratch = Scratch::new();
-    let config = scratch.notify_config(
-        db.port(),
-        &kafka.bootstrap(),
-        &redis.url(),
-        smtp.smtp_port(),
-    );
+    let config = scratch.notify_config(db.port(), &kafka.bootstrap(), &redis.url(), smtp_port);
+    let text = std::fs::read_to_string(&config).expect("notify config");
+    std::fs::write(&config, format!("{settings}{text}")).expect("notify config");
     let mut notify = Daemon::start("taskflow-notify", &config, &[]);
     notify
         .expect_notify("READY=1", Duration::from_secs(60))
         .await;
-    Stack {
-        _db: db,
-        _redis: redis,
+    Booted {
+        db,
+        redis,
         kafka,
-        smtp,
         notify,
-        _scratch: scratch,
+        scratch,
     }
 }
 
@@ -425,4 +458,187 @@ async fn notify_killed_mid_batch_loses_no_mail() {
         mails.len()
     );
     again.check_systemd_contract_after_ready().await;
+}
+
+/// A minimal SMTP server that answers `451` (try again later: transient) to `RCPT TO` for
+/// one address while `refusing` is set, accepts everything else, and keeps each accepted
+/// message's data. MailDev cannot fail one recipient transiently.
+struct FlakySmtp {
+    port: u16,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FlakySmtp {
+    async fn start(stuck: &'static str) -> FlakySmtp {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let refusing = Arc::new(AtomicBool::new(true));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let (r, a) = (refusing.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(Self::session(socket, stuck, r.clone(), a.clone()));
+            }
+        });
+        FlakySmtp {
+            port,
+            refusing,
+            accepted,
+        }
+    }
+
+    async fn session(
+        socket: tokio::net::TcpStream,
+        stuck: &'static str,
+        refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        accepted: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (read, mut write) = socket.into_split();
+        let mut lines = BufReader::new(read).lines();
+        if write.write_all(b"220 flaky ESMTP\r\n").await.is_err() {
+            return;
+        }
+        while let Ok(Some(line)) = lines.next_line().await {
+            let upper = line.to_ascii_uppercase();
+            let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+                b"250 flaky\r\n"
+            } else if upper.starts_with("RCPT TO:") {
+                if line.contains(stuck) && refusing.load(Ordering::SeqCst) {
+                    b"451 4.3.0 mailbox busy, try again later\r\n"
+                } else {
+                    b"250 ok\r\n"
+                }
+            } else if upper.starts_with("DATA") {
+                if write.write_all(b"354 end with .\r\n").await.is_err() {
+                    return;
+                }
+                let mut data = String::new();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if l == "." {
+                        break;
+                    }
+                    data.push_str(&l);
+                    data.push('\n');
+                }
+                accepted.lock().expect("lock").push(data);
+                b"250 queued\r\n"
+            } else if upper.starts_with("QUIT") {
+                let _ = write.write_all(b"221 bye\r\n").await;
+                return;
+            } else if upper.starts_with("MAIL FROM:")
+                || upper.starts_with("RSET")
+                || upper.starts_with("NOOP")
+            {
+                b"250 ok\r\n"
+            } else {
+                b"502 not implemented\r\n"
+            };
+            if write.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Accepted messages whose data mentions `text`.
+    fn mails_with(&self, text: &str) -> Vec<String> {
+        self.accepted
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|m| m.contains(text))
+            .cloned()
+            .collect()
+    }
+}
+
+async fn produce_to(kafka: &KafkaBroker, partition: i32, event: &TaskEvent) {
+    let producer: FutureProducer = kafka.client_config().create().expect("producer");
+    let payload = serde_json::to_vec(event).expect("json");
+    producer
+        .send(
+            FutureRecord::to("task_events")
+                .key(&event.key())
+                .partition(partition)
+                .payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+/// A recipient whose server keeps answering 4xx holds up only its own partition: an event
+/// on another partition is mailed meanwhile, and the held-up mail goes out once the server
+/// takes it.
+#[tokio::test]
+async fn a_partition_retrying_a_transient_failure_does_not_hold_up_the_others() {
+    let smtp = FlakySmtp::start("stuck@example.com").await;
+    let b = boot(
+        smtp.port,
+        2,
+        "retry_initial_ms = 100\nretry_max_secs = 1\n",
+        &[("stuck@example.com", "Stuck")],
+    )
+    .await;
+    let mut notify = b.notify;
+    // User 5 observes the first task: its partition retries that event.
+    produce_to(&b.kafka, 0, &event_with(71, "Held up", vec![5])).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produce_to(&b.kafka, 1, &event(72, "On the other partition")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while smtp.mails_with("On the other partition").len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other partition's mail did not go out while one partition retried\n\
+             --- notify log ---\n{}",
+            notify.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        smtp.mails_with("Held up")
+            .iter()
+            .all(|m| !m.contains("stuck@example.com")),
+        "the stuck recipient was refused all along"
+    );
+    assert!(
+        notify.logs().contains("will retry"),
+        "the held-up event was being retried\n{}",
+        notify.logs()
+    );
+    // The server takes the mail now: the retried event completes, once per recipient.
+    smtp.refusing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !smtp
+        .mails_with("Held up")
+        .iter()
+        .any(|m| m.contains("stuck@example.com"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held-up mail never went out\n--- notify log ---\n{}",
+            notify.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // performer, creator, the stuck observer: one mail each, none sent twice by the retries
+    assert_eq!(
+        smtp.mails_with("Held up").len(),
+        3,
+        "{:?}",
+        smtp.mails_with("Held up")
+    );
+    notify.check_systemd_contract_after_ready().await;
+    drop(b.db);
+    drop(b.redis);
+    drop(b.scratch);
 }
