@@ -24,7 +24,10 @@ fn handed_out() -> &'static Mutex<HashSet<u16>> {
 ///
 /// Binds port 0, reads the port the kernel chose and closes the socket. Ports already
 /// handed out by this process are never returned again, so two components started by the
-/// same test binary cannot race for one port.
+/// same test binary cannot race for one port; nor, for [`CLAIM_TTL`], are ports handed out
+/// by another process (a claim file per port under the temp directory): nextest runs each
+/// test in its own process, and a port one test picked but whose server is still starting
+/// is free to the kernel, which would give it to the next test that asks.
 pub fn free_port() -> Result<u16> {
     for _ in 0..1000 {
         let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
@@ -37,7 +40,8 @@ pub fn free_port() -> Result<u16> {
         let mut set = handed_out()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if set.insert(port) {
+        if !set.contains(&port) && claim_across_processes(port) {
+            set.insert(port);
             return Ok(port);
         }
     }
@@ -48,6 +52,39 @@ pub fn free_port() -> Result<u16> {
             "no unused port after 1000 tries",
         ),
     ))
+}
+
+/// How long a port handed out by [`free_port`] stays claimed against other processes:
+/// longer than any test keeps a server it started.
+pub const CLAIM_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Claims `port` for this process unless another process claimed it within [`CLAIM_TTL`].
+/// Best effort: if the claim directory cannot be used, the port is taken unclaimed.
+fn claim_across_processes(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("taskflow-port-claims");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let file = dir.join(port.to_string());
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+    };
+    match create() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let stale = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > CLAIM_TTL);
+            // Of two processes reclaiming one stale claim, only one re-creates it.
+            stale && std::fs::remove_file(&file).is_ok() && create().is_ok()
+        }
+        Err(_) => true,
+    }
 }
 
 /// Marks `port` as used so [`free_port`] never returns it (for fixed dev-stack ports).
@@ -146,4 +183,20 @@ pub(crate) fn cache_dir() -> PathBuf {
     std::env::var_os("TASKFLOW_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/taskflow"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_claimed_by_another_process_is_not_handed_out_again() {
+        let port = free_port().expect("port");
+        // This process holds the claim now: a second claim (as another process would try)
+        // is refused while it is fresh.
+        assert!(!claim_across_processes(port));
+        for _ in 0..200 {
+            assert_ne!(free_port().expect("port"), port);
+        }
+    }
 }

@@ -102,8 +102,9 @@ impl DaemonProcess {
             if let Some(status) = child.try_wait()? {
                 status_task.abort();
                 bail!(
-                    "{name} exited ({status}) before it was ready; see {}",
-                    log_path.display()
+                    "{name} exited ({status}) before it was ready; see {}{}",
+                    log_path.display(),
+                    log_tail(&log_path)
                 );
             }
             if Instant::now() > deadline {
@@ -115,9 +116,10 @@ impl DaemonProcess {
                 };
                 me.stop();
                 bail!(
-                    "{name} did not report READY=1 within {} s; see {}",
+                    "{name} did not report READY=1 within {} s; see {}{}",
                     timeout.as_secs(),
-                    log_path.display()
+                    log_path.display(),
+                    log_tail(&log_path)
                 );
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), ready_rx.changed()).await;
@@ -166,6 +168,21 @@ impl DaemonProcess {
 
 /// Reads the daemon's notify socket: `STATUS=` lines go to its status file (for `make
 /// status`), `READY=1` flips the returned flag.
+/// The last lines of a daemon's log, to print with a start-up failure (the state directory
+/// may be gone by the time someone looks, e.g. a test's).
+fn log_tail(path: &Path) -> String {
+    const LINES: usize = 15;
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(LINES)..];
+    if tail.is_empty() {
+        return String::new();
+    }
+    format!("; its last lines:\n  {}", tail.join("\n  "))
+}
+
 fn follow_notifications(
     socket: NotifySocket,
     status_file: PathBuf,
