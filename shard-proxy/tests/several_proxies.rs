@@ -10,7 +10,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::Env;
+use common::{prepared_count, Env};
 use tokio::process::Child;
 
 const INSERT: &str =
@@ -84,34 +84,8 @@ impl ProxyProc {
     }
 
     async fn client(&self) -> tokio_postgres::Client {
-        let (c, conn) = tokio_postgres::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=taskflow password=taskflow dbname=tasks",
-                self.port
-            ),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("connect");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        c
+        common::client_at(self.port, "tasks").await
     }
-}
-
-async fn prepared_count(env: &Env) -> i64 {
-    let mut n = 0;
-    for i in 0..env.shards.len() {
-        n += env
-            .shard(i)
-            .await
-            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
-            .await
-            .expect("count prepared")
-            .get::<_, i64>(0);
-    }
-    n
 }
 
 /// Waits until no shard holds a prepared transaction (another proxy's recovery).

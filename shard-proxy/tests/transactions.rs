@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::Env;
+use common::{prepared_count, Env};
 
 /// Two performers owned by different shards.
 fn two_on_different_shards(env: &Env) -> (i64, i64) {
@@ -147,36 +147,6 @@ async fn spawn_proxy(
     panic!("proxy did not start");
 }
 
-async fn connect(env: &Env) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=taskflow password=taskflow dbname=tasks",
-            env.config.listen.port()
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    c
-}
-
-async fn prepared_count(env: &Env) -> i64 {
-    let mut n = 0;
-    for i in 0..env.shards.len() {
-        n += env
-            .shard(i)
-            .await
-            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
-            .await
-            .expect("count prepared")
-            .get::<_, i64>(0);
-    }
-    n
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_phase_commit_survives_crashes_and_shard_failure() {
     let mut env = Env::start(3).await;
@@ -189,7 +159,7 @@ async fn two_phase_commit_survives_crashes_and_shard_failure() {
 
     // 1. Proxy dies after every shard prepared but before the decision: all roll back.
     let mut child = spawn_proxy(&env, &cfg, Some("abort-before-decision")).await;
-    let c = connect(&env).await;
+    let c = common::client_at(env.config.listen.port(), "tasks").await;
     c.simple_query("BEGIN").await.expect("begin");
     c.execute(INSERT, &[&100i64, &a]).await.expect("insert a");
     c.execute(INSERT, &[&101i64, &b]).await.expect("insert b");
@@ -213,7 +183,7 @@ async fn two_phase_commit_survives_crashes_and_shard_failure() {
 
     // 2. Proxy dies after logging the decision: recovery commits everywhere.
     let mut child = spawn_proxy(&env, &cfg, Some("abort-after-decision")).await;
-    let c = connect(&env).await;
+    let c = common::client_at(env.config.listen.port(), "tasks").await;
     c.simple_query("BEGIN").await.expect("begin");
     c.execute(INSERT, &[&200i64, &a]).await.expect("insert a");
     c.execute(INSERT, &[&201i64, &b]).await.expect("insert b");
@@ -230,7 +200,7 @@ async fn two_phase_commit_survives_crashes_and_shard_failure() {
     let ring = env.ring();
     let b_shard = ring.shard_for(b);
     let mut child = spawn_proxy(&env, &cfg, Some("sleep-after-decision=3000")).await;
-    let c = connect(&env).await;
+    let c = common::client_at(env.config.listen.port(), "tasks").await;
     c.simple_query("BEGIN").await.expect("begin");
     c.execute(INSERT, &[&300i64, &a]).await.expect("insert a");
     c.execute(INSERT, &[&301i64, &b]).await.expect("insert b");
@@ -264,7 +234,7 @@ async fn two_phase_commit_survives_crashes_and_shard_failure() {
     assert_eq!(prepared_count(&env).await, 0);
 
     // 4. A shard down before PREPARE: nothing commits anywhere.
-    let c = connect(&env).await;
+    let c = common::client_at(env.config.listen.port(), "tasks").await;
     c.simple_query("BEGIN").await.expect("begin");
     c.execute(INSERT, &[&400i64, &a]).await.expect("insert a");
     c.execute(INSERT, &[&401i64, &b]).await.expect("insert b");
@@ -296,12 +266,12 @@ async fn a_moving_row_is_seen_exactly_once_by_scatter_reads() {
     let (a, b) = two_on_different_shards(&env);
     let _child = spawn_proxy(&env, &cfg, Some("sleep-between-commits=1500")).await;
 
-    let writer = connect(&env).await;
+    let writer = common::client_at(env.config.listen.port(), "tasks").await;
     writer
         .execute(INSERT, &[&500i64, &a])
         .await
         .expect("insert");
-    let reader = connect(&env).await;
+    let reader = common::client_at(env.config.listen.port(), "tasks").await;
 
     writer.simple_query("BEGIN").await.expect("begin");
     writer

@@ -50,7 +50,6 @@ pub struct Meta {
     /// Backend credentials, TLS settings and pool settings, for shards known only from the
     /// stored ring.
     backend: BackendConfig,
-    backend_user: String,
     backend_password: Option<String>,
     pool_settings: PoolConfig,
 }
@@ -94,7 +93,6 @@ impl Meta {
             settings: config.metadata.clone(),
             addr: config.listen.to_string(),
             backend: config.backend.clone(),
-            backend_user: config.backend.user.clone(),
             backend_password: password.map(str::to_owned),
             pool_settings: config.pool.clone(),
         })
@@ -102,7 +100,7 @@ impl Meta {
 
     /// The role and password the proxy logs in to backends with.
     pub fn backend_login(&self) -> (&str, Option<&str>) {
-        (&self.backend_user, self.backend_password.as_deref())
+        (&self.backend.user, self.backend_password.as_deref())
     }
 
     /// A pool to a shard known only by name and URL (e.g. from a stored ring epoch).
@@ -116,7 +114,7 @@ impl Meta {
             url.to_owned(),
             target,
             security,
-            self.backend_user.clone(),
+            self.backend.user.clone(),
             self.backend_password.clone(),
             &self.pool_settings,
         ))

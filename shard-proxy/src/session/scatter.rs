@@ -226,6 +226,41 @@ enum Event {
     Error(Bytes),
 }
 
+/// What a shard's event leaves to the caller once the feed has taken its own part.
+enum Taken {
+    Row(Bytes),
+    /// The shard's ErrorResponse (the feed is Failed).
+    Error(Bytes),
+    Nothing,
+}
+
+impl Feed {
+    /// Applies `ev` to this feed's state (description, tag, completion, suspension,
+    /// failure) and hands back what the caller must deal with: a row or an error.
+    fn take(&mut self, ev: Event) -> Taken {
+        match ev {
+            Event::Row(r) => Taken::Row(r),
+            Event::Description(rd) => {
+                self.row_description.get_or_insert(rd);
+                Taken::Nothing
+            }
+            Event::Complete(tag) => {
+                self.tag = Some(tag);
+                self.state = FeedState::Complete;
+                Taken::Nothing
+            }
+            Event::Suspended => {
+                self.state = FeedState::Suspended;
+                Taken::Nothing
+            }
+            Event::Error(e) => {
+                self.state = FeedState::Failed;
+                Taken::Error(e)
+            }
+        }
+    }
+}
+
 /// Reads a shard's next row-level message; notices and parameter changes go straight to
 /// the client's output.
 async fn read_event(w: &mut Work, out: &mut BytesMut) -> Result<Event, BackendError> {
@@ -309,18 +344,10 @@ impl Session {
                 let ev = read_event(w, &mut self.client.out)
                     .await
                     .map_err(|e| ScatterError::Backend(f.shard, e))?;
-                match ev {
-                    Event::Description(rd) => f.row_description = Some(rd),
-                    Event::Row(r) => f.buffered.push_back(r),
-                    Event::Complete(tag) => {
-                        f.tag = Some(tag);
-                        f.state = FeedState::Complete;
-                    }
-                    Event::Suspended => f.state = FeedState::Suspended,
-                    Event::Error(e) => {
-                        f.state = FeedState::Failed;
-                        return Ok(Some(e));
-                    }
+                match f.take(ev) {
+                    Taken::Row(r) => f.buffered.push_back(r),
+                    Taken::Error(e) => return Ok(Some(e)),
+                    Taken::Nothing => {}
                 }
             }
         }
@@ -399,20 +426,10 @@ impl Session {
             let ev = read_event(w, &mut self.client.out)
                 .await
                 .map_err(|e| ScatterError::Backend(f.shard, e))?;
-            match ev {
-                Event::Row(r) => return Ok(Next::Row(r)),
-                Event::Description(rd) => {
-                    f.row_description.get_or_insert(rd);
-                }
-                Event::Complete(tag) => {
-                    f.tag = Some(tag);
-                    f.state = FeedState::Complete;
-                }
-                Event::Suspended => f.state = FeedState::Suspended,
-                Event::Error(e) => {
-                    f.state = FeedState::Failed;
-                    return Ok(Next::Error(e));
-                }
+            match f.take(ev) {
+                Taken::Row(r) => return Ok(Next::Row(r)),
+                Taken::Error(e) => return Ok(Next::Error(e)),
+                Taken::Nothing => {}
             }
         }
     }
@@ -434,19 +451,10 @@ impl Session {
                 let ev = read_event(w, &mut self.client.out)
                     .await
                     .map_err(|e| ScatterError::Backend(f.shard, e))?;
-                match ev {
-                    Event::Row(r) if keep => f.buffered.push_back(r),
-                    Event::Row(_) => {}
-                    Event::Description(rd) => {
-                        f.row_description.get_or_insert(rd);
-                    }
-                    Event::Complete(tag) => {
-                        f.tag = Some(tag);
-                        f.state = FeedState::Complete;
-                    }
-                    Event::Suspended => f.state = FeedState::Suspended,
-                    Event::Error(e) => {
-                        f.state = FeedState::Failed;
+                match f.take(ev) {
+                    Taken::Row(r) if keep => f.buffered.push_back(r),
+                    Taken::Row(_) | Taken::Nothing => {}
+                    Taken::Error(e) => {
                         first_error.get_or_insert(e);
                     }
                 }

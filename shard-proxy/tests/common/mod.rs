@@ -27,6 +27,43 @@ pub struct Env {
     pub proxy: Option<Running>,
 }
 
+/// Connection string for `db` through a proxy on `port`: the operator's login for
+/// `admin`, the daemons' otherwise.
+pub fn conn_string_at(port: u16, db: &str) -> String {
+    let user = if db == "admin" {
+        ADMIN_USER
+    } else {
+        "taskflow"
+    };
+    format!("host=127.0.0.1 port={port} user={user} password={PASSWORD} dbname={db}")
+}
+
+/// A tokio-postgres client through a proxy on `port` (e.g. one of several proxies).
+pub async fn client_at(port: u16, db: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(&conn_string_at(port, db), NoTls)
+        .await
+        .expect("connect through proxy");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Prepared (two-phase) transactions left on all shards together.
+pub async fn prepared_count(env: &Env) -> i64 {
+    let mut n = 0;
+    for i in 0..env.shards.len() {
+        n += env
+            .shard(i)
+            .await
+            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+            .await
+            .expect("count prepared")
+            .get::<_, i64>(0);
+    }
+    n
+}
+
 pub fn shard_url(port: u16) -> String {
     format!("postgres://taskflow@127.0.0.1:{port}/tasks")
 }
@@ -143,28 +180,14 @@ impl Env {
         self.config.state_dir.clone()
     }
 
-    /// Connection string for `db`: the operator's login for `admin`, the daemons' otherwise.
+    /// Connection string for `db` through this proxy (see [`conn_string_at`]).
     pub fn conn_string(&self, db: &str) -> String {
-        let user = if db == "admin" {
-            ADMIN_USER
-        } else {
-            "taskflow"
-        };
-        format!(
-            "host=127.0.0.1 port={} user={user} password={PASSWORD} dbname={db}",
-            self.addr().port()
-        )
+        conn_string_at(self.addr().port(), db)
     }
 
     /// A tokio-postgres client through the proxy.
     pub async fn client(&self, db: &str) -> Client {
-        let (client, conn) = tokio_postgres::connect(&self.conn_string(db), NoTls)
-            .await
-            .expect("connect through proxy");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
+        client_at(self.addr().port(), db).await
     }
 
     /// A direct client on shard `i`.
