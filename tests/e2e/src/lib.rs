@@ -147,7 +147,11 @@ impl Daemon {
     /// Waits for an exact notify assignment such as `READY=1`, failing with the daemon's log.
     pub async fn expect_notify(&mut self, assignment: &str, timeout: Duration) {
         let wait = self.notify.wait_for_assignment(assignment, timeout);
+        // `biased`: when the assignment and the exit arrive together, the assignment wins.
+        // Unbiased, select could pick the exit after the wait had already found (and
+        // moved its cursor past) the assignment, which the late check below then missed.
         tokio::select! {
+            biased;
             r = wait => {
                 if let Err(e) = r {
                     panic!("{}: no {assignment}: {e}\n--- log ---\n{}", self.name, self.logs());
