@@ -16,6 +16,7 @@ pub mod frontend;
 pub mod meta;
 pub mod metrics;
 pub mod proxy;
+pub mod reshard;
 pub mod scram;
 pub mod server;
 pub mod session;

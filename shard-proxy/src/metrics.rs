@@ -45,6 +45,12 @@ pub struct Metrics {
     pub two_phase_commits: Counter,
     pub two_phase_aborts: Counter,
     pub in_doubt_resolved: Counter,
+    /// Rows moved by online migrations (this proxy as owner).
+    pub reshard_rows: Counter,
+    /// Write pause of each migration batch (lock to commit), seconds.
+    pub reshard_pause: Histogram,
+    /// Statements that failed their migration guard (moved or still moving).
+    pub reshard_guard_failures: Counter,
 }
 
 impl Metrics {
@@ -63,6 +69,9 @@ impl Metrics {
             two_phase_commits: Counter::default(),
             two_phase_aborts: Counter::default(),
             in_doubt_resolved: Counter::default(),
+            reshard_rows: Counter::default(),
+            reshard_pause: latency_histogram(),
+            reshard_guard_failures: Counter::default(),
         };
         let mut r = Registry::with_prefix("taskflow_shard_proxy");
         r.register(
@@ -108,6 +117,21 @@ impl Metrics {
             "in_doubt_resolved",
             "Prepared transactions resolved by recovery",
             m.in_doubt_resolved.clone(),
+        );
+        r.register(
+            "reshard_rows_moved",
+            "Rows moved between shards by online migrations driven by this proxy",
+            m.reshard_rows.clone(),
+        );
+        r.register(
+            "reshard_write_pause_seconds",
+            "Write pause of each migration batch, from locking its arcs to its commit",
+            m.reshard_pause.clone(),
+        );
+        r.register(
+            "reshard_guard_failures",
+            "Statements on moving keys refused by their shard's guard (retryable, 40001)",
+            m.reshard_guard_failures.clone(),
         );
         (m, r)
     }

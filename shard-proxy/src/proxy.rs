@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -26,22 +26,110 @@ use crate::meta::epochs::{self, Verdict};
 use crate::meta::{Fence, Meta};
 use crate::metrics::Metrics;
 use crate::scram::{random_bytes, Verifier};
+use proxy_core::placement::Placement;
 use proxy_core::ring::Ring;
 use proxy_core::router::{Router, ShardingRules};
 
 /// Shards, their pools, the ring and the router, as of one configuration.
 pub struct Topology {
     pub generation: u64,
-    pub ring: Ring,
-    /// Indexed like `ring.shards()`.
+    /// Where keys are: the ring, or during an online migration both rings and the arcs
+    /// already moved ([`proxy_core::placement`]).
+    pub placement: Placement,
+    /// Indexed like `placement.shards()`.
     pub shards: Vec<Arc<Pool>>,
     pub auth: Arc<Pool>,
     pub router: Arc<Router>,
     pub sharded_database: String,
     pub sharded_tables: Vec<String>,
+    /// Client messages (and transactions) being handled under this topology; a proxy
+    /// acknowledges a migration only once the topology before it has none
+    /// ([`InFlight`]).
+    pub in_flight: AtomicUsize,
+}
+
+/// Counts one message or transaction handled under a topology, while it lives.
+pub struct InFlight(Arc<Topology>);
+
+impl InFlight {
+    pub fn new(topo: &Arc<Topology>) -> InFlight {
+        topo.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(topo.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InFlight(generation {})", self.0.generation)
+    }
+}
+
+/// A migration a topology routes by: the source and target rings, the target epoch, and
+/// the arcs already moved.
+#[derive(Debug, Clone)]
+pub struct MoveView {
+    pub epoch: i64,
+    pub from: crate::meta::epochs::StoredRing,
+    pub to: crate::meta::epochs::StoredRing,
+    pub done: Vec<u32>,
+    /// Still in `setup`: nothing routes by it yet.
+    pub setup: bool,
+}
+
+/// What a new topology routes by.
+enum Routing {
+    /// The configuration's shard list.
+    Config,
+    /// A stored ring (a migration's source while it is set up).
+    Stored(crate::meta::epochs::StoredRing),
+    /// A migration in progress.
+    Moving(MoveView),
+}
+
+/// `shards`, each with the URL the configuration gives it, else its own.
+fn with_config_urls(
+    shards: &[crate::config::ShardConfig],
+    config: &ProxyConfig,
+) -> Vec<crate::config::ShardConfig> {
+    shards
+        .iter()
+        .map(|s| crate::config::ShardConfig {
+            name: s.name.clone(),
+            url: config
+                .shards
+                .iter()
+                .find(|c| c.name == s.name)
+                .map_or_else(|| s.url.clone(), |c| c.url.clone()),
+        })
+        .collect()
+}
+
+impl MoveView {
+    /// Every shard of both rings (source ring's first), each with the URL the
+    /// configuration gives it, else the stored one.
+    fn shards(&self, config: &ProxyConfig) -> Vec<crate::config::ShardConfig> {
+        let mut all = self.from.shards.clone();
+        for s in &self.to.shards {
+            if !all.iter().any(|o| o.name == s.name) {
+                all.push(s.clone());
+            }
+        }
+        with_config_urls(&all, config)
+    }
 }
 
 impl Topology {
+    /// The ring keys outside moving arcs route by.
+    pub fn ring(&self) -> &Ring {
+        self.placement.ring()
+    }
+
     pub fn pool_by_name(&self, name: &str) -> Option<&Arc<Pool>> {
         self.shards.iter().find(|p| p.name == name)
     }
@@ -112,7 +200,9 @@ pub struct Proxy {
     /// The proxies' shared metadata (2PC decisions, registry) on the auth cluster.
     pub meta: Arc<Meta>,
     /// The stored ring epoch this proxy routes by (`taskflow_meta.ring_epochs`).
-    pub ring_epoch: std::sync::atomic::AtomicI64,
+    pub ring_epoch: AtomicI64,
+    /// The migration this proxy routes by (its target epoch), 0 when none.
+    pub migration_epoch: AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -138,7 +228,7 @@ impl Proxy {
             (config.metadata.fence == FenceScope::Cluster).then(|| meta.pool.clone()),
             std::time::Duration::from_millis(config.metadata.fence_wait_ms),
         );
-        let snapshot = build_snapshot(config, None)?;
+        let snapshot = build_snapshot(config, None, &Routing::Config)?;
         let mock_key = random_bytes::<32>().map_err(|e| SetupError::Load(e.to_string()))?;
         let (paused, _) = watch::channel(false);
         Ok(Arc::new(Proxy {
@@ -157,7 +247,8 @@ impl Proxy {
             stats: ProxyStats::default(),
             commit_fence,
             meta,
-            ring_epoch: std::sync::atomic::AtomicI64::new(0),
+            ring_epoch: AtomicI64::new(0),
+            migration_epoch: AtomicI64::new(0),
         }))
     }
 
@@ -206,17 +297,95 @@ impl Proxy {
             &current.topology.sharded_tables,
         )
         .await?;
-        let next = build_snapshot(config, Some(&current.topology))?;
-        let epoch = self.settle_epoch(verdict, &next.config).await?;
-        self.ring_epoch.store(epoch, Ordering::Relaxed);
+        let next = self
+            .settle(verdict, config, Some(&current.topology))
+            .await?;
         let summary = format!(
             "{} shard(s): {}; {} user(s)",
             next.topology.shards.len(),
-            next.topology.ring.shards().join(", "),
+            next.topology.placement.shards().join(", "),
             next.users.len()
         );
         self.snapshot.store(Arc::new(next));
         Ok(summary)
+    }
+
+    /// The snapshot a verdict leads to: the configuration's ring (recorded as a new epoch
+    /// when the verdict says so), or a migration's view (started here when it says so).
+    async fn settle(
+        &self,
+        verdict: Verdict,
+        config: ProxyConfig,
+        previous: Option<&Topology>,
+    ) -> Result<Snapshot, SetupError> {
+        let routing = match verdict {
+            Verdict::Same(epoch) => {
+                self.ring_epoch.store(epoch, Ordering::Relaxed);
+                Routing::Config
+            }
+            Verdict::Record(after) => {
+                let epoch = self.record_epoch(after, &config).await?;
+                self.ring_epoch.store(epoch, Ordering::Relaxed);
+                Routing::Config
+            }
+            Verdict::Migrate(from) => {
+                crate::meta::moves::begin(&self.meta, &from, &config).await?;
+                // Until its setup is done, the migration routes nothing: the stored ring does.
+                Routing::Stored(from)
+            }
+            Verdict::Follow(epoch) => {
+                let view = self.move_view(epoch).await?;
+                if view.setup {
+                    Routing::Stored(view.from)
+                } else {
+                    Routing::Moving(view)
+                }
+            }
+        };
+        let next = build_snapshot(config, previous, &routing)?;
+        let (ring_epoch, migration) = match &routing {
+            Routing::Config => (self.ring_epoch.load(Ordering::Relaxed), 0),
+            Routing::Stored(r) => (r.epoch, 0),
+            Routing::Moving(v) => (v.from.epoch, v.epoch),
+        };
+        self.ring_epoch.store(ring_epoch, Ordering::Relaxed);
+        self.migration_epoch.store(migration, Ordering::Relaxed);
+        Ok(next)
+    }
+
+    /// Reads migration `epoch`'s rings and moved arcs.
+    pub async fn move_view(&self, epoch: i64) -> Result<MoveView, SetupError> {
+        let fail = |message: String| SetupError::Config {
+            key: "shards".into(),
+            message,
+        };
+        let active = crate::meta::moves::active(&self.meta)
+            .await
+            .map_err(|e| fail(format!("cannot read migration {epoch}: {e}")))?
+            .filter(|a| a.epoch == epoch)
+            .ok_or_else(|| fail(format!("migration to ring epoch {epoch} is not unfinished")))?;
+        let ring = |e: i64| async move {
+            epochs::load(&self.meta, e)
+                .await
+                .map_err(|err| fail(format!("cannot read ring epoch {e}: {err}")))?
+                .ok_or_else(|| fail(format!("ring epoch {e} is missing")))
+        };
+        let from = ring(active.from_epoch).await?;
+        let to = ring(epoch).await?;
+        let done = crate::meta::moves::done_arcs(&self.meta, epoch)
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "cannot read the moved arcs of migration {epoch}: {e}"
+                ))
+            })?;
+        Ok(MoveView {
+            epoch,
+            from,
+            to,
+            done,
+            setup: active.state == "setup",
+        })
     }
 
     /// Re-reads the configuration file and environment (admin `RELOAD`).
@@ -227,30 +396,54 @@ impl Proxy {
     }
 
     /// Compares the running configuration's ring with the stored epoch (start-up): adopts
-    /// it, records it (first proxy, or every shard still empty), or refuses naming the
-    /// difference.
+    /// it, records it (first proxy, or every shard still empty), starts or joins the
+    /// online migration it implies, or refuses naming the difference.
     pub async fn adopt_ring(&self) -> Result<i64, SetupError> {
+        let _serial = self.reload_lock.lock().await;
         let snap = self.snapshot();
         let topo = &snap.topology;
         let verdict = epochs::check(
             &self.meta,
             &snap.config.shards,
-            topo.ring.virtual_nodes(),
+            topo.ring().virtual_nodes(),
             &topo.shards,
             &topo.sharded_tables,
         )
         .await?;
-        let epoch = self.settle_epoch(verdict, &snap.config).await?;
-        self.ring_epoch.store(epoch, Ordering::Relaxed);
-        Ok(epoch)
+        let next = self
+            .settle(verdict, (*snap.config).clone(), Some(topo))
+            .await?;
+        self.snapshot.store(Arc::new(next));
+        Ok(self.ring_epoch.load(Ordering::Relaxed))
     }
 
     /// Follows a ring epoch another proxy recorded (RELOAD with a new shard list while
     /// every shard was empty): reloads with the stored shards and virtual nodes. Called
     /// periodically; a failure is logged and retried on the next call.
     pub async fn follow_stored_ring(&self) {
+        let active = match crate::meta::moves::active(&self.meta).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the unfinished migration");
+                return;
+            }
+        };
+        if let Some(a) = active {
+            // Route by the migration (its source ring while it is set up).
+            if a.state != "setup" && a.epoch != self.migration_epoch.load(Ordering::Relaxed) {
+                if let Err(e) = self.reload((*self.config()).clone()).await {
+                    tracing::warn!(epoch = a.epoch, error = %e, "cannot follow the unfinished migration");
+                }
+            }
+            return;
+        }
         let stored = match epochs::current(&self.meta).await {
-            Ok(Some(s)) if s.epoch != self.ring_epoch.load(Ordering::Relaxed) => s,
+            Ok(Some(s))
+                if s.epoch != self.ring_epoch.load(Ordering::Relaxed)
+                    || self.migration_epoch.load(Ordering::Relaxed) != 0 =>
+            {
+                s
+            }
             Ok(_) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the stored ring");
@@ -258,11 +451,11 @@ impl Proxy {
             }
         };
         let mut config = (*self.config()).clone();
-        config.shards = stored.shards.clone();
+        config.shards = with_config_urls(&stored.shards, &config);
         config.ring.virtual_nodes = stored.virtual_nodes;
         match self.reload(config).await {
             Ok(summary) => {
-                tracing::info!(epoch = stored.epoch, %summary, "following the ring epoch another proxy recorded")
+                tracing::info!(epoch = stored.epoch, %summary, "routing by the stored ring epoch")
             }
             Err(e) => {
                 tracing::warn!(epoch = stored.epoch, error = %e, "cannot follow the stored ring epoch")
@@ -270,26 +463,20 @@ impl Proxy {
         }
     }
 
-    /// The epoch a verdict leaves current, recording a new one when it says so.
-    async fn settle_epoch(
+    /// Records the configuration's ring as the epoch after `after`.
+    async fn record_epoch(
         &self,
-        verdict: Verdict,
+        after: Option<i64>,
         config: &ProxyConfig,
     ) -> Result<i64, SetupError> {
-        match verdict {
-            Verdict::Same(epoch) => Ok(epoch),
-            Verdict::Record(after) => {
-                let epoch =
-                    epochs::record(&self.meta, after, &config.shards, config.ring.virtual_nodes)
-                        .await
-                        .map_err(|e| SetupError::Config {
-                            key: "shards".into(),
-                            message: format!("cannot record the ring: {e}"),
-                        })?;
-                tracing::info!(epoch, shards = ?config.shards.iter().map(|s| &s.name).collect::<Vec<_>>(), "ring epoch recorded");
-                Ok(epoch)
-            }
-        }
+        let epoch = epochs::record(&self.meta, after, &config.shards, config.ring.virtual_nodes)
+            .await
+            .map_err(|e| SetupError::Config {
+                key: "shards".into(),
+                message: format!("cannot record the ring: {e}"),
+            })?;
+        tracing::info!(epoch, shards = ?config.shards.iter().map(|s| &s.name).collect::<Vec<_>>(), "ring epoch recorded");
+        Ok(epoch)
     }
 
     /// Registers a new client; returns its id, the (pid, secret) it is told in
@@ -381,15 +568,32 @@ impl Proxy {
 fn build_snapshot(
     config: ProxyConfig,
     previous: Option<&Topology>,
+    routing: &Routing,
 ) -> Result<Snapshot, SetupError> {
-    let resolved = resolve(&config)?;
+    // During a migration the topology spans both rings' shards; the configuration the
+    // operator gave is kept as it is.
+    let mut spanned = config.clone();
+    let moving = match routing {
+        Routing::Config => None,
+        Routing::Stored(ring) => {
+            spanned.shards = with_config_urls(&ring.shards, &config);
+            spanned.ring.virtual_nodes = ring.virtual_nodes;
+            None
+        }
+        Routing::Moving(m) => {
+            spanned.shards = m.shards(&config);
+            Some(m)
+        }
+    };
+    let resolved = resolve(&spanned)?;
     let generation = previous.map_or(1, |p| p.generation + 1);
     let topology = build_topology(
-        &config,
+        &spanned,
         resolved.backend_password.as_deref(),
         &resolved.backend_security,
         previous,
         generation,
+        moving,
     )?;
     Ok(Snapshot {
         config: Arc::new(config),
@@ -407,6 +611,7 @@ fn build_topology(
     security: &HashMap<String, BackendSecurity>,
     previous: Option<&Topology>,
     generation: u64,
+    moving: Option<&MoveView>,
 ) -> Result<Topology, SetupError> {
     let make_pool = |name: &str, url: &str, key: String| -> Result<Arc<Pool>, SetupError> {
         let security = security
@@ -433,13 +638,23 @@ fn build_topology(
             &config.pool,
         ))
     };
-    let ring = Ring::new(
-        config.shards.iter().map(|s| s.name.clone()),
-        config.ring.virtual_nodes,
-    )
-    .map_err(|e| SetupError::Ring(e.to_string()))?;
+    let placement = match moving {
+        None => Placement::from(
+            Ring::new(
+                config.shards.iter().map(|s| s.name.clone()),
+                config.ring.virtual_nodes,
+            )
+            .map_err(|e| SetupError::Ring(e.to_string()))?,
+        ),
+        Some(m) => {
+            let ring = |r: &crate::meta::epochs::StoredRing| {
+                Ring::new(r.names(), r.virtual_nodes).map_err(|e| SetupError::Ring(e.to_string()))
+            };
+            Placement::moving(ring(&m.from)?, ring(&m.to)?, m.epoch, &m.done)
+        }
+    };
     let mut shards = Vec::with_capacity(config.shards.len());
-    for name in ring.shards() {
+    for name in placement.shards() {
         let (i, s) = config
             .shards
             .iter()
@@ -460,11 +675,12 @@ fn build_topology(
     }));
     Ok(Topology {
         generation,
-        ring,
+        placement,
         shards,
         auth,
         router,
         sharded_database: config.sharding.database.clone(),
         sharded_tables: config.sharding.tables.clone(),
+        in_flight: AtomicUsize::new(0),
     })
 }

@@ -143,6 +143,7 @@ pub async fn start(
     ));
     tokio::spawn(maintenance(proxy.clone(), shutdown.clone()));
     tokio::spawn(heartbeats(proxy.clone(), shutdown.clone()));
+    tokio::spawn(crate::reshard::follow(proxy.clone(), shutdown.clone()));
     tracing::info!(%addr, "shard proxy listening");
     Ok((
         Running {

@@ -7,6 +7,8 @@
 //!   cached) → [`router::Plan`] (target shards, per-shard SQL, merge spec).
 //! - [`merge`]: combines the rows of a scatter read (ORDER BY/LIMIT/OFFSET, aggregates,
 //!   GROUP BY, DISTINCT) with PostgreSQL's own output formats.
+//! - [`placement`]: where a key is right now — the ring, or during a migration the two
+//!   rings and which moving arcs are moved.
 //! - [`reshard`]: what differs between two rings (shards added/removed) and which keys
 //!   change owner.
 //! - [`oid`]: the PostgreSQL type OIDs the proxy interprets, in one table.
@@ -23,6 +25,7 @@
 
 pub mod merge;
 pub mod oid;
+pub mod placement;
 pub mod reshard;
 pub mod ring;
 pub mod router;

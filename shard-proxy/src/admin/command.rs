@@ -28,6 +28,13 @@ pub enum Command {
     },
     /// `REMOVE SHARD <name>`.
     RemoveShard(String),
+    /// `SHOW MIGRATIONS`: every online migration, newest first.
+    ShowMigrations,
+    /// `PAUSE MIGRATION` / `RESUME MIGRATION`.
+    PauseMigration,
+    ResumeMigration,
+    /// `SET MIGRATION THROTTLE <rows per second>` (0: none).
+    SetThrottle(u32),
 }
 
 /// Why a line is not a command.
@@ -35,11 +42,9 @@ pub enum Command {
 pub enum CommandError {
     #[error("invalid key {0}: expected a bigint")]
     BadKey(String),
-    #[error("online migration is not available in this version")]
-    NotAvailable,
     #[error("usage: {0}")]
     Usage(&'static str),
-    #[error("unknown admin command \"{0}\"; try SHOW SHARDS | RING | POOLS | CLIENTS | STATS | PROXIES, SHOW SHARD FOR <key>, PAUSE, RESUME, RELOAD")]
+    #[error("unknown admin command \"{0}\"; try SHOW SHARDS | RING | POOLS | CLIENTS | STATS | PROXIES, SHOW SHARD FOR <key>, PAUSE, RESUME, RELOAD, ADD SHARD, REMOVE SHARD, SHOW MIGRATIONS, PAUSE MIGRATION, RESUME MIGRATION, SET MIGRATION THROTTLE <n>")]
     Unknown(String),
 }
 
@@ -47,7 +52,6 @@ impl CommandError {
     /// The SQLSTATE the client receives.
     pub fn code(&self) -> &'static str {
         match self {
-            CommandError::NotAvailable => sqlstate::FEATURE_NOT_SUPPORTED,
             CommandError::BadKey(_) | CommandError::Unknown(_) | CommandError::Usage(_) => {
                 sqlstate::SYNTAX_ERROR
             }
@@ -78,7 +82,14 @@ impl Command {
             ["PAUSE"] => Command::Pause,
             ["RESUME"] => Command::Resume,
             ["RELOAD"] => Command::Reload,
-            ["SHOW", "MIGRATIONS"] => return Err(CommandError::NotAvailable),
+            ["SHOW", "MIGRATIONS"] => Command::ShowMigrations,
+            ["PAUSE", "MIGRATION"] => Command::PauseMigration,
+            ["RESUME", "MIGRATION"] => Command::ResumeMigration,
+            ["SET", "MIGRATION", "THROTTLE", n] => {
+                n.parse::<u32>().map(Command::SetThrottle).map_err(|_| {
+                    CommandError::Usage("SET MIGRATION THROTTLE <rows per second, 0 = none>")
+                })?
+            }
             ["ADD", "SHARD", ..] | ["REMOVE", "SHARD", ..] => return shard_change(stmt),
             _ => return Err(CommandError::Unknown(stmt.to_owned())),
         })

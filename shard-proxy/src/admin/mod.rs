@@ -138,6 +138,10 @@ pub async fn execute(proxy: &Arc<Proxy>, stmt: &str) -> Answer {
         Ok(Command::Reload) => control::reload(proxy).await,
         Ok(Command::AddShard { name, url }) => shards::add(proxy, &name, &url).await,
         Ok(Command::RemoveShard(name)) => shards::remove(proxy, &name).await,
+        Ok(Command::ShowMigrations) => show::migrations(proxy).await,
+        Ok(Command::PauseMigration) => shards::pause_migration(proxy, true).await,
+        Ok(Command::ResumeMigration) => shards::pause_migration(proxy, false).await,
+        Ok(Command::SetThrottle(n)) => shards::throttle(proxy, n).await,
         Err(e) => Answer::Error(e.code(), e.to_string()),
     }
 }

@@ -3,17 +3,19 @@
 //!
 //! `ADD SHARD` first applies the shard schema (`migrations/`) to the new shard, so it never
 //! joins the ring without its tables. The ring change itself goes through
-//! [`Proxy::reload`], so it obeys the same rule as every other ring change: accepted and
-//! recorded as the next epoch in `taskflow_meta.ring_epochs` while no shard holds rows,
-//! refused (naming the difference) otherwise — online migration of existing rows is not
-//! available in this version. The configuration file is not rewritten: add the shard there
-//! too, or the next restart refuses the (then different) file.
+//! [`Proxy::reload`], so it obeys the same rule as every other ring change: recorded as the
+//! next epoch in `taskflow_meta.ring_epochs` while no shard holds rows, else started as an
+//! online migration (`crate::reshard`; `SHOW MIGRATIONS` follows it). The configuration
+//! file is not rewritten: change it too — a restart with either the old or the new shard
+//! list joins an unfinished migration; after it, the old list would start the reverse move.
+//!
+//! `PAUSE MIGRATION`, `RESUME MIGRATION` and `SET MIGRATION THROTTLE` steer the unfinished
+//! migration through its shared record, so they act whichever proxy drives it.
 
 use proxy_core::wire::sqlstate;
 
 use super::Answer;
-use crate::backend::client;
-use crate::config::{security_for_url, BackendTarget, ShardConfig};
+use crate::config::{BackendTarget, ShardConfig};
 use crate::proxy::Proxy;
 
 /// `ADD SHARD`: schema first, then the ring.
@@ -33,7 +35,7 @@ pub(super) async fn add(proxy: &Proxy, name: &str, url: &str) -> Answer {
     if let Err(e) = BackendTarget::parse(url) {
         return Answer::Error(sqlstate::SYNTAX_ERROR, format!("shard {name}: {e}"));
     }
-    match apply_schema(proxy, url).await {
+    match proxy.meta.apply_shard_schema(url).await {
         Ok(applied) => tracing::info!(shard = name, ?applied, "shard schema applied"),
         Err(e) => {
             return Answer::Error(
@@ -83,25 +85,51 @@ pub(super) async fn remove(proxy: &Proxy, name: &str) -> Answer {
     }
 }
 
-/// Applies `migrations/`' shard schema at `url`, over the TLS the URL (or `backend.*`)
-/// asks for; returns the versions it applied.
-async fn apply_schema(proxy: &Proxy, url: &str) -> Result<Vec<String>, String> {
-    let target = BackendTarget::parse(url)?;
-    let security = security_for_url(&proxy.config().backend, "ADD SHARD url", url)
-        .map_err(|e| e.to_string())?;
-    let (user, password) = proxy.meta.backend_login();
-    let connect = client::connect(&target, &security, user, password);
-    let mut client = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
-        .await
-        .map_err(|_| {
-            format!(
-                "connecting to {}:{}: timed out after 5 s",
-                target.host, target.port
+/// `PAUSE MIGRATION` (`pause`) or `RESUME MIGRATION`.
+pub(super) async fn pause_migration(proxy: &Proxy, pause: bool) -> Answer {
+    let active = match crate::meta::moves::active(&proxy.meta).await {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            return Answer::Error(
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "no migration is unfinished".into(),
             )
-        })?
-        .map_err(|e| e.to_string())?;
-    taskflow_migrations::apply_shard(&mut client)
-        .await
-        .map(|r| r.applied)
-        .map_err(|e| e.to_string())
+        }
+        Err(e) => return Answer::Error(sqlstate::CONNECTION_FAILURE, e.to_string()),
+    };
+    let (from, to, tag) = if pause {
+        (["moving", "waiting"], "paused", "PAUSE MIGRATION")
+    } else {
+        (["paused", "paused"], "moving", "RESUME MIGRATION")
+    };
+    match crate::meta::moves::set_state(&proxy.meta, active.epoch, &from, to).await {
+        Ok(true) => {
+            tracing::info!(
+                epoch = active.epoch,
+                state = to,
+                "migration steered from the admin console"
+            );
+            Answer::Tag(tag.into())
+        }
+        Ok(false) => Answer::Error(
+            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "migration {} is {}; {tag} does not apply",
+                active.epoch, active.state
+            ),
+        ),
+        Err(e) => Answer::Error(sqlstate::CONNECTION_FAILURE, e.to_string()),
+    }
+}
+
+/// `SET MIGRATION THROTTLE <rows per second>`.
+pub(super) async fn throttle(proxy: &Proxy, rows_per_sec: u32) -> Answer {
+    match crate::meta::moves::set_throttle(&proxy.meta, rows_per_sec).await {
+        Ok(true) => Answer::Tag("SET".into()),
+        Ok(false) => Answer::Error(
+            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "no migration is unfinished".into(),
+        ),
+        Err(e) => Answer::Error(sqlstate::CONNECTION_FAILURE, e.to_string()),
+    }
 }

@@ -16,7 +16,7 @@ fn rows(columns: Vec<&'static str>, rows: Vec<Vec<String>>) -> Answer {
 /// `SHOW SHARDS`: each shard, its URL, health, share of the ring and pool size.
 pub(super) fn shards(proxy: &Proxy) -> Answer {
     let topo = proxy.topology();
-    let own = topo.ring.ownership();
+    let own = topo.ring().ownership();
     rows(
         vec!["name", "url", "healthy", "ring_share", "pool_size"],
         topo.shards
@@ -75,18 +75,18 @@ pub(super) async fn proxies(proxy: &Proxy) -> Answer {
 /// `SHOW RING`: virtual nodes and key-space ownership per shard.
 pub(super) fn ring(proxy: &Proxy) -> Answer {
     let topo = proxy.topology();
-    let own = topo.ring.ownership();
-    let points = topo.ring.points();
+    let own = topo.ring().ownership();
+    let points = topo.ring().points();
     rows(
         vec!["shard", "virtual_nodes", "points", "ownership", "hash"],
-        topo.ring
+        topo.ring()
             .shards()
             .iter()
             .enumerate()
             .map(|(i, name)| {
                 vec![
                     name.clone(),
-                    topo.ring.virtual_nodes().to_string(),
+                    topo.ring().virtual_nodes().to_string(),
                     points.iter().filter(|(_, s)| *s == i).count().to_string(),
                     format!("{:.4}", own.get(i).copied().unwrap_or(0.0)),
                     "xxh64(\"performer:{key}\") on a ring of named virtual nodes".into(),
@@ -206,7 +206,23 @@ pub(super) fn shard_for(proxy: &Proxy, key: i64) -> Answer {
         vec![vec![
             key.to_string(),
             Ring::key_hash(key).to_string(),
-            topo.ring.shard_name_for(key).to_owned(),
+            topo.ring().shard_name_for(key).to_owned(),
         ]],
     )
+}
+
+/// `SHOW MIGRATIONS`: every online migration, newest first (`taskflow_meta.migrations`).
+pub(super) async fn migrations(proxy: &Proxy) -> Answer {
+    match crate::meta::moves::list(&proxy.meta).await {
+        Ok(list) => rows(
+            crate::meta::moves::LIST_COLUMNS.to_vec(),
+            list.into_iter()
+                .map(|r| r.into_iter().map(Option::unwrap_or_default).collect())
+                .collect(),
+        ),
+        Err(e) => Answer::Error(
+            proxy_core::wire::sqlstate::CONNECTION_FAILURE,
+            format!("cannot read taskflow_meta.migrations: {e}"),
+        ),
+    }
 }

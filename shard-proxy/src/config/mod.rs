@@ -42,6 +42,7 @@ pub struct ProxyConfig {
     pub pool: PoolConfig,
     pub limits: LimitsConfig,
     pub ring: RingConfig,
+    pub reshard: ReshardConfig,
     pub sharding: ShardingConfig,
     pub backend: BackendConfig,
     pub auth_database: AuthDatabaseConfig,
@@ -68,6 +69,7 @@ impl Default for ProxyConfig {
             pool: PoolConfig::default(),
             limits: LimitsConfig::default(),
             ring: RingConfig::default(),
+            reshard: ReshardConfig::default(),
             sharding: ShardingConfig::default(),
             backend: BackendConfig::default(),
             auth_database: AuthDatabaseConfig::default(),
@@ -187,6 +189,32 @@ pub struct RingConfig {
 impl Default for RingConfig {
     fn default() -> Self {
         RingConfig { virtual_nodes: 256 }
+    }
+}
+
+/// Online migration (`[reshard]`): how rows move when the ring changes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ReshardConfig {
+    /// Rows moved per batch (one two-phase commit; its arcs' writes pause meanwhile).
+    pub batch_rows: u32,
+    /// Longest a statement on a moving key waits for a batch to commit before it fails
+    /// with a retryable error (SQLSTATE 40001); also the batch's own lock wait.
+    pub write_pause_ms: u64,
+    /// Initial throttle in rows per second (0: none); `SET MIGRATION THROTTLE` changes it.
+    pub throttle_rows_per_sec: u32,
+    /// How often a proxy reads which arcs are moved (milliseconds).
+    pub poll_ms: u64,
+}
+
+impl Default for ReshardConfig {
+    fn default() -> Self {
+        ReshardConfig {
+            batch_rows: 5000,
+            write_pause_ms: 1000,
+            throttle_rows_per_sec: 0,
+            poll_ms: 250,
+        }
     }
 }
 

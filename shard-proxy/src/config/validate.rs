@@ -159,6 +159,7 @@ fn limits(c: &ProxyConfig) -> Result<(), ConfigError> {
         ));
     }
     client_limits(&c.limits)?;
+    reshard(&c.reshard)?;
     if c.ring.virtual_nodes == 0 || c.ring.virtual_nodes > 65_536 {
         return Err(ConfigError::invalid(
             "ring.virtual_nodes",
@@ -290,5 +291,23 @@ fn backend_tls(c: &ProxyConfig, key: &str, target: &BackendTarget) -> Result<(),
             ),
         ));
     }
+    Ok(())
+}
+
+/// `[reshard]`: each key within its range.
+fn reshard(r: &super::ReshardConfig) -> Result<(), ConfigError> {
+    let check = |key: &str, value: u64, lo: u64, hi: u64| {
+        if (lo..=hi).contains(&value) {
+            Ok(())
+        } else {
+            Err(ConfigError::invalid(
+                key,
+                format!("must be between {lo} and {hi}, got {value}"),
+            ))
+        }
+    };
+    check("reshard.batch_rows", u64::from(r.batch_rows), 1, 1_000_000)?;
+    check("reshard.write_pause_ms", r.write_pause_ms, 10, 60_000)?;
+    check("reshard.poll_ms", r.poll_ms, 10, 10_000)?;
     Ok(())
 }

@@ -27,12 +27,20 @@ impl StoredRing {
 
 /// The current ring epoch, if any proxy recorded one.
 pub async fn current(meta: &Meta) -> Result<Option<StoredRing>, MetaError> {
+    read_one(meta, "state = 'active' ORDER BY epoch DESC LIMIT 1").await
+}
+
+/// Ring epoch `epoch`, whatever its state.
+pub async fn load(meta: &Meta, epoch: i64) -> Result<Option<StoredRing>, MetaError> {
+    read_one(meta, &format!("epoch = {epoch}")).await
+}
+
+async fn read_one(meta: &Meta, filter: &str) -> Result<Option<StoredRing>, MetaError> {
     let rows = meta
-        .query(
+        .query(&format!(
             "SELECT epoch::text, array_to_string(shards, ','), array_to_string(urls, ' '), \
-             virtual_nodes::text FROM taskflow_meta.ring_epochs \
-             WHERE state = 'active' ORDER BY epoch DESC LIMIT 1",
-        )
+             virtual_nodes::text FROM taskflow_meta.ring_epochs WHERE {filter}"
+        ))
         .await?;
     let Some(row) = rows.into_iter().next() else {
         return Ok(None);
@@ -92,13 +100,19 @@ pub async fn record(
 }
 
 /// What a configuration's ring is, compared with the stored one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// The stored epoch routes exactly like the configuration.
     Same(i64),
     /// No shard holds rows (or nothing is stored yet): record the configuration as the
     /// epoch after this one.
     Record(Option<i64>),
+    /// Shards hold rows and the configuration changes who owns them: start the migration
+    /// from this stored ring to the configuration's.
+    Migrate(StoredRing),
+    /// A migration to this epoch is in progress and the configuration is its source or
+    /// target ring: route by the migration.
+    Follow(i64),
 }
 
 /// Compares the configured ring (`shards`, `virtual_nodes`) with the stored epoch. A
@@ -124,6 +138,9 @@ pub async fn check(
         return Ok(Verdict::Record(None));
     };
     let names: Vec<String> = shards.iter().map(|s| s.name.clone()).collect();
+    if let Some(verdict) = follow_migration(meta, &stored, &names, virtual_nodes).await? {
+        return Ok(verdict);
+    }
     let diff = proxy_core::reshard::RingDiff::of_names(
         &stored.names(),
         stored.virtual_nodes,
@@ -136,9 +153,8 @@ pub async fn check(
     let why = |holder: String| {
         refuse(format!(
             "the configured ring differs from ring epoch {} stored in taskflow_meta.ring_epochs \
-             ({}; {} virtual nodes): this configuration {diff}. {holder}; using it would \
-             re-route performer_ids away from their rows, and online migration is not \
-             available in this version. Configure the stored shard list again",
+             ({}; {} virtual nodes): this configuration {diff}. {holder}, so the rows \
+             cannot be moved online. Configure the stored shard list again",
             stored.epoch,
             stored.names().join(", "),
             stored.virtual_nodes,
@@ -163,9 +179,62 @@ pub async fn check(
     }
     match first_with_rows(&pools, tables).await {
         Ok(None) => Ok(Verdict::Record(Some(stored.epoch))),
-        Ok(Some(holder)) => Err(why(format!("{holder} holds rows"))),
+        Ok(Some(holder)) => {
+            tracing::info!(%holder, change = %diff, "the configured ring moves rows: starting an online migration");
+            Ok(Verdict::Migrate(stored))
+        }
         Err(e) => Err(why(e)),
     }
+}
+
+/// When a migration is unfinished: follow it if the configuration is its source or target
+/// ring, else refuse naming it.
+async fn follow_migration(
+    meta: &Meta,
+    stored: &StoredRing,
+    names: &[String],
+    virtual_nodes: u32,
+) -> Result<Option<Verdict>, crate::config::SetupError> {
+    let refuse = |message: String| crate::config::SetupError::Config {
+        key: "shards".into(),
+        message,
+    };
+    let Some(active) = super::moves::active(meta)
+        .await
+        .map_err(|e| refuse(format!("cannot read the unfinished migrations: {e}")))?
+    else {
+        return Ok(None);
+    };
+    let target = load(meta, active.epoch)
+        .await
+        .map_err(|e| refuse(format!("cannot read ring epoch {}: {e}", active.epoch)))?
+        .ok_or_else(|| {
+            refuse(format!(
+                "ring epoch {} of the migration is missing",
+                active.epoch
+            ))
+        })?;
+    let same = |ring: &StoredRing| {
+        proxy_core::reshard::RingDiff::of_names(
+            &ring.names(),
+            ring.virtual_nodes,
+            names,
+            virtual_nodes,
+        )
+        .is_empty()
+    };
+    if same(&target) || same(stored) {
+        return Ok(Some(Verdict::Follow(active.epoch)));
+    }
+    Err(refuse(format!(
+        "a migration from ring epoch {} ({}) to epoch {} ({}) is unfinished ({}); the \
+         configured shard list is neither: wait for it (SHOW MIGRATIONS), then change the ring",
+        stored.epoch,
+        stored.names().join(", "),
+        target.epoch,
+        target.names().join(", "),
+        active.state
+    )))
 }
 
 /// The first of `pools` that holds a row of one of `tables`; an error names a shard that

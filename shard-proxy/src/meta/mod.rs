@@ -8,11 +8,14 @@
 //!
 //! [`schema`] migrates it at start-up (idempotent, under an advisory lock), [`registry`]
 //! keeps heartbeats, [`decisions`] holds the 2PC outcome of each cross-shard transaction,
-//! [`fence`] orders scatter reads against `COMMIT PREPARED` fan-outs across proxies.
+//! [`fence`] orders scatter reads against `COMMIT PREPARED` fan-outs across proxies,
+//! [`moves`] records online migrations (state, owner, arcs moved) and the proxies'
+//! acknowledgements.
 
 pub mod decisions;
 pub mod epochs;
 pub mod fence;
+pub mod moves;
 pub mod registry;
 pub mod schema;
 
@@ -118,6 +121,34 @@ impl Meta {
             self.backend_password.clone(),
             &self.pool_settings,
         ))
+    }
+
+    /// A typed client to the shard at `url`, over the TLS the URL (or `backend.*`) asks
+    /// for (5 s to connect).
+    pub async fn connect_shard(&self, url: &str) -> Result<tokio_postgres::Client, String> {
+        let target = BackendTarget::parse(url)?;
+        let security =
+            security_for_url(&self.backend, "shard url", url).map_err(|e| e.to_string())?;
+        let (user, password) = self.backend_login();
+        let connect = crate::backend::client::connect(&target, &security, user, password);
+        tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to {}:{}: timed out after 5 s",
+                    target.host, target.port
+                )
+            })?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Applies `migrations/`' shard schema at `url`; returns the versions it applied.
+    pub async fn apply_shard_schema(&self, url: &str) -> Result<Vec<String>, String> {
+        let mut client = self.connect_shard(url).await?;
+        taskflow_migrations::apply_shard(&mut client)
+            .await
+            .map(|r| r.applied)
+            .map_err(|e| e.to_string())
     }
 
     /// Runs `sql` (simple protocol, possibly several statements) on a pooled connection.

@@ -41,6 +41,36 @@ const VERSIONS: &[(i32, &str)] = &[
             created_by text NOT NULL,
             created_at timestamptz NOT NULL DEFAULT now());",
     ),
+    (
+        3,
+        "CREATE TABLE taskflow_meta.migrations (
+            epoch bigint PRIMARY KEY,
+            from_epoch bigint NOT NULL,
+            change text NOT NULL,
+            state text NOT NULL CHECK (state IN ('setup', 'waiting', 'moving', 'paused', 'done', 'failed')),
+            owner text,
+            owner_seen timestamptz,
+            arcs_total integer NOT NULL,
+            rows_moved bigint NOT NULL DEFAULT 0,
+            rows_total bigint,
+            throttle_rows_per_sec integer NOT NULL DEFAULT 0,
+            pause_p99_ms double precision,
+            error text,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            moving_since timestamptz,
+            finished_at timestamptz);
+         CREATE TABLE taskflow_meta.migration_arcs (
+            epoch bigint NOT NULL,
+            arc integer NOT NULL,
+            source text NOT NULL,
+            dest text NOT NULL,
+            rows bigint NOT NULL,
+            pause_ms double precision NOT NULL,
+            moved_by text NOT NULL,
+            moved_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (epoch, arc));
+         ALTER TABLE taskflow_meta.proxies ADD COLUMN ring_view bigint NOT NULL DEFAULT 0;",
+    ),
 ];
 
 /// Brings `taskflow_meta` up to date; returns the versions this call applied.

@@ -318,7 +318,20 @@ impl Session {
             .as_ref()
             .map(|t| t.topo.clone())
             .unwrap_or_else(|| self.topo.clone());
-        let shard = topo.ring.shard_for(key);
+        let at = proxy_core::placement::Locate::locate(&topo.placement, key);
+        if at.arc.is_some() {
+            // A moving key would need the migration guard, which a COPY stream cannot
+            // take per row; INSERT can.
+            return Err(ExecError::sql(
+                sqlstate::SERIALIZATION_FAILURE,
+                format!(
+                    "COPY row with {} {key}: an online migration is moving this key between shards; \
+                     retry after it (SHOW MIGRATIONS) or send the row as an INSERT",
+                    "performer_id"
+                ),
+            ));
+        }
+        let shard = at.shard;
         let c = match copies.entry(shard) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {

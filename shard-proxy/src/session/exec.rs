@@ -141,6 +141,10 @@ impl Session {
     ) -> Result<bool, ExecError> {
         self.check_not_failed()?;
         let mut work = self.acquire(shard).await?;
+        if let Err(e) = self.run_guard(&mut work).await {
+            self.put_back(work, false);
+            return Err(e);
+        }
         {
             let c = work.conn.conn();
             mark_session_state(c, sql);
@@ -174,6 +178,82 @@ impl Session {
         }
         self.put_back(work, wrote);
         Ok(ok)
+    }
+
+    /// A statement on keys of moving arcs: guarded on its shard, inside a transaction
+    /// (the proxy's own around an autocommit statement, so the guard's lock lasts until
+    /// the statement's commit).
+    async fn run_single_guarded(
+        &mut self,
+        shard: usize,
+        raw: Option<Bytes>,
+        sql: &str,
+        wrote: bool,
+        guards: &[(usize, u32)],
+    ) -> Result<(), ExecError> {
+        let topo = self
+            .txn
+            .as_ref()
+            .map_or_else(|| self.topo.clone(), |t| t.topo.clone());
+        let implicit = self.txn.is_none();
+        if implicit {
+            self.txn = Some(Txn::implicit(topo.clone()));
+        }
+        let wait = self.proxy.config().reshard.write_pause_ms;
+        self.guards = guard_sqls(&topo, guards, &[shard], false, wait);
+        let result = self.run_single(shard, raw, sql, wrote, None).await;
+        self.guards.clear();
+        if !implicit {
+            return result.map(|_| ());
+        }
+        match result {
+            Ok(true) => match self.txn.take() {
+                Some(t) => self.finish_commit(t).await,
+                None => Ok(()),
+            },
+            Ok(false) => {
+                self.abort_txn().await;
+                Ok(())
+            }
+            Err(e) => {
+                self.abort_txn().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs this statement's migration guard for `work`'s shard, if any, before the
+    /// statement is sent: a failed guard (the arc moved, or is moving for longer than
+    /// `reshard.write_pause_ms`) fails the statement with a retryable SQLSTATE 40001.
+    pub async fn run_guard(&mut self, work: &mut Work) -> Result<(), ExecError> {
+        let Some(pos) = self.guards.iter().position(|(s, _)| *s == work.shard) else {
+            return Ok(());
+        };
+        let (_, sql) = self.guards.swap_remove(pos);
+        let name = work.conn.pool().name.clone();
+        let result = async {
+            work.conn.conn().flush().await?;
+            Self::drain_skips(work).await?;
+            work.conn.conn().simple_query(&sql).await
+        }
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(BackendError::Server(info)) => {
+                self.proxy.metrics.reshard_guard_failures.inc();
+                if let Some(t) = &mut self.txn {
+                    t.failed = t.explicit;
+                }
+                Err(ExecError::sql(
+                    sqlstate::SERIALIZATION_FAILURE,
+                    format!("shard {name}: {}", info.message),
+                ))
+            }
+            Err(e) => Err(ExecError::Unavailable {
+                shard: name,
+                message: e.to_string(),
+            }),
+        }
     }
 
     pub fn check_not_failed(&self) -> Result<(), ExecError> {
@@ -309,7 +389,7 @@ impl Session {
             .map(|t| t.topo.clone())
             .unwrap_or_else(|| self.topo.clone());
         let plan = analysis
-            .plan(&topo.ring, &empty, self.shard_hint.as_deref())
+            .plan(&topo.placement, &empty, self.shard_hint.as_deref())
             .map_err(|e| ExecError::sql(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string()))?;
         let mut targets = targets_of(&plan.target, topo.shards.len());
         if !analysis.touches_sharded
@@ -335,11 +415,17 @@ impl Session {
         }
         if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
             self.proxy.metrics.route("one");
+            if !plan.guards.is_empty() {
+                return self
+                    .run_single_guarded(targets[0], raw, sql, analysis.is_write, &plan.guards)
+                    .await;
+            }
             return self
                 .run_single(targets[0], raw, sql, analysis.is_write, None)
                 .await
                 .map(|_| ());
         }
+
         if analysis.statement_count > 1 {
             return Err(ExecError::sql(
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -351,8 +437,13 @@ impl Session {
         if !analysis.is_write {
             return self.run_scatter_simple(sqls, plan.merge.as_ref()).await;
         }
-        self.run_multi_simple(sqls, plan.merge.as_ref(), analysis.is_write)
-            .await
+        let wait = self.proxy.config().reshard.write_pause_ms;
+        self.guards = guard_sqls(&topo, &plan.guards, &targets, true, wait);
+        let result = self
+            .run_multi_simple(sqls, plan.merge.as_ref(), analysis.is_write)
+            .await;
+        self.guards.clear();
+        result
     }
 
     /// A scatter read in the simple protocol: every shard runs its SQL and the rows are
@@ -564,7 +655,17 @@ impl Session {
         let mut works = Vec::with_capacity(sqls.len());
         let mut failure = None;
         for (shard, q) in sqls {
-            match self.acquire(*shard).await {
+            let acquired = match self.acquire(*shard).await {
+                Ok(mut w) => match self.run_guard(&mut w).await {
+                    Ok(()) => Ok(w),
+                    Err(e) => {
+                        self.put_back(w, false);
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match acquired {
                 Ok(mut w) => {
                     mark_session_state(w.conn.conn(), q);
                     if let Err(e) = frontend::query(q, &mut w.conn.conn().wbuf) {
@@ -643,6 +744,43 @@ impl Session {
 }
 
 /// The shard indexes a plan targets.
+/// The guard statement per shard: the moving arcs of `guards` on it, and for a write to
+/// several shards during a migration a lock on every arc (key-less writes must not run
+/// between a batch's commits on its two shards).
+pub fn guard_sqls(
+    topo: &crate::proxy::Topology,
+    guards: &[(usize, u32)],
+    targets: &[usize],
+    lock_all: bool,
+    wait: u64,
+) -> Vec<(usize, String)> {
+    let Some(m) = topo.placement.migration() else {
+        return Vec::new();
+    };
+    let mut shards: Vec<usize> = guards.iter().map(|(s, _)| *s).collect();
+    if lock_all {
+        shards.extend_from_slice(targets);
+    }
+    shards.sort_unstable();
+    shards.dedup();
+    shards
+        .into_iter()
+        .map(|s| {
+            let arcs: Vec<String> = guards
+                .iter()
+                .filter(|(g, _)| *g == s)
+                .map(|(_, a)| a.to_string())
+                .collect();
+            let sql = format!(
+                "SELECT taskflow_guard({}, ARRAY[{}]::integer[], {lock_all}, {wait})",
+                m.epoch,
+                arcs.join(",")
+            );
+            (s, sql)
+        })
+        .collect()
+}
+
 pub fn targets_of(t: &Target, n: usize) -> Vec<usize> {
     match t {
         Target::One(i) => vec![*i],

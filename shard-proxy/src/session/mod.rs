@@ -103,6 +103,8 @@ pub struct Txn {
     pub savepoints: Vec<String>,
     /// Topology the transaction started on.
     pub topo: Arc<Topology>,
+    /// Counts the transaction as running under `topo` until it ends.
+    pub in_flight: crate::proxy::InFlight,
 }
 
 impl Txn {
@@ -115,6 +117,7 @@ impl Txn {
             writes: BTreeSet::new(),
             failed: false,
             savepoints: Vec::new(),
+            in_flight: crate::proxy::InFlight::new(&topo),
             topo,
         }
     }
@@ -192,6 +195,9 @@ pub struct Session {
     pub limits: LimitsConfig,
     /// After an error in extended mode, messages are discarded until Sync.
     pub skip_until_sync: bool,
+    /// Migration guards of the statement being run, per shard (`exec::guard_sqls`), run
+    /// by [`Session::run_guard`] when its backend is taken.
+    pub guards: Vec<(usize, String)>,
 }
 
 /// Runs a session until the client leaves or the proxy shuts down.
@@ -234,6 +240,7 @@ pub async fn run(
         pending_bytes: 0,
         limits,
         skip_until_sync: false,
+        guards: Vec::new(),
     };
     s.send_startup_params(&auth.params, pid, secret).await;
     wire::ready_for_query(&mut s.client.out, b'I');
@@ -337,9 +344,26 @@ impl Session {
                 // New transactions see the newest topology.
                 self.topo = self.proxy.topology();
             }
+            let _in_flight = self.in_flight();
             if self.handle_frame(frame).await? == Flow::Stop {
                 return Ok(());
             }
+        }
+    }
+
+    /// Counts this message as running under the session's topology (a migration is
+    /// acknowledged only when nothing runs under the topology before it). Re-reads the
+    /// topology if it was replaced between being read and being counted.
+    fn in_flight(&mut self) -> crate::proxy::InFlight {
+        loop {
+            let guard = crate::proxy::InFlight::new(&self.topo);
+            if self.passthrough
+                || self.txn.is_some()
+                || Arc::ptr_eq(&self.topo, &self.proxy.topology())
+            {
+                return guard;
+            }
+            self.topo = self.proxy.topology();
         }
     }
 
@@ -636,7 +660,7 @@ impl Session {
         if let Some(i) = self
             .shard_hint
             .as_deref()
-            .and_then(|h| self.topo.ring.index_of(h))
+            .and_then(|h| proxy_core::placement::Locate::index_of(&self.topo.placement, h))
         {
             return i;
         }

@@ -82,12 +82,13 @@ impl Session {
         reason: &str,
     ) -> Result<(usize, bool), ExecError> {
         if let Some(hint) = hint.or(self.shard_hint.as_deref()) {
-            let shard = self.topo.ring.index_of(hint).ok_or_else(|| {
-                ExecError::sql(
-                    sqlstate::INVALID_CATALOG_NAME,
-                    format!("unknown shard \"{hint}\""),
-                )
-            })?;
+            let shard = proxy_core::placement::Locate::index_of(&self.topo.placement, hint)
+                .ok_or_else(|| {
+                    ExecError::sql(
+                        sqlstate::INVALID_CATALOG_NAME,
+                        format!("unknown shard \"{hint}\""),
+                    )
+                })?;
             return Ok((shard, true));
         }
         if touches_sharded {
@@ -103,7 +104,7 @@ impl Session {
     /// `SET taskflow.shard = name` (or `DEFAULT`): the session's shard hint.
     fn set_shard(&mut self, name: Option<String>) -> Result<(), ExecError> {
         if let Some(n) = &name {
-            if self.topo.ring.index_of(n).is_none() {
+            if proxy_core::placement::Locate::index_of(&self.topo.placement, n).is_none() {
                 return Err(ExecError::sql(
                     sqlstate::INVALID_CATALOG_NAME,
                     format!("unknown shard \"{n}\""),

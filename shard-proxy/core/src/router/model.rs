@@ -123,6 +123,10 @@ pub struct Plan {
     /// shards instead of the client's SQL when it is `Some`. LIMIT/OFFSET parameters are
     /// already resolved here.
     pub merge: Option<MergeSpec>,
+    /// `(shard, arc)`: keys of this execution that sit in a moving arc of a migration in
+    /// progress ([`crate::placement`]); the statement must be guarded on each such shard.
+    /// Empty when nothing moves.
+    pub guards: Vec<(usize, u32)>,
 }
 
 /// Why a statement can't be routed.

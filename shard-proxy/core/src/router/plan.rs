@@ -9,7 +9,7 @@ use super::model::{
     Analysis, Count, KeyExpr, KeyValue, Params, Plan, RouteError, StatementKind, Target,
 };
 use super::split;
-use crate::ring::Ring;
+use crate::placement::Locate;
 
 impl Analysis {
     /// Decides where this statement goes for one execution.
@@ -17,7 +17,7 @@ impl Analysis {
     /// `session_shard` is the session's `SET taskflow.shard` value, if any.
     pub fn plan(
         &self,
-        ring: &Ring,
+        ring: &impl Locate,
         params: &Params,
         session_shard: Option<&str>,
     ) -> Result<Plan, RouteError> {
@@ -86,7 +86,7 @@ impl Analysis {
     }
 
     /// A read that is the same on every shard unless it touches a sharded table.
-    fn keyed_or_first(&self, ring: &Ring, params: &Params) -> Result<Plan, RouteError> {
+    fn keyed_or_first(&self, ring: &impl Locate, params: &Params) -> Result<Plan, RouteError> {
         if self.touches_sharded {
             self.plan_keyed(ring, params)
         } else {
@@ -95,7 +95,7 @@ impl Analysis {
     }
 
     /// Routing of a statement that touches a sharded table, by its keys.
-    fn plan_keyed(&self, ring: &Ring, params: &Params) -> Result<Plan, RouteError> {
+    fn plan_keyed(&self, ring: &impl Locate, params: &Params) -> Result<Plan, RouteError> {
         match &self.keys {
             KeyExpr::None => self.plan_unkeyed(params),
             KeyExpr::Any(values) => self.plan_any(ring, params, values),
@@ -135,26 +135,28 @@ impl Analysis {
     /// `WHERE key = v` / `IN` / `OR`: the shards owning those keys.
     fn plan_any(
         &self,
-        ring: &Ring,
+        ring: &impl Locate,
         params: &Params,
         values: &[KeyValue],
     ) -> Result<Plan, RouteError> {
         let mut shards = BTreeSet::new();
+        let mut guards = Vec::new();
         for v in values {
             if let Some(key) = resolve(*v, params)? {
-                shards.insert(ring.shard_for(key));
+                shards.insert(place(ring, key, &mut guards));
             }
         }
         if let Some((new_key, moving)) = &self.detail.key_update {
-            return plan_key_update(ring, params, *new_key, moving, &shards);
+            return plan_key_update(ring, params, *new_key, moving, &shards, guards);
         }
         let shards: Vec<usize> = shards.into_iter().collect();
-        match shards.as_slice() {
+        let plan = match shards.as_slice() {
             // Every key is NULL: nothing can match; any one shard answers.
             [] => Ok(Plan::to(Target::One(0))),
             [one] => Ok(Plan::to(Target::One(*one))),
             _ => self.plan_many(shards, params),
-        }
+        };
+        plan.map(|p| p.guarded(guards))
     }
 
     /// Keys on several shards: a read is merged, a write goes to each; a multi-statement
@@ -186,16 +188,17 @@ impl Analysis {
     /// INSERT per shard.
     fn plan_rows(
         &self,
-        ring: &Ring,
+        ring: &impl Locate,
         params: &Params,
         values: &[KeyValue],
     ) -> Result<Plan, RouteError> {
-        let per_row = row_shards(ring, params, values)?;
+        let mut guards = Vec::new();
+        let per_row = row_shards(ring, params, values, &mut guards)?;
         let distinct: BTreeSet<usize> = per_row.iter().copied().collect();
         let shards: Vec<usize> = distinct.into_iter().collect();
         match shards.as_slice() {
             [] => Ok(Plan::to(Target::One(0))),
-            [one] => Ok(Plan::to(Target::One(*one))),
+            [one] => Ok(Plan::to(Target::One(*one)).guarded(guards)),
             _ => {
                 if self.detail.multi {
                     return Err(RouteError::Unsupported(
@@ -213,7 +216,9 @@ impl Analysis {
                     per_shard_sql: Some(per_shard),
                     scatter_read: false,
                     merge: None,
-                })
+                    guards: Vec::new(),
+                }
+                .guarded(guards))
             }
         }
     }
@@ -236,16 +241,22 @@ impl Analysis {
             per_shard_sql: None,
             scatter_read: true,
             merge: Some(spec),
+            guards: Vec::new(),
         })
     }
 }
 
 /// The shard of each INSERT row, in row order (a NULL key is an error: no shard owns it).
-fn row_shards(ring: &Ring, params: &Params, values: &[KeyValue]) -> Result<Vec<usize>, RouteError> {
+fn row_shards(
+    ring: &impl Locate,
+    params: &Params,
+    values: &[KeyValue],
+    guards: &mut Vec<(usize, u32)>,
+) -> Result<Vec<usize>, RouteError> {
     let mut per_row = Vec::with_capacity(values.len());
     for (row, v) in values.iter().enumerate() {
         match resolve(*v, params)? {
-            Some(key) => per_row.push(ring.shard_for(key)),
+            Some(key) => per_row.push(place(ring, key, guards)),
             None => {
                 let index = match v {
                     KeyValue::Param(i) => *i,
@@ -263,18 +274,19 @@ fn row_shards(ring: &Ring, params: &Params, values: &[KeyValue]) -> Result<Vec<u
 
 /// An UPDATE setting the key: allowed only when the new key lands on the row's shard.
 fn plan_key_update(
-    ring: &Ring,
+    ring: &impl Locate,
     params: &Params,
     new_key: KeyValue,
     moving: &RouteError,
     shards: &BTreeSet<usize>,
+    mut guards: Vec<(usize, u32)>,
 ) -> Result<Plan, RouteError> {
     let Some(new_key) = resolve(new_key, params)? else {
         return Err(moving.clone());
     };
-    let dest = ring.shard_for(new_key);
+    let dest = place(ring, new_key, &mut guards);
     match shards.iter().copied().collect::<Vec<_>>().as_slice() {
-        [only] if *only == dest => Ok(Plan::to(Target::One(dest))),
+        [only] if *only == dest => Ok(Plan::to(Target::One(dest)).guarded(guards)),
         _ => Err(moving.clone()),
     }
 }
@@ -286,8 +298,26 @@ impl Plan {
             per_shard_sql: None,
             scatter_read: false,
             merge: None,
+            guards: Vec::new(),
         }
     }
+
+    /// The plan with the moving arcs its keys fall in (sorted, without repeats).
+    fn guarded(mut self, mut guards: Vec<(usize, u32)>) -> Plan {
+        guards.sort_unstable();
+        guards.dedup();
+        self.guards = guards;
+        self
+    }
+}
+
+/// The shard of `key`; records its moving arc, if any, as a guard on that shard.
+fn place(ring: &impl Locate, key: i64, guards: &mut Vec<(usize, u32)>) -> usize {
+    let at = ring.locate(key);
+    if let Some(arc) = at.arc {
+        guards.push((at.shard, arc));
+    }
+    at.shard
 }
 
 /// The key a [`KeyValue`] stands for in this execution (`None` = NULL).

@@ -31,6 +31,9 @@ pub mod sqlstate {
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const QUERY_CANCELED: &str = "57014";
     pub const TRANSACTION_ROLLBACK: &str = "40000";
+    /// Retryable: the statement raced a change (an online migration moved its key).
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     pub const PROGRAM_LIMIT: &str = "54000";
     pub const NO_ACTIVE_TRANSACTION: &str = "25P01";
     pub const ACTIVE_TRANSACTION: &str = "25001";

@@ -35,13 +35,14 @@ impl Session {
                 .push(local_error(sqlstate::IN_FAILED_TRANSACTION, &e.to_string()));
             return Ok(true);
         }
-        let route = match self.route_bind(&stmt, b) {
+        let (route, guards) = match self.route_bind_guarded(&stmt, b) {
             Ok(r) => r,
             Err(slot) => {
                 plan.slots.push(*slot);
                 return Ok(true);
             }
         };
+        self.plan_guards(plan, &route, &guards).await?;
         match &route {
             PortalRoute::Special => plan.slots.push(local(wire::bind_complete)),
             PortalRoute::One(shard) => {
@@ -84,6 +85,71 @@ impl Session {
         self.portals
             .insert(b.portal.clone(), Portal { stmt, route });
         Ok(false)
+    }
+
+    /// During a migration: a Bind on keys of moving arcs, or a write to several shards, is
+    /// preceded on each of its shards by the migration guard (its answers suppressed; a
+    /// failed guard fails the batch with SQLSTATE 40001), inside a transaction — the
+    /// proxy's own around an autocommit statement, committed after the batch.
+    async fn plan_guards(
+        &mut self,
+        plan: &mut Plan,
+        route: &PortalRoute,
+        guards: &[(usize, u32)],
+    ) -> Result<(), ExecError> {
+        let (targets, lock_all) = match route {
+            PortalRoute::One(s) => (vec![*s], false),
+            PortalRoute::Multi {
+                targets, is_write, ..
+            } => (targets.clone(), *is_write),
+            PortalRoute::Special => return Ok(()),
+        };
+        if guards.is_empty() && !lock_all {
+            return Ok(());
+        }
+        let topo = self
+            .txn
+            .as_ref()
+            .map_or_else(|| self.topo.clone(), |t| t.topo.clone());
+        let wait = self.proxy.config().reshard.write_pause_ms;
+        let sqls = crate::session::exec::guard_sqls(&topo, guards, &targets, lock_all, wait);
+        if sqls.is_empty() {
+            return Ok(());
+        }
+        if self.txn.is_none() {
+            self.txn = Some(Txn::implicit(topo));
+            self.client.hold_output = true;
+            begin_on_taken(plan)?;
+        }
+        for (shard, sql) in sqls {
+            let w = self.work(plan, shard).await?;
+            let buf = &mut w.conn.conn().wbuf;
+            let bad = |e: String| ExecError::sql(sqlstate::INTERNAL_ERROR, e);
+            frontend::parse("", &sql, std::iter::empty(), buf).map_err(|e| bad(e.to_string()))?;
+            frontend::bind(
+                "",
+                "",
+                std::iter::empty::<i16>(),
+                std::iter::empty::<Option<&[u8]>>(),
+                |_: Option<&[u8]>, _: &mut bytes::BytesMut| {
+                    Ok::<_, Box<dyn std::error::Error + Sync + Send>>(
+                        postgres_protocol::IsNull::Yes,
+                    )
+                },
+                std::iter::empty::<i16>(),
+                buf,
+            )
+            .map_err(|_| bad("cannot encode the migration guard".into()))?;
+            frontend::execute("", 0, buf).map_err(|e| bad(e.to_string()))?;
+            for expect in [
+                Expect::Parse { global: None },
+                Expect::Bind,
+                Expect::Execute,
+            ] {
+                plan.slots.push(Slot::Suppress { shard, expect });
+            }
+        }
+        Ok(())
     }
 
     /// Binds on every target: a split INSERT's own SQL and parameters, a scatter read's

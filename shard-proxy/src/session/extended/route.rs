@@ -13,23 +13,41 @@ use super::{boxed_error, is_special, PortalRoute, Slot};
 use crate::session::exec::targets_of;
 use crate::session::{Session, Stmt};
 
+/// A Bind's route and the moving arcs its keys are in (`(shard, arc)`, see
+/// `proxy_core::placement`).
+pub(super) type Routed = (PortalRoute, Vec<(usize, u32)>);
+
 impl Session {
     /// Routes a Bind; `Err` carries a ready-made error slot.
     pub(super) fn route_bind(&self, stmt: &Stmt, b: &Bind) -> Result<PortalRoute, Box<Slot>> {
+        self.route_bind_guarded(stmt, b).map(|(r, _)| r)
+    }
+
+    /// Routes a Bind, with the moving arcs its keys are in (see `proxy_core::placement`).
+    pub(super) fn route_bind_guarded(
+        &self,
+        stmt: &Stmt,
+        b: &Bind,
+    ) -> Result<Routed, Box<Slot>> {
+        let plain = |r: PortalRoute| Ok((r, Vec::new()));
         if self.passthrough {
-            return Ok(PortalRoute::One(0));
+            return plain(PortalRoute::One(0));
         }
         let Some(analysis) = &stmt.analysis else {
-            return Ok(PortalRoute::One(self.default_shard()));
+            return plain(PortalRoute::One(self.default_shard()));
         };
         if is_special(&analysis.kind) {
-            return Ok(PortalRoute::Special);
+            return plain(PortalRoute::Special);
         }
         match &analysis.kind {
             StatementKind::Set | StatementKind::Show => {
-                return Ok(PortalRoute::One(self.default_shard()))
+                return plain(PortalRoute::One(self.default_shard()))
             }
-            StatementKind::Unparsed(reason) => return self.route_unparsed(analysis, reason),
+            StatementKind::Unparsed(reason) => {
+                return self
+                    .route_unparsed(analysis, reason)
+                    .map(|r| (r, Vec::new()))
+            }
             _ => {}
         }
         self.route_planned(stmt, analysis, b)
@@ -48,7 +66,7 @@ impl Session {
         stmt: &Stmt,
         analysis: &Analysis,
         b: &Bind,
-    ) -> Result<PortalRoute, Box<Slot>> {
+    ) -> Result<Routed, Box<Slot>> {
         let values: Vec<Option<&[u8]>> = b.params.iter().map(|p| p.as_deref()).collect();
         let types = stmt.param_types();
         let params = Params {
@@ -58,18 +76,18 @@ impl Session {
         };
         let topo = self.txn.as_ref().map(|t| &t.topo).unwrap_or(&self.topo);
         let plan = analysis
-            .plan(&topo.ring, &params, self.shard_hint.as_deref())
+            .plan(&topo.placement, &params, self.shard_hint.as_deref())
             .map_err(|e| boxed_error(sqlstate::FEATURE_NOT_SUPPORTED, &e.to_string()))?;
         if !analysis.touches_sharded
             && !analysis.is_write
             && plan.merge.is_none()
             && matches!(plan.target, Target::One(_))
         {
-            return Ok(PortalRoute::One(self.default_shard()));
+            return Ok((PortalRoute::One(self.default_shard()), Vec::new()));
         }
         let targets = targets_of(&plan.target, topo.shards.len());
         if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
-            return Ok(PortalRoute::One(targets[0]));
+            return Ok((PortalRoute::One(targets[0]), plan.guards));
         }
         if let StatementKind::Copy { .. } = analysis.kind {
             return Err(boxed_error(
@@ -77,14 +95,18 @@ impl Session {
                 "a COPY that spans shards needs the simple query protocol (or a /* shard=<name> */ hint)",
             ));
         }
-        Ok(PortalRoute::Multi {
-            targets: match &plan.per_shard_sql {
-                Some(per) => per.iter().map(|(s, _, _)| *s).collect(),
-                None => targets,
+        let guards = plan.guards;
+        Ok((
+            PortalRoute::Multi {
+                targets: match &plan.per_shard_sql {
+                    Some(per) => per.iter().map(|(s, _, _)| *s).collect(),
+                    None => targets,
+                },
+                merge: plan.merge,
+                per_shard_sql: plan.per_shard_sql,
+                is_write: analysis.is_write,
             },
-            merge: plan.merge,
-            per_shard_sql: plan.per_shard_sql,
-            is_write: analysis.is_write,
-        })
+            guards,
+        ))
     }
 }

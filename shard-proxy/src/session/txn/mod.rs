@@ -177,6 +177,12 @@ impl Session {
     }
 }
 
+/// Commits `t`, which wrote on several shards, with two-phase commit (the migration
+/// mover's batches use it: same decision records, fence and recovery as clients').
+pub async fn commit_across_shards(proxy: &crate::proxy::Proxy, t: Txn) -> Result<(), ExecError> {
+    two_phase::commit(proxy, t).await
+}
+
 /// Rolls back each connection; clean ones go back to their pool.
 pub async fn rollback_conns(conns: impl IntoIterator<Item = (usize, Pooled)>) {
     for (_, mut conn) in conns {

@@ -1,0 +1,471 @@
+//! Online migration (issue 9): shards are added and removed while clients read and write
+//! through the proxy, and nothing is lost, duplicated or left on a shard that does not own
+//! it.
+//!
+//! The workload: writers, each owning a disjoint set of performers, insert, update,
+//! re-assign (performer change within their own set) and delete tasks, and after every
+//! acknowledged write check that a point read of the performer returns exactly the model's
+//! rows. A reader checks, over and over, that a key-less count of rows nobody touches
+//! (`title = 'static'`) never changes — a scatter read during a move sees each row once. A
+//! statement refused by the migration guard (SQLSTATE 40001) is retried; each one is
+//! counted. At the end every row sits on its owner under the final ring and the shards'
+//! union equals the model exactly.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{shard_url, Env};
+use taskflow_shard_proxy::config::ShardConfig;
+use taskflow_shard_proxy::proxy_core::ring::Ring;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// Rows nobody changes during the run (checked by key-less counts).
+const STATIC_ROWS: i64 = 600;
+/// Performers per writer.
+const PERFORMERS: i64 = 40;
+
+fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A shard-4 database with the shard schema on cluster `cluster`.
+async fn spare_shard(env: &Env, cluster: usize, db: &str, name: &str) -> ShardConfig {
+    env.shard(cluster)
+        .await
+        .simple_query(&format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create database");
+    ShardConfig {
+        name: name.into(),
+        url: shard_url(env.shards.ports()[cluster]).replace("/tasks", &format!("/{db}")),
+    }
+}
+
+/// Fills the shards through the proxy: static rows and each writer's starting tasks.
+async fn seed(c: &Client, writers: i64) -> BTreeMap<i64, i64> {
+    let mut model = BTreeMap::new();
+    let mut values = Vec::new();
+    for i in 0..STATIC_ROWS {
+        values.push(format!("({}, {}, 1, 'static')", 1_000_000 + i, 5_000 + i));
+    }
+    for w in 0..writers {
+        for p in 0..PERFORMERS {
+            let performer = w * 1000 + p;
+            for k in 0..3 {
+                let id = 10_000_000 + performer * 10 + k;
+                values.push(format!("({id}, {performer}, 1, 'seed')"));
+                model.insert(id, performer);
+            }
+        }
+    }
+    for chunk in values.chunks(200) {
+        c.simple_query(&format!(
+            "INSERT INTO tasks (id, performer_id, creator_id, title) VALUES {}",
+            chunk.join(", ")
+        ))
+        .await
+        .expect("seed");
+    }
+    model
+}
+
+/// Whether an error is the migration's retryable refusal.
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code() == "40001")
+}
+
+struct Counters {
+    writes: AtomicU64,
+    retries: AtomicU64,
+    reads: AtomicU64,
+}
+
+/// One writer: owns performers `w*1000 ..`, keeps its model, checks its point reads.
+async fn writer(
+    port: u16,
+    w: i64,
+    mut model: BTreeMap<i64, i64>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+) -> BTreeMap<i64, i64> {
+    let c = common::client_at(port, "tasks").await;
+    let mut next_id = 20_000_000 + w * 1_000_000;
+    let mut step: i64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        step += 1;
+        let performer = w * 1000 + (step * 7) % PERFORMERS;
+        let other = w * 1000 + (step * 13 + 5) % PERFORMERS;
+        let mine: Vec<i64> = model
+            .iter()
+            .filter(|(_, p)| **p == performer)
+            .map(|(id, _)| *id)
+            .collect();
+        // Alternate: insert (simple protocol), update (extended), re-assign, delete.
+        let result = match step % 4 {
+            0 => {
+                next_id += 1;
+                c.simple_query(&format!(
+                    "INSERT INTO tasks (id, performer_id, creator_id, title) VALUES ({next_id}, {performer}, 1, 'w')"
+                ))
+                .await
+                .map(|_| Some((next_id, Some(performer))))
+            }
+            1 => match mine.first() {
+                Some(id) => c
+                    .execute(
+                        "UPDATE tasks SET status = 'in_progress', version = version + 1 WHERE performer_id = $1 AND id = $2",
+                        &[&performer, id],
+                    )
+                    .await
+                    .map(|_| None),
+                None => Ok(None),
+            },
+            2 => match mine.first() {
+                // A performer change: delete + insert in one transaction (the key moves).
+                Some(id) => reassign(&c, *id, performer, other).await.map(|_| Some((*id, Some(other)))),
+                None => Ok(None),
+            },
+            _ => match mine.last() {
+                Some(id) if mine.len() > 1 => c
+                    .execute(
+                        "DELETE FROM tasks WHERE performer_id = $1 AND id = $2",
+                        &[&performer, id],
+                    )
+                    .await
+                    .map(|_| Some((*id, None))),
+                _ => Ok(None),
+            },
+        };
+        match result {
+            Ok(change) => {
+                counters.writes.fetch_add(1, Ordering::Relaxed);
+                match change {
+                    Some((id, Some(p))) => {
+                        model.insert(id, p);
+                    }
+                    Some((id, None)) => {
+                        model.remove(&id);
+                    }
+                    None => {}
+                }
+            }
+            Err(e) if retryable(&e) => {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(e) => panic!("writer {w}: {e:?}"),
+        }
+        check_point_read(&c, &model, performer, &counters).await;
+    }
+    model
+}
+
+/// Moves task `id` from `from` to `to` in one client transaction.
+async fn reassign(c: &Client, id: i64, from: i64, to: i64) -> Result<(), tokio_postgres::Error> {
+    // Two single-key statements in one explicit transaction (they may sit on two shards).
+    c.batch_execute("BEGIN").await?;
+    let r = async {
+        let row = c
+            .query_one(
+                "SELECT title FROM tasks WHERE performer_id = $1 AND id = $2",
+                &[&from, &id],
+            )
+            .await?;
+        let title: String = row.get(0);
+        c.execute(
+            "DELETE FROM tasks WHERE performer_id = $1 AND id = $2",
+            &[&from, &id],
+        )
+        .await?;
+        c.execute(
+            "INSERT INTO tasks (id, performer_id, creator_id, title) VALUES ($1, $2, 1, $3)",
+            &[&id, &to, &title],
+        )
+        .await?;
+        c.batch_execute("COMMIT").await
+    }
+    .await;
+    if r.is_err() {
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
+    r
+}
+
+/// A point read of `performer` must return exactly the model's ids (retried on 40001).
+async fn check_point_read(
+    c: &Client,
+    model: &BTreeMap<i64, i64>,
+    performer: i64,
+    counters: &Counters,
+) {
+    let want: BTreeSet<i64> = model
+        .iter()
+        .filter(|(_, p)| **p == performer)
+        .map(|(id, _)| *id)
+        .collect();
+    for _ in 0..50 {
+        match c
+            .query(
+                "SELECT id FROM tasks WHERE performer_id = $1",
+                &[&performer],
+            )
+            .await
+        {
+            Ok(rows) => {
+                let got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                let set: BTreeSet<i64> = got.iter().copied().collect();
+                assert_eq!(
+                    got.len(),
+                    set.len(),
+                    "performer {performer}: a row read twice"
+                );
+                assert_eq!(
+                    set, want,
+                    "performer {performer}: point read differs from the model"
+                );
+                counters.reads.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if retryable(&e) => {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => panic!("point read: {e:?}"),
+        }
+    }
+    panic!("performer {performer}: point read kept failing");
+}
+
+/// Key-less counts of the static rows, until `stop`: never more or fewer.
+async fn static_reader(port: u16, stop: Arc<AtomicBool>, counters: Arc<Counters>) {
+    let c = common::client_at(port, "tasks").await;
+    while !stop.load(Ordering::Relaxed) {
+        match c
+            .simple_query("SELECT count(*) FROM tasks WHERE title = 'static'")
+            .await
+        {
+            Ok(m) => {
+                let n: i64 = rows(&m)[0][0].parse().expect("count");
+                assert_eq!(
+                    n, STATIC_ROWS,
+                    "a scatter read saw a moved row twice or not at all"
+                );
+                counters.reads.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if retryable(&e) => {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => panic!("scatter count: {e:?}"),
+        }
+    }
+}
+
+/// The newest migration's row of `SHOW MIGRATIONS`, by column name.
+async fn newest_migration(admin: &Client) -> Option<BTreeMap<String, String>> {
+    let m = admin
+        .simple_query("SHOW MIGRATIONS")
+        .await
+        .expect("SHOW MIGRATIONS");
+    let SimpleQueryMessage::Row(r) = m.iter().find(|m| matches!(m, SimpleQueryMessage::Row(_)))?
+    else {
+        return None;
+    };
+    Some(
+        r.columns()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or_default().to_owned()))
+            .collect(),
+    )
+}
+
+async fn wait_done(admin: &Client, timeout: Duration) -> BTreeMap<String, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(m) = newest_migration(admin).await {
+            if m["state"] == "done" {
+                return m;
+            }
+            assert_ne!(m["state"], "failed", "{m:?}");
+            if tokio::time::Instant::now() > deadline {
+                panic!("migration not done in {timeout:?}: {m:?}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every row of every shard: (shard name, id, performer).
+async fn all_rows(env: &Env, shards: &[(String, usize, String)]) -> Vec<(String, i64, i64)> {
+    let mut out = Vec::new();
+    for (name, cluster, db) in shards {
+        let c = env.shards[*cluster]
+            .client(db)
+            .await
+            .expect("direct client");
+        for r in c
+            .query("SELECT id, performer_id FROM tasks", &[])
+            .await
+            .expect("rows")
+        {
+            out.push((name.clone(), r.get(0), r.get(1)));
+        }
+    }
+    out
+}
+
+/// Every row on its owner under `ring`, each id once, and exactly the model's rows.
+fn check_placement(rows: &[(String, i64, i64)], ring: &Ring, model: &BTreeMap<i64, i64>) {
+    let mut seen = BTreeMap::new();
+    for (shard, id, performer) in rows {
+        assert_eq!(
+            ring.shard_name_for(*performer),
+            shard,
+            "task {id} of performer {performer} is on {shard}, not its owner"
+        );
+        assert!(
+            seen.insert(*id, *performer).is_none(),
+            "task {id} is on two shards"
+        );
+    }
+    let only_model: BTreeMap<i64, i64> = seen
+        .into_iter()
+        .filter(|(id, _)| *id < 1_000_000 || *id >= 2_000_000)
+        .collect();
+    assert_eq!(
+        &only_model, model,
+        "the shards' rows differ from the acknowledged writes"
+    );
+}
+
+/// Runs the workload while `change` runs; returns the final model.
+async fn under_workload<F, Fut>(env: &Env, change: F) -> BTreeMap<i64, i64>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let writers = 3;
+    let c = env.client("tasks").await;
+    let model = seed(&c, writers).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters {
+        writes: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+    });
+    let port = env.addr().port();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let m: BTreeMap<i64, i64> = model
+            .iter()
+            .filter(|(_, p)| **p / 1000 == w)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        tasks.push(tokio::spawn(writer(
+            port,
+            w,
+            m,
+            stop.clone(),
+            counters.clone(),
+        )));
+    }
+    let reader = tokio::spawn(static_reader(port, stop.clone(), counters.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    change().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut model = BTreeMap::new();
+    for t in tasks {
+        model.extend(t.await.expect("writer"));
+    }
+    reader.await.expect("reader");
+    eprintln!(
+        "workload: {} writes, {} reads, {} retried (40001)",
+        counters.writes.load(Ordering::Relaxed),
+        counters.reads.load(Ordering::Relaxed),
+        counters.retries.load(Ordering::Relaxed)
+    );
+    assert!(
+        counters.writes.load(Ordering::Relaxed) > 20,
+        "the workload ran"
+    );
+    model
+}
+
+/// ADD SHARD under traffic moves exactly the keys the new ring gives shard-4; REMOVE SHARD
+/// moves them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn add_and_remove_a_shard_online_under_traffic() {
+    let mut env = Env::start(3).await;
+    let fourth = spare_shard(&env, 0, "tasks4", "shard-4").await;
+    let admin = env.client("admin").await;
+    let url = fourth.url.clone();
+    let model = under_workload(&env, || async {
+        admin
+            .simple_query(&format!("ADD SHARD shard-4 '{url}'"))
+            .await
+            .expect("ADD SHARD with rows starts a migration");
+        let m = wait_done(&admin, Duration::from_secs(120)).await;
+        eprintln!("ADD SHARD: {m:?}");
+        assert_eq!(m["change"], "adds shard-4");
+        assert_eq!(m["arcs_done"], m["arcs_total"]);
+    })
+    .await;
+    let four = vec![
+        ("shard-1".to_string(), 0, "tasks".to_string()),
+        ("shard-2".to_string(), 1, "tasks".to_string()),
+        ("shard-3".to_string(), 2, "tasks".to_string()),
+        ("shard-4".to_string(), 0, "tasks4".to_string()),
+    ];
+    let ring4 = Ring::new(["shard-1", "shard-2", "shard-3", "shard-4"], 256).expect("ring");
+    let rows4 = all_rows(&env, &four).await;
+    assert!(
+        rows4.iter().any(|r| r.0 == "shard-4"),
+        "shard-4 received rows"
+    );
+    check_placement(&rows4, &ring4, &model);
+    assert_eq!(
+        common::prepared_count(&env).await,
+        0,
+        "no prepared transaction left"
+    );
+    env.config.shards.push(fourth);
+    env.client("tasks")
+        .await
+        .simple_query("DELETE FROM tasks")
+        .await
+        .expect("key-less DELETE on four shards");
+
+    let model = under_workload(&env, || async {
+        admin
+            .simple_query("REMOVE SHARD shard-4")
+            .await
+            .expect("REMOVE SHARD with rows starts a migration");
+        let m = wait_done(&admin, Duration::from_secs(120)).await;
+        assert_eq!(m["change"], "removes shard-4");
+    })
+    .await;
+    let ring3 = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
+    let rows3 = all_rows(&env, &four).await;
+    assert!(rows3.iter().all(|r| r.0 != "shard-4"), "shard-4 drained");
+    check_placement(&rows3, &ring3, &model);
+    env.config.shards.pop();
+    let shards = admin
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS");
+    assert_eq!(rows(&shards).len(), 3);
+}
