@@ -106,8 +106,10 @@ pub fn versions(schema: Schema) -> Vec<String> {
         Schema::Auth => embedded::auth::migrations::runner(),
         Schema::Shard => embedded::shard::migrations::runner(),
     };
-    runner
-        .get_migrations()
+    // The embedded list follows the directory's order, not the versions'.
+    let mut migrations: Vec<_> = runner.get_migrations().iter().collect();
+    migrations.sort_by_key(|m| m.version());
+    migrations
         .iter()
         .map(|m| format!("V{}__{}", m.version(), m.name()))
         .collect()

@@ -282,6 +282,17 @@ impl Proxy {
     /// recorded as the next epoch. Listeners and the state directory are fixed
     /// at start; changing them needs a restart (logged).
     pub async fn reload(&self, config: ProxyConfig) -> Result<String, SetupError> {
+        self.reload_as(config, false).await
+    }
+
+    /// A reload that asks for a ring change on purpose (`ADD SHARD`, `REMOVE SHARD`): it may
+    /// move rows back to the ring a finished migration left, which a reload or restart
+    /// with a stale shard list may not.
+    pub async fn change_ring(&self, config: ProxyConfig) -> Result<String, SetupError> {
+        self.reload_as(config, true).await
+    }
+
+    async fn reload_as(&self, config: ProxyConfig, on_purpose: bool) -> Result<String, SetupError> {
         let _serial = self.reload_lock.lock().await;
         let current = self.snapshot();
         if current.config.listen != config.listen
@@ -295,6 +306,7 @@ impl Proxy {
             config.ring.virtual_nodes,
             &current.topology.shards,
             &current.topology.sharded_tables,
+            on_purpose,
         )
         .await?;
         let next = self
@@ -408,6 +420,7 @@ impl Proxy {
             topo.ring().virtual_nodes(),
             &topo.shards,
             &topo.sharded_tables,
+            false,
         )
         .await?;
         let next = self

@@ -106,7 +106,18 @@ pub async fn start(
         })
     }));
     tracing::info!(instance = %proxy.meta.instance, "registered in taskflow_meta.proxies");
-    let epoch = proxy.adopt_ring().await?;
+    let epoch = match proxy.adopt_ring().await {
+        Ok(epoch) => epoch,
+        Err(e) => {
+            // Not serving after all: leave the registry, or this proxy would count as a
+            // live one (holding up a migration's acknowledgements, and its instance id)
+            // until its heartbeat expired.
+            if let Err(d) = crate::meta::registry::deregister(&proxy.meta).await {
+                tracing::warn!(error = %d, "cannot leave taskflow_meta.proxies");
+            }
+            return Err(e.into());
+        }
+    };
     tracing::info!(epoch, "routing by the stored ring epoch");
     let imported = crate::session::txn::import_legacy_decisions(&proxy).await?;
     if imported > 0 {

@@ -469,3 +469,156 @@ async fn add_and_remove_a_shard_online_under_traffic() {
         .expect("SHOW SHARDS");
     assert_eq!(rows(&shards).len(), 3);
 }
+
+/// Two proxies over the same shards; the one driving the move is SIGKILLed in the middle
+/// of it: the other takes the migration over (after `metadata.dead_after_secs`), recovery
+/// finishes or rolls back what the dead one left prepared, the workload on the survivor
+/// never sees a row missing or twice, and the restarted proxy routes by the new ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_owner_killed_mid_move_is_replaced_and_nothing_is_lost() {
+    let mut env = Env::start(3).await;
+    let fourth = spare_shard(&env, 1, "tasks4", "shard-4").await;
+    let c = env.client("tasks").await;
+    let model = seed(&c, 3).await;
+    drop(c);
+    env.stop_proxy().await;
+    let small_batches = "[reshard]\nbatch_rows = 10\npoll_ms = 100\n";
+    let a = common::ProxyProc::with(&env, "proxy-a", small_batches);
+    let b = common::ProxyProc::with(&env, "proxy-b", small_batches);
+    let mut a_child = a.spawn(None).await;
+    let admin_a = common::client_at(a.port, "admin").await;
+    admin_a
+        .simple_query(&format!("ADD SHARD shard-4 '{}'", fourth.url))
+        .await
+        .expect("ADD SHARD");
+    // A drives the move (it is the only proxy); slow it down so the kill lands mid-move.
+    for _ in 0..100 {
+        if newest_migration(&admin_a)
+            .await
+            .is_some_and(|m| m["owner"] == "proxy-a")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admin_a
+        .simple_query("SET MIGRATION THROTTLE 100")
+        .await
+        .expect("throttle");
+    let mut b_child = b.spawn(None).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters {
+        writes: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+    });
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let m: BTreeMap<i64, i64> = model
+            .iter()
+            .filter(|(_, p)| **p / 1000 == w)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        writers.push(tokio::spawn(writer(
+            b.port,
+            w,
+            m,
+            stop.clone(),
+            counters.clone(),
+        )));
+    }
+    let reader = tokio::spawn(static_reader(b.port, stop.clone(), counters.clone()));
+    // Kill A once some batches moved and some remain.
+    let admin_b = common::client_at(b.port, "admin").await;
+    let mut killed_at = None;
+    for _ in 0..400 {
+        let m = newest_migration(&admin_b).await.expect("migration");
+        let done: u32 = m["arcs_done"].parse().unwrap_or(0);
+        let total: u32 = m["arcs_total"].parse().unwrap_or(0);
+        if done >= 3 && done < total {
+            killed_at = Some((done, total));
+            break;
+        }
+        assert_ne!(
+            m["state"], "done",
+            "the move finished before the kill: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let killed_at = killed_at.expect("the move made progress");
+    a_child.kill().await.expect("SIGKILL the owner mid-move");
+    eprintln!("owner killed at {killed_at:?} arcs");
+    admin_b
+        .simple_query("SET MIGRATION THROTTLE 0")
+        .await
+        .expect("unthrottle");
+    let m = wait_done(&admin_b, Duration::from_secs(120)).await;
+    assert_eq!(
+        m["owner"], "proxy-b",
+        "the survivor took the migration over: {m:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut model = BTreeMap::new();
+    for t in writers {
+        model.extend(t.await.expect("writer"));
+    }
+    reader.await.expect("reader");
+    eprintln!(
+        "workload: {} writes, {} reads, {} retried (40001)",
+        counters.writes.load(Ordering::Relaxed),
+        counters.reads.load(Ordering::Relaxed),
+        counters.retries.load(Ordering::Relaxed)
+    );
+    // Recovery on B resolved whatever A left prepared.
+    for _ in 0..100 {
+        if common::prepared_count(&env).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        common::prepared_count(&env).await,
+        0,
+        "prepared transactions left"
+    );
+    let four = vec![
+        ("shard-1".to_string(), 0, "tasks".to_string()),
+        ("shard-2".to_string(), 1, "tasks".to_string()),
+        ("shard-3".to_string(), 2, "tasks".to_string()),
+        ("shard-4".to_string(), 1, "tasks4".to_string()),
+    ];
+    let ring4 = Ring::new(["shard-1", "shard-2", "shard-3", "shard-4"], 256).expect("ring");
+    check_placement(&all_rows(&env, &four).await, &ring4, &model);
+    // A restarted with its old (three-shard) file refuses, naming the migration that
+    // replaced that ring (it would otherwise move the rows back); with the new list it
+    // starts and routes by the new ring.
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_taskflow-shard-proxy"))
+            .arg("--config")
+            .arg(&a.cfg)
+            .env("TASKFLOW_LOG__FORMAT", "text")
+            .output(),
+    )
+    .await
+    .expect("the stale proxy exits")
+    .expect("run proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a stale shard list");
+    assert!(stderr.contains("finished migration replaced"), "{stderr}");
+    env.config.shards.push(fourth.clone());
+    let a = common::ProxyProc::with(&env, "proxy-a", small_batches);
+    let mut a_child = a.spawn(None).await;
+    let admin_a = common::client_at(a.port, "admin").await;
+    let shards = admin_a
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS");
+    assert_eq!(
+        rows(&shards).len(),
+        4,
+        "the restarted proxy routes by the new ring"
+    );
+    a_child.kill().await.expect("stop A");
+    b_child.kill().await.expect("stop B");
+}

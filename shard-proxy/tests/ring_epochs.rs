@@ -1,7 +1,8 @@
 //! The ring is durable shared state (`taskflow_meta.ring_epochs`): a proxy started with a
-//! shard list that disagrees with the stored ring refuses, naming the difference, as long
-//! as a shard holds rows — it never silently re-routes keys away from their rows (issue 9).
-//! While every shard is empty, a new shard list is recorded as the next epoch.
+//! shard list that disagrees with the stored ring never silently re-routes keys away from
+//! their rows (issue 9). While every shard is empty, a new shard list is recorded as the
+//! next epoch; once a shard holds rows, it starts the online migration it implies; while a
+//! migration is unfinished, a list that is neither its source nor its target is refused.
 
 mod common;
 
@@ -92,43 +93,64 @@ async fn a_restart_never_silently_reroutes() {
     env.start_proxy().await;
     assert_eq!(epochs(&env).await.len(), 3, "back to three shards: epoch 3");
 
-    // Once a shard holds rows, adding or removing a shard on restart is refused.
+    // Once a shard holds rows, a restart with a fourth shard starts an online migration
+    // instead of re-routing: the row moves (or stays) with its key.
     let c = env.client("tasks").await;
     c.simple_query("INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, 7, 1, 't')")
         .await
         .expect("insert");
     env.stop_proxy().await;
-    env.config.shards.push(fourth);
-    let err = start_err(&env).await;
-    assert!(
-        err.contains("adds shard-4") && err.contains("holds rows"),
-        "{err}"
+    env.config.shards.push(fourth.clone());
+    env.start_proxy().await;
+    wait_for_epoch(&env, 4).await;
+    assert_eq!(
+        epochs(&env).await[3],
+        (4, "shard-1,shard-2,shard-3,shard-4".into(), "active".into())
     );
-    env.config.shards = stored[..2].to_vec();
-    let err = start_err(&env).await;
-    assert!(
-        err.contains("removes shard-3") && err.contains("holds rows"),
-        "{err}"
+    assert_eq!(
+        read_row(&env, 7).await,
+        1,
+        "the row is where its key routes"
     );
+
+    // The three-shard list is now a stale file: a restart with it is refused (it would
+    // move the rows back), naming the migration that replaced it.
+    env.stop_proxy().await;
     env.config.shards = stored.clone();
+    let err = start_err(&env).await;
+    assert!(err.contains("finished migration replaced"), "{err}");
+    env.config.shards.push(fourth.clone());
+    env.start_proxy().await;
+
+    // While a migration is unfinished (held in `waiting` by a live proxy that has not
+    // acknowledged it), a shard list that is neither its source nor its target is refused,
+    // naming the migration.
+    let auth = env.auth.client().await.expect("auth client");
+    auth.simple_query(
+        "INSERT INTO taskflow_meta.proxies (instance_id, addr, pid, version, ring_view) \
+         VALUES ('silent', '127.0.0.1:1', 1, 'test', 0)",
+    )
+    .await
+    .expect("a live proxy that never acknowledges");
+    env.client("admin")
+        .await
+        .simple_query("REMOVE SHARD shard-4")
+        .await
+        .expect("REMOVE SHARD on purpose moves the rows back");
+    env.stop_proxy().await;
     env.config.ring.virtual_nodes = 64;
     let err = start_err(&env).await;
-    assert!(err.contains("virtual_nodes from 256 to 64"), "{err}");
-
-    // The stored shard list (in any order) starts, and the row is where it was.
+    assert!(err.contains("is unfinished"), "{err}");
+    // Its source ring joins it; once the silent proxy is gone it finishes.
     env.config.ring.virtual_nodes = 256;
-    env.config.shards = stored.iter().rev().cloned().collect();
     env.start_proxy().await;
-    assert_eq!(epochs(&env).await.len(), 3, "no new epoch");
-    let c = env.client("tasks").await;
-    let n = c
-        .simple_query("SELECT id FROM tasks WHERE performer_id = 7")
+    auth.simple_query("DELETE FROM taskflow_meta.proxies WHERE instance_id = 'silent'")
         .await
-        .expect("read")
-        .iter()
-        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
-        .count();
-    assert_eq!(n, 1);
+        .expect("forget the silent proxy");
+    wait_for_epoch(&env, 5).await;
+    assert_eq!(epochs(&env).await[4].1, "shard-1,shard-2,shard-3");
+    assert_eq!(read_row(&env, 7).await, 1);
+    env.config.shards = stored.clone();
 
     // SHOW PROXIES lists the registry; this proxy routes by epoch 3.
     let admin = env.client("admin").await;
@@ -149,7 +171,38 @@ async fn a_restart_never_silently_reroutes() {
     let this: Vec<&Vec<String>> = listed.iter().filter(|r| r[6] == "true").collect();
     assert_eq!(this.len(), 1, "{listed:?}");
     assert_eq!(this[0][5], "true", "alive");
-    assert_eq!(this[0][7], "3", "ring epoch");
+    assert_eq!(this[0][7], "5", "ring epoch");
+}
+
+/// Waits until ring epoch `epoch` is the active one (a migration finished).
+async fn wait_for_epoch(env: &Env, epoch: i64) {
+    for _ in 0..600 {
+        let e = epochs(env).await;
+        if e.iter()
+            .any(|(n, _, state)| *n == epoch && state == "active")
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!(
+        "ring epoch {epoch} never became active: {:?}",
+        epochs(env).await
+    );
+}
+
+/// How many tasks of `performer` a read through the proxy returns.
+async fn read_row(env: &Env, performer: i64) -> usize {
+    env.client("tasks")
+        .await
+        .simple_query(&format!(
+            "SELECT id FROM tasks WHERE performer_id = {performer}"
+        ))
+        .await
+        .expect("read")
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count()
 }
 
 fn row_count(messages: &[tokio_postgres::SimpleQueryMessage]) -> usize {
@@ -160,8 +213,8 @@ fn row_count(messages: &[tokio_postgres::SimpleQueryMessage]) -> usize {
 }
 
 /// `ADD SHARD` applies the shard schema, then changes the ring through the same rule as a
-/// RELOAD: accepted while every shard is empty, refused (naming the change) once one holds
-/// rows; `REMOVE SHARD` likewise.
+/// RELOAD: recorded at once while every shard is empty, moved online once one holds rows;
+/// `REMOVE SHARD` likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_remove_shard_from_the_console() {
     let env = Env::start(2).await;
@@ -191,28 +244,12 @@ async fn add_and_remove_shard_from_the_console() {
     c.simple_query("INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, 7, 1, 't')")
         .await
         .expect("insert");
-    let err = admin
-        .simple_query("REMOVE SHARD shard-3")
-        .await
-        .expect_err("rows would be re-routed");
-    let msg = format!("{err:?}");
-    assert!(
-        msg.contains("removes shard-3") && msg.contains("holds rows"),
-        "{msg}"
-    );
-    let err = admin
-        .simple_query(&format!("ADD SHARD shard-4 '{url}'"))
-        .await
-        .expect_err("rows would be re-routed");
-    assert!(format!("{err:?}").contains("adds shard-4"), "{err:?}");
-
-    c.simple_query("DELETE FROM tasks WHERE performer_id = 7")
-        .await
-        .expect("delete");
     admin
         .simple_query("REMOVE SHARD shard-3")
         .await
-        .expect("REMOVE SHARD once empty");
+        .expect("REMOVE SHARD with rows starts an online migration");
+    wait_for_epoch(&env, 3).await;
+    assert_eq!(read_row(&env, 7).await, 1, "the row survived the move");
     let shards = admin
         .simple_query("SHOW SHARDS")
         .await

@@ -7,11 +7,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{prepared_count, Env};
-use tokio::process::Child;
+use common::{prepared_count, Env, ProxyProc};
 
 const INSERT: &str =
     "INSERT INTO tasks (id, performer_id, creator_id, title) VALUES ($1, $2, 1, 't')";
@@ -24,68 +22,6 @@ fn two_on_different_shards(env: &Env) -> (i64, i64) {
         .find(|k| ring.shard_for(*k) != ring.shard_for(a))
         .expect("another shard");
     (a, b)
-}
-
-/// One proxy of the pair: its port and configuration file.
-struct ProxyProc {
-    port: u16,
-    cfg: std::path::PathBuf,
-}
-
-impl ProxyProc {
-    fn new(env: &Env, name: &str) -> ProxyProc {
-        let port = taskflow_localstack::free_port().expect("free port");
-        let cfg = env.dir.path().join(format!("{name}.toml"));
-        let mut text = format!(
-            "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-             state_dir = \"{state}\"\n\
-             [metadata]\ninstance_id = \"{name}\"\nheartbeat_secs = 1\ndead_after_secs = 3\n\
-             [[users]]\nname = \"taskflow\"\npassword = \"taskflow\"\n\
-             [backend]\nuser = \"taskflow\"\npassword_file = \"{pw}\"\n\
-             [auth_database]\nurl = \"{auth}\"\n",
-            state = env.dir.path().join(format!("state-{name}")).display(),
-            pw = env.config.backend.password_file.clone().unwrap_or_default(),
-            auth = env.config.auth_database.url,
-        );
-        for s in &env.config.shards {
-            text.push_str(&format!(
-                "[[shards]]\nname = \"{}\"\nurl = \"{}\"\n",
-                s.name, s.url
-            ));
-        }
-        std::fs::write(&cfg, text).expect("write config");
-        ProxyProc { port, cfg }
-    }
-
-    /// Runs the proxy binary with an optional 2PC test hook.
-    async fn spawn(&self, hook: Option<&str>) -> Child {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskflow-shard-proxy"));
-        cmd.arg("--config")
-            .arg(&self.cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .env("TASKFLOW_LOG__FORMAT", "text");
-        match hook {
-            Some(h) => cmd.env("TFSP_TEST_2PC_HOOK", h),
-            None => cmd.env_remove("TFSP_TEST_2PC_HOOK"),
-        };
-        let child = cmd.spawn().expect("spawn proxy");
-        for _ in 0..150 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return child;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("proxy did not start");
-    }
-
-    async fn client(&self) -> tokio_postgres::Client {
-        common::client_at(self.port, "tasks").await
-    }
 }
 
 /// Waits until no shard holds a prepared transaction (another proxy's recovery).

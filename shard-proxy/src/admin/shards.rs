@@ -44,7 +44,7 @@ pub(super) async fn add(proxy: &Proxy, name: &str, url: &str) -> Answer {
             )
         }
     }
-    match proxy.reload(config).await {
+    match proxy.change_ring(config).await {
         Ok(summary) => {
             tracing::info!(shard = name, %summary, "shard added by admin console");
             Answer::Tag("ADD SHARD".into())
@@ -73,7 +73,7 @@ pub(super) async fn remove(proxy: &Proxy, name: &str) -> Answer {
             "the ring needs at least one shard".into(),
         );
     }
-    match proxy.reload(config).await {
+    match proxy.change_ring(config).await {
         Ok(summary) => {
             tracing::info!(shard = name, %summary, "shard removed by admin console");
             Answer::Tag("REMOVE SHARD".into())

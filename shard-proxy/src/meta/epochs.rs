@@ -126,6 +126,7 @@ pub async fn check(
     virtual_nodes: u32,
     probe: &[std::sync::Arc<crate::backend::Pool>],
     tables: &[String],
+    on_purpose: bool,
 ) -> Result<Verdict, crate::config::SetupError> {
     let refuse = |message: String| crate::config::SetupError::Config {
         key: "shards".into(),
@@ -179,11 +180,49 @@ pub async fn check(
     }
     match first_with_rows(&pools, tables).await {
         Ok(None) => Ok(Verdict::Record(Some(stored.epoch))),
+        Ok(Some(_)) if !on_purpose && replaced(meta, &stored, &names, virtual_nodes).await => {
+            Err(refuse(format!(
+                "the configured shard list ({}) is the ring a finished migration replaced with \
+                 ring epoch {} ({}): this configuration file predates it. Update the shard \
+                 list; to move the rows back, use REMOVE SHARD/ADD SHARD in the admin console",
+                names.join(", "),
+                stored.epoch,
+                stored.names().join(", "),
+            )))
+        }
         Ok(Some(holder)) => {
             tracing::info!(%holder, change = %diff, "the configured ring moves rows: starting an online migration");
             Ok(Verdict::Migrate(stored))
         }
         Err(e) => Err(why(e)),
+    }
+}
+
+/// Whether `names`/`virtual_nodes` is the source ring of the finished migration that
+/// made `stored` current (a stale configuration, not a new wish).
+async fn replaced(meta: &Meta, stored: &StoredRing, names: &[String], virtual_nodes: u32) -> bool {
+    let rows = meta
+        .query(&format!(
+            "SELECT from_epoch::text FROM taskflow_meta.migrations WHERE epoch = {} AND state = 'done'",
+            stored.epoch
+        ))
+        .await
+        .unwrap_or_default();
+    let Some(from) = super::first_column(rows)
+        .first()
+        .and_then(|e| e.parse().ok())
+    else {
+        return false;
+    };
+    match load(meta, from).await {
+        Ok(Some(ring)) => proxy_core::reshard::RingDiff::of_names(
+            &ring.names(),
+            ring.virtual_nodes,
+            names,
+            virtual_nodes,
+        )
+        .is_empty(),
+        _ => false,
     }
 }
 

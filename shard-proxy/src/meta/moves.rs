@@ -57,6 +57,7 @@ pub async fn begin(
         .map_or(0, |m| m.arcs.len());
     let epoch = start(
         meta,
+        config.reshard.throttle_rows_per_sec,
         from.epoch,
         &names,
         &urls,
@@ -122,6 +123,7 @@ pub async fn active(meta: &Meta) -> Result<Option<Active>, MetaError> {
 /// migration is unfinished or another proxy recorded the epoch first.
 pub async fn start(
     meta: &Meta,
+    throttle: u32,
     from_epoch: i64,
     names: &[String],
     urls: &[String],
@@ -137,8 +139,8 @@ pub async fn start(
              SELECT {epoch}, {names}, {urls}, {virtual_nodes}, 'migrating', {me} \
              WHERE NOT EXISTS (SELECT 1 FROM taskflow_meta.migrations WHERE state NOT IN ('done', 'failed')) \
              ON CONFLICT (epoch) DO NOTHING RETURNING epoch::text; \
-             INSERT INTO taskflow_meta.migrations (epoch, from_epoch, change, state, arcs_total) \
-             SELECT {epoch}, {from_epoch}, {change}, 'setup', {arcs_total} \
+             INSERT INTO taskflow_meta.migrations (epoch, from_epoch, change, state, arcs_total, throttle_rows_per_sec) \
+             SELECT {epoch}, {from_epoch}, {change}, 'setup', {arcs_total}, {throttle} \
              WHERE EXISTS (SELECT 1 FROM taskflow_meta.ring_epochs WHERE epoch = {epoch} AND state = 'migrating' AND created_by = {me}) \
              ON CONFLICT (epoch) DO NOTHING RETURNING epoch::text; COMMIT",
             names = super::text_array(names),

@@ -223,3 +223,74 @@ impl Env {
         out
     }
 }
+
+/// A proxy run as its own process (the binary), so a test can SIGKILL it: its port and
+/// configuration file.
+pub struct ProxyProc {
+    pub port: u16,
+    pub cfg: std::path::PathBuf,
+}
+
+impl ProxyProc {
+    pub fn new(env: &Env, name: &str) -> ProxyProc {
+        Self::with(env, name, "")
+    }
+
+    /// With `extra` configuration: whole sections (`[reshard]\n…`), appended.
+    pub fn with(env: &Env, name: &str, extra: &str) -> ProxyProc {
+        let port = taskflow_localstack::free_port().expect("free port");
+        let cfg = env.dir.path().join(format!("{name}.toml"));
+        let mut text = format!(
+            "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+             state_dir = \"{state}\"\n\
+             [metadata]\ninstance_id = \"{name}\"\nheartbeat_secs = 1\ndead_after_secs = 3\n\
+             [[users]]\nname = \"taskflow\"\npassword = \"taskflow\"\n\
+             [[users]]\nname = \"taskflow_admin\"\npassword = \"taskflow\"\nadmin = true\n\
+             [backend]\nuser = \"taskflow\"\npassword_file = \"{pw}\"\n\
+             [auth_database]\nurl = \"{auth}\"\n",
+            state = env.dir.path().join(format!("state-{name}")).display(),
+            pw = env.config.backend.password_file.clone().unwrap_or_default(),
+            auth = env.config.auth_database.url,
+        );
+        text.push_str(extra);
+        text.push('\n');
+        for s in &env.config.shards {
+            text.push_str(&format!(
+                "[[shards]]\nname = \"{}\"\nurl = \"{}\"\n",
+                s.name, s.url
+            ));
+        }
+        std::fs::write(&cfg, text).expect("write config");
+        ProxyProc { port, cfg }
+    }
+
+    /// Runs the proxy binary with an optional 2PC test hook.
+    pub async fn spawn(&self, hook: Option<&str>) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskflow-shard-proxy"));
+        cmd.arg("--config")
+            .arg(&self.cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .env("TASKFLOW_LOG__FORMAT", "text");
+        match hook {
+            Some(h) => cmd.env("TFSP_TEST_2PC_HOOK", h),
+            None => cmd.env_remove("TFSP_TEST_2PC_HOOK"),
+        };
+        let child = cmd.spawn().expect("spawn proxy");
+        for _ in 0..150 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return child;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("proxy did not start");
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        client_at(self.port, "tasks").await
+    }
+}

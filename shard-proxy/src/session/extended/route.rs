@@ -24,11 +24,7 @@ impl Session {
     }
 
     /// Routes a Bind, with the moving arcs its keys are in (see `proxy_core::placement`).
-    pub(super) fn route_bind_guarded(
-        &self,
-        stmt: &Stmt,
-        b: &Bind,
-    ) -> Result<Routed, Box<Slot>> {
+    pub(super) fn route_bind_guarded(&self, stmt: &Stmt, b: &Bind) -> Result<Routed, Box<Slot>> {
         let plain = |r: PortalRoute| Ok((r, Vec::new()));
         if self.passthrough {
             return plain(PortalRoute::One(0));
