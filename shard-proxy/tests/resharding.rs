@@ -167,11 +167,55 @@ async fn writer(
                 counters.retries.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            Err(e) if unavailable(&e) => {
+                // A shard is down: the write may or may not have committed. Learn which
+                // from the shards once they answer, so the model stays exact.
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+                let id = match step % 4 {
+                    0 => Some(next_id),
+                    1 => None,
+                    2 => mine.first().copied(),
+                    _ => mine.last().copied(),
+                };
+                if let Some(id) = id {
+                    match owner_of(&c, id, &[performer, other]).await {
+                        Some(p) => model.insert(id, p),
+                        None => model.remove(&id),
+                    };
+                }
+                continue;
+            }
             Err(e) => panic!("writer {w}: {e:?}"),
         }
         check_point_read(&c, &model, performer, &counters).await;
     }
     model
+}
+
+/// Whether an error says a shard is unavailable (it is down for a while).
+fn unavailable(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("08") || c.code() == "57P03")
+}
+
+/// Which of `performers` holds task `id` now (retried until the shards answer).
+async fn owner_of(c: &Client, id: i64, performers: &[i64]) -> Option<i64> {
+    for _ in 0..600 {
+        match c
+            .query(
+                "SELECT performer_id FROM tasks WHERE performer_id = ANY($1) AND id = $2",
+                &[&performers, &id],
+            )
+            .await
+        {
+            Ok(rows) => return rows.first().map(|r| r.get(0)),
+            Err(e) if retryable(&e) || unavailable(&e) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("owner of {id}: {e:?}"),
+        }
+    }
+    panic!("task {id}: the shards did not answer for a minute");
 }
 
 /// Moves task `id` from `from` to `to` in one client transaction.
@@ -240,8 +284,9 @@ async fn check_point_read(
                 counters.reads.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(e) if retryable(&e) => {
+            Err(e) if retryable(&e) || unavailable(&e) => {
                 counters.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("point read: {e:?}"),
         }
@@ -265,8 +310,9 @@ async fn static_reader(port: u16, stop: Arc<AtomicBool>, counters: Arc<Counters>
                 );
                 counters.reads.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) if retryable(&e) => {
+            Err(e) if retryable(&e) || unavailable(&e) => {
                 counters.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => panic!("scatter count: {e:?}"),
         }
@@ -352,13 +398,13 @@ fn check_placement(rows: &[(String, i64, i64)], ring: &Ring, model: &BTreeMap<i6
 }
 
 /// Runs the workload while `change` runs; returns the final model.
-async fn under_workload<F, Fut>(env: &Env, change: F) -> BTreeMap<i64, i64>
+async fn under_workload<F, Fut>(port: u16, change: F) -> BTreeMap<i64, i64>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let writers = 3;
-    let c = env.client("tasks").await;
+    let c = common::client_at(port, "tasks").await;
     let model = seed(&c, writers).await;
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters {
@@ -366,7 +412,6 @@ where
         retries: AtomicU64::new(0),
         reads: AtomicU64::new(0),
     });
-    let port = env.addr().port();
     let mut tasks = Vec::new();
     for w in 0..writers {
         let m: BTreeMap<i64, i64> = model
@@ -413,7 +458,7 @@ async fn add_and_remove_a_shard_online_under_traffic() {
     let fourth = spare_shard(&env, 0, "tasks4", "shard-4").await;
     let admin = env.client("admin").await;
     let url = fourth.url.clone();
-    let model = under_workload(&env, || async {
+    let model = under_workload(env.addr().port(), || async {
         admin
             .simple_query(&format!("ADD SHARD shard-4 '{url}'"))
             .await
@@ -449,7 +494,7 @@ async fn add_and_remove_a_shard_online_under_traffic() {
         .await
         .expect("key-less DELETE on four shards");
 
-    let model = under_workload(&env, || async {
+    let model = under_workload(env.addr().port(), || async {
         admin
             .simple_query("REMOVE SHARD shard-4")
             .await
@@ -621,4 +666,136 @@ async fn the_owner_killed_mid_move_is_replaced_and_nothing_is_lost() {
     );
     a_child.kill().await.expect("stop A");
     b_child.kill().await.expect("stop B");
+}
+
+/// A source shard stopped for a few seconds in the middle of the move: the move pauses
+/// (its error visible in SHOW MIGRATIONS), resumes when the shard is back, and the
+/// workload's acknowledged writes are all there, once, on their owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_shard_down_mid_move_pauses_the_move() {
+    let mut env = Env::start(3).await;
+    let fourth = spare_shard(&env, 0, "tasks4", "shard-4").await;
+    let admin = env.client("admin").await;
+    let url = fourth.url.clone();
+    let port = env.addr().port();
+    let shards = &mut env.shards;
+    let model = under_workload(port, || async move {
+        admin
+            .simple_query(&format!("ADD SHARD shard-4 '{url}'"))
+            .await
+            .expect("ADD SHARD");
+        admin
+            .simple_query("SET MIGRATION THROTTLE 100")
+            .await
+            .expect("throttle");
+        for _ in 0..400 {
+            let m = newest_migration(&admin).await.expect("migration");
+            if m["arcs_done"].parse::<u32>().unwrap_or(0) >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        shards[1].stop().await.expect("stop shard-2");
+        let mut saw_error = false;
+        for _ in 0..40 {
+            let m = newest_migration(&admin).await.expect("migration");
+            if !m["error"].is_empty() {
+                saw_error = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        shards[1].start().await.expect("restart shard-2");
+        assert!(saw_error, "the move recorded why it waits");
+        admin
+            .simple_query("SET MIGRATION THROTTLE 0")
+            .await
+            .expect("unthrottle");
+        let m = wait_done(&admin, Duration::from_secs(120)).await;
+        assert!(m["error"].is_empty(), "{m:?}");
+    })
+    .await;
+    let four = vec![
+        ("shard-1".to_string(), 0, "tasks".to_string()),
+        ("shard-2".to_string(), 1, "tasks".to_string()),
+        ("shard-3".to_string(), 2, "tasks".to_string()),
+        ("shard-4".to_string(), 0, "tasks4".to_string()),
+    ];
+    let ring4 = Ring::new(["shard-1", "shard-2", "shard-3", "shard-4"], 256).expect("ring");
+    check_placement(&all_rows(&env, &four).await, &ring4, &model);
+    env.stop_proxy().await;
+}
+
+/// The console's migration commands: clear errors without a migration and on bad input;
+/// PAUSE MIGRATION holds the move (no arc moves while paused), RESUME MIGRATION finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_throttle_from_the_console() {
+    let env = Env::start(2).await;
+    let admin = env.client("admin").await;
+    let err = admin
+        .simple_query("PAUSE MIGRATION")
+        .await
+        .expect_err("nothing to pause");
+    assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err:?}");
+    assert!(format!("{err:?}").contains("no migration is unfinished"));
+    let err = admin
+        .simple_query("SET MIGRATION THROTTLE fast")
+        .await
+        .expect_err("not a number");
+    assert!(
+        format!("{err:?}").contains("usage: SET MIGRATION THROTTLE"),
+        "{err:?}"
+    );
+    assert!(newest_migration(&admin).await.is_none(), "no migration yet");
+
+    let c = env.client("tasks").await;
+    seed(&c, 2).await;
+    let third = spare_shard(&env, 1, "tasks3", "shard-3").await;
+    // A live proxy that never acknowledges holds the migration in `waiting` until the
+    // pause is in place.
+    let auth = env.auth.client().await.expect("auth client");
+    auth.simple_query(
+        "INSERT INTO taskflow_meta.proxies (instance_id, addr, pid, version, ring_view) \
+         VALUES ('silent', '127.0.0.1:1', 1, 'test', 0)",
+    )
+    .await
+    .expect("silent proxy");
+    admin
+        .simple_query(&format!("ADD SHARD shard-3 '{}'", third.url))
+        .await
+        .expect("ADD SHARD");
+    admin.simple_query("PAUSE MIGRATION").await.expect("pause");
+    auth.simple_query("DELETE FROM taskflow_meta.proxies WHERE instance_id = 'silent'")
+        .await
+        .expect("forget the silent proxy");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = newest_migration(&admin).await.expect("migration");
+    assert_eq!(held["state"], "paused", "{held:?}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = newest_migration(&admin).await.expect("migration");
+    assert_eq!(
+        held["arcs_done"], later["arcs_done"],
+        "no arc moves while paused"
+    );
+    assert_eq!(later["arcs_done"], "0", "{later:?}");
+    let err = admin
+        .simple_query("PAUSE MIGRATION")
+        .await
+        .expect_err("already paused");
+    assert!(format!("{err:?}").contains("is paused"), "{err:?}");
+    admin
+        .simple_query("SET MIGRATION THROTTLE 0")
+        .await
+        .expect("throttle");
+    admin
+        .simple_query("RESUME MIGRATION")
+        .await
+        .expect("resume");
+    let done = wait_done(&admin, Duration::from_secs(60)).await;
+    assert_eq!(done["arcs_done"], done["arcs_total"]);
+    assert!(
+        done["rows_moved"].parse::<u64>().unwrap_or(0) > 0,
+        "{done:?}"
+    );
 }

@@ -97,16 +97,16 @@ pub(super) async fn pause_migration(proxy: &Proxy, pause: bool) -> Answer {
         }
         Err(e) => return Answer::Error(sqlstate::CONNECTION_FAILURE, e.to_string()),
     };
-    let (from, to, tag) = if pause {
-        (["moving", "waiting"], "paused", "PAUSE MIGRATION")
+    let tag = if pause {
+        "PAUSE MIGRATION"
     } else {
-        (["paused", "paused"], "moving", "RESUME MIGRATION")
+        "RESUME MIGRATION"
     };
-    match crate::meta::moves::set_state(&proxy.meta, active.epoch, &from, to).await {
+    match crate::meta::moves::pause(&proxy.meta, active.epoch, pause).await {
         Ok(true) => {
             tracing::info!(
                 epoch = active.epoch,
-                state = to,
+                command = tag,
                 "migration steered from the admin console"
             );
             Answer::Tag(tag.into())

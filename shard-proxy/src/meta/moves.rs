@@ -211,6 +211,24 @@ pub async fn set_state(
     Ok(!first_column(rows).is_empty())
 }
 
+/// `PAUSE MIGRATION` (`pause`) or `RESUME MIGRATION` of migration `epoch`: a pause
+/// remembers the state it interrupted, a resume returns to it. False when the migration
+/// is not in a state that allows it.
+pub async fn pause(meta: &Meta, epoch: i64, pause: bool) -> Result<bool, MetaError> {
+    let sql = if pause {
+        format!(
+            "UPDATE taskflow_meta.migrations SET paused_from = state, state = 'paused' \
+             WHERE epoch = {epoch} AND state IN ('setup', 'waiting', 'moving') RETURNING epoch::text"
+        )
+    } else {
+        format!(
+            "UPDATE taskflow_meta.migrations SET state = coalesce(paused_from, 'setup'), paused_from = NULL \
+             WHERE epoch = {epoch} AND state = 'paused' RETURNING epoch::text"
+        )
+    };
+    Ok(!first_column(meta.query(&sql).await?).is_empty())
+}
+
 /// Records (or clears, with `None`) the last error of migration `epoch`.
 pub async fn set_error(meta: &Meta, epoch: i64, error: Option<&str>) -> Result<(), MetaError> {
     meta.query(&format!(

@@ -54,6 +54,7 @@ const VERSIONS: &[(i32, &str)] = &[
             rows_moved bigint NOT NULL DEFAULT 0,
             rows_total bigint,
             throttle_rows_per_sec integer NOT NULL DEFAULT 0,
+            paused_from text,
             pause_p99_ms double precision,
             error text,
             started_at timestamptz NOT NULL DEFAULT now(),
