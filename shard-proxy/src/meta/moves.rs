@@ -55,18 +55,18 @@ pub async fn begin(
     let arcs = Placement::moving(from_ring, to_ring, from.epoch + 1, &[])
         .migration()
         .map_or(0, |m| m.arcs.len());
-    let epoch = start(
-        meta,
-        config.reshard.throttle_rows_per_sec,
-        from.epoch,
-        &names,
-        &urls,
-        config.ring.virtual_nodes,
-        &diff.to_string(),
-        arcs,
-    )
-    .await
-    .map_err(|e| fail(e.to_string()))?;
+    let record = NewMigration {
+        from_epoch: from.epoch,
+        names: &names,
+        urls: &urls,
+        virtual_nodes: config.ring.virtual_nodes,
+        change: &diff.to_string(),
+        arcs_total: arcs,
+        throttle: config.reshard.throttle_rows_per_sec,
+    };
+    let epoch = start(meta, &record)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     tracing::info!(epoch, change = %diff, arcs, "online migration recorded");
     Ok(epoch)
 }
@@ -118,19 +118,31 @@ pub async fn active(meta: &Meta) -> Result<Option<Active>, MetaError> {
     }))
 }
 
-/// Records a migration from ring epoch `from_epoch` to a new epoch holding `shards`
-/// (`names`, `urls`) — atomically with the ring epoch row (`migrating`). Fails when another
+/// A migration to record: from ring epoch `from_epoch` to a new epoch holding the shards
+/// `names` at `urls`.
+pub struct NewMigration<'a> {
+    pub from_epoch: i64,
+    pub names: &'a [String],
+    pub urls: &'a [String],
+    pub virtual_nodes: u32,
+    /// What changes, as `RingDiff` says it (`adds shard-4`).
+    pub change: &'a str,
+    pub arcs_total: usize,
+    pub throttle: u32,
+}
+
+/// Records `m` — atomically with its ring epoch row (`migrating`). Fails when another
 /// migration is unfinished or another proxy recorded the epoch first.
-pub async fn start(
-    meta: &Meta,
-    throttle: u32,
-    from_epoch: i64,
-    names: &[String],
-    urls: &[String],
-    virtual_nodes: u32,
-    change: &str,
-    arcs_total: usize,
-) -> Result<i64, MetaError> {
+pub async fn start(meta: &Meta, m: &NewMigration<'_>) -> Result<i64, MetaError> {
+    let NewMigration {
+        from_epoch,
+        names,
+        urls,
+        virtual_nodes,
+        change,
+        arcs_total,
+        throttle,
+    } = *m;
     let epoch = from_epoch + 1;
     let rows = meta
         .query(&format!(
