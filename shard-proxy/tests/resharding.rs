@@ -750,6 +750,15 @@ async fn pause_resume_and_throttle_from_the_console() {
     assert!(newest_migration(&admin).await.is_none(), "no migration yet");
 
     let c = env.client("tasks").await;
+    let listed = rows(
+        &c.simple_query("SHOW taskflow.shards")
+            .await
+            .expect("SHOW taskflow.shards"),
+    );
+    assert_eq!(
+        listed,
+        vec![vec!["shard-1".to_string()], vec!["shard-2".to_string()]]
+    );
     seed(&c, 2).await;
     let third = spare_shard(&env, 1, "tasks3", "shard-3").await;
     // A live proxy that never acknowledges holds the migration in `waiting` until the
@@ -779,6 +788,9 @@ async fn pause_resume_and_throttle_from_the_console() {
         "no arc moves while paused"
     );
     assert_eq!(later["arcs_done"], "0", "{later:?}");
+    // Clients that visit every shard see the one being added as soon as it may hold rows.
+    let listed = rows(&c.simple_query("show TASKFLOW.SHARDS;").await.expect("SHOW"));
+    assert_eq!(listed.len(), 3, "{listed:?}");
     let err = admin
         .simple_query("PAUSE MIGRATION")
         .await

@@ -52,6 +52,10 @@ impl Session {
                 let shard = self.default_shard();
                 self.run_single(shard, raw, sql, false, set).await.map(drop)
             }
+            StatementKind::Show if is_show_shards(sql) => {
+                self.show_shards();
+                Ok(())
+            }
             StatementKind::Show => {
                 let shard = self.default_shard();
                 self.run_single(shard, raw, sql, false, None)
@@ -70,6 +74,19 @@ impl Session {
             }
             _ => self.run_routed_simple(raw, sql, &analysis).await,
         }
+    }
+
+    /// `SHOW taskflow.shards`: the shards of this session's topology (both rings' during an
+    /// online migration), one per row — how a client that must visit every shard (the
+    /// gateway's outbox relay, with `/* shard=… */` hints) learns a shard added at run time.
+    fn show_shards(&mut self) {
+        let cols = [wire::ColumnDesc::text("taskflow.shards")];
+        wire::row_description(&mut self.client.out, &cols);
+        let names = self.topo.placement.shards().to_vec();
+        for name in &names {
+            wire::data_row(&mut self.client.out, [Some(name.as_bytes())].into_iter());
+        }
+        wire::command_complete(&mut self.client.out, "SHOW");
     }
 
     /// Where a statement the router could not parse runs: the shard a hint names (`true`:
@@ -181,5 +198,27 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// `SHOW taskflow.shards` (any case and spacing, an optional `;`).
+fn is_show_shards(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    words == ["show", "taskflow.shards"]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn show_shards_is_recognised_exactly() {
+        assert!(super::is_show_shards("SHOW taskflow.shards"));
+        assert!(super::is_show_shards("  show   TASKFLOW.SHARDS ; "));
+        assert!(!super::is_show_shards("SHOW taskflow.shard"));
+        assert!(!super::is_show_shards("SHOW search_path"));
     }
 }
