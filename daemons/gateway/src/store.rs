@@ -31,6 +31,42 @@ pub enum StoreError {
     Encode(#[from] serde_json::Error),
 }
 
+impl StoreError {
+    /// SQLSTATE 40001: the shard proxy refused the statement because an online migration
+    /// was moving its performer's rows (or serialization failed). Nothing of it was
+    /// applied, so it is safe to run again.
+    fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Db(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE))
+    }
+}
+
+/// How often a statement refused with SQLSTATE 40001 is tried again, and the first pause
+/// (doubling): a migration batch holds its keys for at most the proxy's
+/// `reshard.write_pause_ms` (1 s by default), so five tries over ~1.5 s outlast one batch.
+const RETRIES: u32 = 5;
+const FIRST_BACKOFF_MS: u64 = 50;
+
+/// Runs `op`, again after a short back-off while it fails with SQLSTATE 40001.
+async fn retrying<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut wait = FIRST_BACKOFF_MS;
+    let mut tries = 1;
+    loop {
+        match op().await {
+            Err(e) if e.is_retryable() && tries < RETRIES => {
+                tracing::debug!(error = %e, tries, "retrying a statement refused during a shard move");
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                wait *= 2;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The server's message and SQLSTATE when there is one (tokio-postgres prints "db error").
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -126,6 +162,14 @@ impl Store {
         id: i64,
         performer_id: Option<i64>,
     ) -> Result<Option<Task>, StoreError> {
+        retrying(|| self.get_once(id, performer_id)).await
+    }
+
+    async fn get_once(
+        &self,
+        id: i64,
+        performer_id: Option<i64>,
+    ) -> Result<Option<Task>, StoreError> {
         let c = self.pool.get().await?;
         let row = match performer_id {
             Some(p) => {
@@ -157,6 +201,10 @@ impl Store {
 
     /// A page of tasks in id order.
     pub async fn list(&self, f: &ListFilter) -> Result<Vec<Task>, StoreError> {
+        retrying(|| self.list_once(f)).await
+    }
+
+    async fn list_once(&self, f: &ListFilter) -> Result<Vec<Task>, StoreError> {
         let mut conds = vec!["id > $1".to_owned()];
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(f.after_id)];
         let mut push = |cond: &str, v: Box<dyn ToSql + Sync + Send>| {
@@ -217,13 +265,32 @@ impl Store {
         F: FnOnce(Task) -> Result<(Option<Task>, TaskEvent), E>,
     {
         let mut c = self.pool.get().await?;
-        let tx = c.transaction().await?;
-        let stmt = tx
-            .prepare_cached(&format!(
-                "{SELECT_TASK} WHERE id = $1 AND performer_id = $2 FOR UPDATE"
-            ))
-            .await?;
-        let Some(row) = tx.query_opt(&stmt, &[&id, &performer_id]).await? else {
+        // A refusal during a shard move comes at the transaction's first statement on the
+        // shard (later ones find the move's lock already held), before `decide` runs.
+        let mut wait = FIRST_BACKOFF_MS;
+        let mut tries = 1;
+        let (tx, found) = loop {
+            let tx = c.transaction().await?;
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "{SELECT_TASK} WHERE id = $1 AND performer_id = $2 FOR UPDATE"
+                ))
+                .await?;
+            match tx
+                .query_opt(&stmt, &[&id, &performer_id])
+                .await
+                .map_err(StoreError::from)
+            {
+                Err(e) if e.is_retryable() && tries < RETRIES => {
+                    drop(tx);
+                    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                    wait *= 2;
+                    tries += 1;
+                }
+                found => break (tx, found?),
+            }
+        };
+        let Some(row) = found else {
             tx.rollback().await?;
             return Ok(Ok(None));
         };
@@ -251,12 +318,15 @@ impl Store {
         event: &TaskEvent,
         topic: &str,
     ) -> Result<(), StoreError> {
-        let mut c = self.pool.get().await?;
-        let tx = c.transaction().await?;
-        apply(&tx, Write::Create(task)).await?;
-        insert_outbox(&tx, event, topic).await?;
-        tx.commit().await?;
-        Ok(())
+        retrying(|| async {
+            let mut c = self.pool.get().await?;
+            let tx = c.transaction().await?;
+            apply(&tx, Write::Create(task)).await?;
+            insert_outbox(&tx, event, topic).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 }
 
