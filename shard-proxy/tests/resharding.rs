@@ -188,8 +188,55 @@ async fn writer(
             Err(e) => panic!("writer {w}: {e:?}"),
         }
         check_point_read(&c, &model, performer, &counters).await;
+        check_pair_read(&c, &model, [performer, other], &counters).await;
     }
     model
+}
+
+/// A read of two performers (often on two shards: a multi-shard read) returns exactly the
+/// model's rows of both.
+async fn check_pair_read(
+    c: &Client,
+    model: &BTreeMap<i64, i64>,
+    pair: [i64; 2],
+    counters: &Counters,
+) {
+    let want: BTreeSet<i64> = model
+        .iter()
+        .filter(|(_, p)| pair.contains(p))
+        .map(|(id, _)| *id)
+        .collect();
+    for _ in 0..600 {
+        match c
+            .query(
+                "SELECT id FROM tasks WHERE performer_id IN ($1, $2)",
+                &[&pair[0], &pair[1]],
+            )
+            .await
+        {
+            Ok(rows) => {
+                let got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                let set: BTreeSet<i64> = got.iter().copied().collect();
+                assert_eq!(
+                    got.len(),
+                    set.len(),
+                    "performers {pair:?}: a row read twice"
+                );
+                assert_eq!(
+                    set, want,
+                    "performers {pair:?}: read differs from the model"
+                );
+                counters.reads.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if retryable(&e) || unavailable(&e) => {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("pair read: {e:?}"),
+        }
+    }
+    panic!("performers {pair:?}: read kept failing");
 }
 
 /// Whether an error says a shard is unavailable (it is down for a while).

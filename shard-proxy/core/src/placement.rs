@@ -129,6 +129,10 @@ fn push_range(out: &mut Vec<MoveArc>, range: (u64, u64), source: usize, dest: us
 pub struct Located {
     pub shard: usize,
     pub arc: Option<u32>,
+    /// For a key in a moving arc: the arc's other shard (its destination while not moved,
+    /// its source after). A read of several shards may read both sides instead of
+    /// guarding: under the commit fence a batch is seen on exactly one of them.
+    pub other: Option<usize>,
 }
 
 /// What the planner needs to place keys: a plain [`Ring`] or a [`Placement`].
@@ -144,6 +148,7 @@ impl Locate for Ring {
         Located {
             shard: self.shard_for(key),
             arc: None,
+            other: None,
         }
     }
 
@@ -279,15 +284,21 @@ impl Locate for Placement {
         match m.arc_of_hash(hash) {
             Some(arc) => {
                 let a = &m.arcs[arc as usize];
-                let shard = if m.is_done(arc) { a.dest } else { a.source };
+                let (shard, other) = if m.is_done(arc) {
+                    (a.dest, a.source)
+                } else {
+                    (a.source, a.dest)
+                };
                 Located {
                     shard,
                     arc: Some(arc),
+                    other: Some(other),
                 }
             }
             None => Located {
                 shard: m.from_index[m.from.owner_of_hash(hash)],
                 arc: None,
+                other: None,
             },
         }
     }

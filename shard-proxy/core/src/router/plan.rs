@@ -141,13 +141,26 @@ impl Analysis {
     ) -> Result<Plan, RouteError> {
         let mut shards = BTreeSet::new();
         let mut guards = Vec::new();
+        let mut other_sides = BTreeSet::new();
         for v in values {
             if let Some(key) = resolve(*v, params)? {
-                shards.insert(place(ring, key, &mut guards));
+                let at = ring.locate(key);
+                shards.insert(at.shard);
+                if let Some(arc) = at.arc {
+                    guards.push((at.shard, arc));
+                }
+                other_sides.extend(at.other);
             }
         }
         if let Some((new_key, moving)) = &self.detail.key_update {
             return plan_key_update(ring, params, *new_key, moving, &shards, guards);
+        }
+        if !self.is_write && shards.len() > 1 && !other_sides.is_empty() {
+            // A read of several shards during a move reads both sides of each moving arc
+            // it touches: it runs under the commit fence, so a batch is seen on exactly
+            // one side, whatever this proxy's view of the arc (no guard needed).
+            shards.extend(other_sides);
+            guards.clear();
         }
         let shards: Vec<usize> = shards.into_iter().collect();
         let plan = match shards.as_slice() {
