@@ -376,12 +376,13 @@
         }
         // lib.optionalAttrs pkgs.stdenv.hostPlatform.isLinux {
           vm-basic = import ./tests/vm/basic.nix { pkgs = vmPkgs; };
-          # tests/vm/add-shard.nix is not a check: it exercises online resharding (ADD SHARD,
-          # migration progress), which does not exist yet, so it could only fail. It joins
-          # `checks` with that feature; until then it can be built by hand:
-          #   nix build --impure --expr 'let f = builtins.getFlake (toString ./.);
-          #     in import ./tests/vm/add-shard.nix { method = "reload";
-          #       pkgs = f.inputs.nixpkgs.legacyPackages.x86_64-linux.extend f.overlays.default; }'
+          # Online resharding under write load: ADD SHARD in the console, and the NixOS way
+          # (a specialisation adds shard-4; switch-to-configuration reloads the proxy).
+          vm-add-shard = import ./tests/vm/add-shard.nix { pkgs = vmPkgs; };
+          vm-add-shard-reload = import ./tests/vm/add-shard.nix {
+            pkgs = vmPkgs;
+            method = "reload";
+          };
           vm-faults = import ./tests/vm/faults.nix { pkgs = vmPkgs; };
         }
       );
