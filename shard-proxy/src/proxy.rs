@@ -341,7 +341,7 @@ impl Proxy {
                 Routing::Config
             }
             Verdict::Migrate(from) => {
-                crate::meta::moves::begin(&self.meta, &from, &config).await?;
+                crate::meta::begin::begin(&self.meta, &from, &config).await?;
                 // Until its setup is done, the migration routes nothing: the stored ring does.
                 Routing::Stored(from)
             }

@@ -106,18 +106,7 @@ pub async fn start(
         })
     }));
     tracing::info!(instance = %proxy.meta.instance, "registered in taskflow_meta.proxies");
-    let epoch = match proxy.adopt_ring().await {
-        Ok(epoch) => epoch,
-        Err(e) => {
-            // Not serving after all: leave the registry, or this proxy would count as a
-            // live one (holding up a migration's acknowledgements, and its instance id)
-            // until its heartbeat expired.
-            if let Err(d) = crate::meta::registry::deregister(&proxy.meta).await {
-                tracing::warn!(error = %d, "cannot leave taskflow_meta.proxies");
-            }
-            return Err(e.into());
-        }
-    };
+    let epoch = adopt_ring_or_leave(&proxy).await?;
     tracing::info!(epoch, "routing by the stored ring epoch");
     let imported = crate::session::txn::import_legacy_decisions(&proxy).await?;
     if imported > 0 {
@@ -165,6 +154,21 @@ pub async fn start(
         },
         registry,
     ))
+}
+
+/// Adopts (records, or starts migrating to) the configured ring; on failure leaves the
+/// registry first — not serving after all, this proxy must not count as a live one (holding
+/// up a migration's acknowledgements, and its instance id) until its heartbeat expires.
+async fn adopt_ring_or_leave(proxy: &Proxy) -> Result<i64, ServerError> {
+    match proxy.adopt_ring().await {
+        Ok(epoch) => Ok(epoch),
+        Err(e) => {
+            if let Err(d) = crate::meta::registry::deregister(&proxy.meta).await {
+                tracing::warn!(error = %d, "cannot leave taskflow_meta.proxies");
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// How long start-up waits for the metadata database (the auth cluster) to accept a

@@ -12,6 +12,7 @@
 //! [`moves`] records online migrations (state, owner, arcs moved) and the proxies'
 //! acknowledgements.
 
+pub mod begin;
 pub mod decisions;
 pub mod epochs;
 pub mod fence;

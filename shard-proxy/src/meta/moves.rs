@@ -8,68 +8,11 @@
 //! index every proxy reads, written after each batch commits, and re-derived from the
 //! shards when a new owner takes over.
 //!
-//! Life of a migration: `setup` (each shard's `taskflow_moves` rows) → `waiting` (recorded; every live proxy must acknowledge routing by
-//! it, `proxies.ring_view`, before a row moves) → `moving` ⇄ `paused` → `done` (the target
+//! Life of a migration: `setup` (each shard's `taskflow_moves` rows) → `waiting` (every
+//! live proxy must acknowledge routing by it, `proxies.ring_view`, before a row moves) → `moving` ⇄ `paused` → `done` (the target
 //! ring epoch becomes `active`, the old one `retired`) or `failed`.
 
 use super::{first_column, quote, Meta, MetaError};
-use crate::config::{ProxyConfig, SetupError};
-use crate::meta::epochs::StoredRing;
-use proxy_core::placement::Placement;
-use proxy_core::reshard::RingDiff;
-use proxy_core::ring::Ring;
-
-/// Starts the migration from the stored ring `from` to `config`'s ring: the shard schema
-/// on every shard of both, then the record (`setup`). Returns the target epoch.
-pub async fn begin(
-    meta: &Meta,
-    from: &StoredRing,
-    config: &ProxyConfig,
-) -> Result<i64, SetupError> {
-    let fail = |message: String| SetupError::Config {
-        key: "shards".into(),
-        message,
-    };
-    let names: Vec<String> = config.shards.iter().map(|s| s.name.clone()).collect();
-    let urls: Vec<String> = config.shards.iter().map(|s| s.url.clone()).collect();
-    let diff = RingDiff::of_names(
-        &from.names(),
-        from.virtual_nodes,
-        &names,
-        config.ring.virtual_nodes,
-    );
-    for shard in from.shards.iter().chain(&config.shards) {
-        let applied = meta.apply_shard_schema(&shard.url).await.map_err(|e| {
-            fail(format!(
-                "cannot apply the shard schema to {}: {e}",
-                shard.name
-            ))
-        })?;
-        if !applied.is_empty() {
-            tracing::info!(shard = %shard.name, ?applied, "shard schema applied");
-        }
-    }
-    let to_ring = Ring::new(names.iter().cloned(), config.ring.virtual_nodes)
-        .map_err(|e| fail(e.to_string()))?;
-    let from_ring = Ring::new(from.names(), from.virtual_nodes).map_err(|e| fail(e.to_string()))?;
-    let arcs = Placement::moving(from_ring, to_ring, from.epoch + 1, &[])
-        .migration()
-        .map_or(0, |m| m.arcs.len());
-    let record = NewMigration {
-        from_epoch: from.epoch,
-        names: &names,
-        urls: &urls,
-        virtual_nodes: config.ring.virtual_nodes,
-        change: &diff.to_string(),
-        arcs_total: arcs,
-        throttle: config.reshard.throttle_rows_per_sec,
-    };
-    let epoch = start(meta, &record)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    tracing::info!(epoch, change = %diff, arcs, "online migration recorded");
-    Ok(epoch)
-}
 
 /// A migration that is not finished.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -255,7 +255,7 @@ async fn copy_rows(
     tables: &[TableCopy],
     key_column: &str,
     keys: &[i64],
-    (source, dest): (&str, &str),
+    names: (&str, &str),
 ) -> Result<u64, BatchError> {
     if keys.is_empty() {
         return Ok(0);
@@ -269,55 +269,7 @@ async fn copy_rows(
     );
     let mut moved = 0u64;
     for t in tables {
-        let cols = t
-            .columns
-            .iter()
-            .map(|c| ident(c))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let order = if t.order_by.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " ORDER BY {}",
-                t.order_by
-                    .iter()
-                    .map(|c| format!("x.{}", ident(c)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        let r = sql(
-            src,
-            &format!(
-                "SELECT count(*)::text, coalesce(json_agg(x{order}), '[]')::text FROM {} x WHERE x.{} = ANY({key_list})",
-                ident(&t.name),
-                ident(key_column)
-            ),
-            source,
-        )
-        .await?;
-        let mut row = r.rows.into_iter().next().unwrap_or_default().into_iter();
-        let n: u64 = row
-            .next()
-            .flatten()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let json = row.next().flatten().unwrap_or_else(|| "[]".into());
-        if n == 0 {
-            continue;
-        }
-        moved += n;
-        sql(
-            dst,
-            &format!(
-                "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, {json})",
-                table = ident(&t.name),
-                json = literal(&json)
-            ),
-            dest,
-        )
-        .await?;
+        moved += copy_table(src, dst, t, key_column, &key_list, names).await?;
     }
     for t in tables.iter().rev() {
         sql(
@@ -327,11 +279,74 @@ async fn copy_rows(
                 ident(&t.name),
                 ident(key_column)
             ),
-            source,
+            names.0,
         )
         .await?;
     }
     Ok(moved)
+}
+
+/// One table's rows of the batch's keys: locked at the source first (a writer that does
+/// not go through the guard — the outbox relay stamping `sent_at` with a shard hint —
+/// finishes before the copy reads), then copied to the destination.
+async fn copy_table(
+    src: &mut Pooled,
+    dst: &mut Pooled,
+    t: &TableCopy,
+    key_column: &str,
+    key_list: &str,
+    (source, dest): (&str, &str),
+) -> Result<u64, BatchError> {
+    let (table, key) = (ident(&t.name), ident(key_column));
+    sql(
+        src,
+        &format!("SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {key} = ANY({key_list}) FOR UPDATE) l"),
+        source,
+    )
+    .await?;
+    let cols = t
+        .columns
+        .iter()
+        .map(|c| ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let order = if t.order_by.is_empty() {
+        String::new()
+    } else {
+        let by: Vec<String> = t
+            .order_by
+            .iter()
+            .map(|c| format!("x.{}", ident(c)))
+            .collect();
+        format!(" ORDER BY {}", by.join(", "))
+    };
+    let r = sql(
+        src,
+        &format!(
+            "SELECT count(*)::text, coalesce(json_agg(x{order}), '[]')::text FROM {table} x WHERE x.{key} = ANY({key_list})"
+        ),
+        source,
+    )
+    .await?;
+    let mut row = r.rows.into_iter().next().unwrap_or_default().into_iter();
+    let n: u64 = row
+        .next()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let json = row.next().flatten().unwrap_or_else(|| "[]".into());
+    if n > 0 {
+        sql(
+            dst,
+            &format!(
+                "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, {json})",
+                json = literal(&json)
+            ),
+            dest,
+        )
+        .await?;
+    }
+    Ok(n)
 }
 
 /// An SQL identifier.

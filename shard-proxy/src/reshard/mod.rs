@@ -1,7 +1,7 @@
 //! Online migration: adding or removing a shard while clients keep reading and writing.
 //!
 //! The pieces, in the order a migration meets them:
-//! - [`crate::meta::moves::begin`] (a reload, a restart or `ADD SHARD`/`REMOVE SHARD`
+//! - [`crate::meta::begin::begin`] (a reload, a restart or `ADD SHARD`/`REMOVE SHARD`
 //!   whose ring moves rows):
 //!   the shard schema on every shard of both rings, then the migration recorded in
 //!   `taskflow_meta` as `setup` (one unfinished migration at a time).
