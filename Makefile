@@ -6,7 +6,7 @@ CARGO ?= cargo
 DEVSTACK := target/debug/taskflow-devstack
 export TASKFLOW_CACHE ?= /var/cache/taskflow
 
-.PHONY: help deps build dev up down restart status logs db-reset test test-rust test-nixos test-systemd lint fmt fmt-check nix-check bench clean
+.PHONY: help deps build dev up down restart status logs db-reset add-shard remove-shard test test-rust test-nixos test-systemd lint fmt fmt-check nix-check bench clean
 
 help: ## Show the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,12 @@ logs: ## Follow all logs, prefixed by service
 
 db-reset: ## Delete all databases (stack must be down)
 	$(DEVSTACK) db-reset
+
+add-shard: ## Start a fifth PostgreSQL (5437), add it as shard-4, show the move until done
+	@if [ -x $(DEVSTACK) ]; then $(DEVSTACK) add-shard; else echo "no stack (not built); make up first"; exit 1; fi
+
+remove-shard: ## Move shard-4's rows back to the other shards, then stop its PostgreSQL
+	@if [ -x $(DEVSTACK) ]; then $(DEVSTACK) remove-shard; else echo "no stack (not built); make up first"; exit 1; fi
 
 test: deps ## Lint, every test against real PostgreSQL/Redis/broker/SMTP, the Nix checks, the units under real systemd
 	$(CARGO) fmt --all -- --check

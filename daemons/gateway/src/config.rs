@@ -54,8 +54,12 @@ pub struct GatewayConfig {
     pub trust_forwarded_for: Option<bool>,
     /// The in-process cache of hot tasks in front of Redis.
     pub local_cache: LocalCacheConfig,
-    /// Shard names of the proxy (`shard-1`, …): the outbox relay polls each with a
-    /// `/* shard=<name> */` hint. Empty: poll the database as one (direct connection).
+    /// Shard names of the proxy (`shard-1`, …) for a proxy that does not list its shards
+    /// itself (`SHOW taskflow.shards`): the outbox relay polls each with a
+    /// `/* shard=<name> */` hint, and every few seconds every shard at once, so a shard
+    /// added at run time is not missed. Empty: poll the database as one (a direct
+    /// connection, or the proxy's scatter reads). A proxy that lists its shards overrides
+    /// this list (see `outbox::targets`).
     pub outbox_shards: Vec<String>,
     /// Milliseconds between outbox polls when no write kicked the relay.
     pub outbox_poll_ms: u64,

@@ -226,11 +226,7 @@ fn start_relay(
     let relay = outbox::Relay {
         pool: deps.pool.clone(),
         producer: deps.producer.clone(),
-        targets: if cfg.outbox_shards.is_empty() {
-            vec![None]
-        } else {
-            cfg.outbox_shards.iter().cloned().map(Some).collect()
-        },
+        configured: cfg.outbox_shards.clone(),
         batch: cfg.outbox_batch_size,
         poll: Duration::from_millis(cfg.outbox_poll_ms),
         kick,

@@ -11,12 +11,17 @@
 //!   between publish and stamp republishes (at-least-once; consumers de-duplicate by
 //!   `event_id`);
 //! - through the shard proxy every shard is polled on its own with a `/* shard=<name> */`
-//!   hint (`outbox_shards`), since the lock and the stamp must hit the shard holding the row.
+//!   hint, since the lock and the stamp must hit the shard holding the row. Which shards
+//!   those are is asked of the proxy as the relay goes, so a shard added at run time is
+//!   polled too; without an answer, `outbox_shards` plus a regular pass over every shard
+//!   at once (see [`targets`]).
 //!
 //! Writes kick the relay right after commit; otherwise it polls every `outbox_poll_ms`.
 
+mod targets;
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -25,12 +30,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::StoreError;
+use targets::Targets;
 
 pub struct Relay {
     pub pool: deadpool_postgres::Pool,
     pub producer: FutureProducer,
-    /// `None`: the database as a whole; `Some(name)`: one proxy shard.
-    pub targets: Vec<Option<String>>,
+    /// `outbox_shards`: polled by hint while the proxy does not list its shards itself
+    /// (empty: the database as one).
+    pub configured: Vec<String>,
     pub batch: i64,
     pub poll: Duration,
     pub kick: Arc<Notify>,
@@ -51,31 +58,32 @@ pub fn producer(brokers: &str) -> Result<FutureProducer, rdkafka::error::KafkaEr
         .create()
 }
 
+/// How draining one target ended.
+enum Drained {
+    /// No full batch left, everything locked was delivered.
+    Clean,
+    /// A batch failed or left rows undelivered: back off.
+    Failed,
+    Shutdown,
+}
+
 impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut targets = Targets::new(self.configured.clone());
         let mut backoff = self.poll;
         loop {
+            self.refresh(&mut targets).await;
             let mut failed = false;
-            for target in &self.targets {
-                loop {
-                    match self.relay_batch(target.as_deref()).await {
-                        Ok((n, all_sent)) => {
-                            if !all_sent {
-                                failed = true;
-                            }
-                            if usize::try_from(self.batch).map_or(true, |b| n < b) || !all_sent {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, shard = target.as_deref().unwrap_or("-"), "outbox poll failed");
-                            failed = true;
-                            break;
+            for target in targets.plan(Instant::now()) {
+                match self.drain(target.as_deref(), &shutdown).await {
+                    Drained::Clean => {}
+                    Drained::Failed => {
+                        failed = true;
+                        if target.is_some() {
+                            targets.stale();
                         }
                     }
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
+                    Drained::Shutdown => return,
                 }
             }
             // Back off while Kafka or a shard is failing; otherwise wait for a kick.
@@ -88,6 +96,46 @@ impl Relay {
                 () = shutdown.cancelled() => return,
                 () = self.kick.notified(), if !failed => {}
                 () = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    /// Asks the proxy for its shards when it is time to.
+    async fn refresh(&self, targets: &mut Targets) {
+        let now = Instant::now();
+        if !targets.due(now) {
+            return;
+        }
+        let answer = match self.pool.get().await {
+            Ok(client) => targets::ask(&client).await.map_err(StoreError::from),
+            Err(e) => Err(e.into()),
+        };
+        match answer {
+            Ok(answer) => {
+                if let Some(note) = targets.record(now, answer) {
+                    tracing::info!("outbox relay: {note}");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot ask for the shard list"),
+        }
+    }
+
+    /// Publishes batches from `shard` (`None`: the database as one) until one is not full.
+    async fn drain(&self, shard: Option<&str>, shutdown: &CancellationToken) -> Drained {
+        loop {
+            match self.relay_batch(shard).await {
+                Ok((_, false)) => return Drained::Failed,
+                Ok((n, true)) if usize::try_from(self.batch).map_or(true, |b| n < b) => {
+                    return Drained::Clean
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, shard = shard.unwrap_or("-"), "outbox poll failed");
+                    return Drained::Failed;
+                }
+            }
+            if shutdown.is_cancelled() {
+                return Drained::Shutdown;
             }
         }
     }

@@ -195,8 +195,8 @@ async fn run(strict: bool) {
     );
     let base = format!("http://127.0.0.1:{gw_port}");
     wait_http(&base).await;
-    // A second instance without shard hints: its relay polls through proxy scatter reads
-    // and broadcasts, racing the first one's per-shard polls for the same rows.
+    // A second instance without `outbox_shards`: its relay polls the shards the proxy
+    // lists (`SHOW taskflow.shards`), racing the first one's polls for the same rows.
     let gw2_port = free_port().unwrap();
     let gw2_cfg = std::fs::read_to_string(d.join("gw.toml"))
         .unwrap()

@@ -1,5 +1,5 @@
 //! Commands that act on a background stack through its state directory:
-//! `up`, `down`, `status`, `db-reset`.
+//! `up`, `down`, `status`, `db-reset` (`add-shard`/`remove-shard` are in `crate::reshard`).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -9,10 +9,11 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::layout::{answers, Layout, SERVICES};
-use crate::supervisor;
+use crate::layout::{answers, Layout, SPARE_SERVICES};
+use crate::{shards, supervisor};
 
-fn running_pid(layout: &Layout) -> Option<i32> {
+/// The supervisor's pid, if a stack runs on `layout`.
+pub fn running_pid(layout: &Layout) -> Option<i32> {
     // The lock, not the pid file, says whether a stack runs: a crashed supervisor leaves
     // its pid file behind but its lock dies with it.
     if supervisor::lock(layout).is_ok() {
@@ -100,7 +101,14 @@ pub async fn status(layout: &Layout) -> anyhow::Result<()> {
         None => println!("stack: not running, state in {}", layout.root.display()),
     }
     println!("{:<16} {:>6}  {:<5} DETAIL", "SERVICE", "PORT", "STATE");
-    for svc in SERVICES {
+    let mut services = shards::services(layout);
+    // A spare shard's cluster between `attach` and `join` (add-shard in progress).
+    for svc in SPARE_SERVICES {
+        if !services.iter().any(|s| s.name == svc.name) && answers(layout.port(svc.name)).await {
+            services.push(*svc);
+        }
+    }
+    for svc in services {
         let port = layout.port(svc.name);
         let up = if answers(port).await { "up" } else { "down" };
         let status_name = match svc.name {
@@ -131,6 +139,15 @@ pub fn db_reset(layout: &Layout) -> anyhow::Result<()> {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             println!("removed {}", dir.display());
         }
+    }
+    // The shards `make add-shard` added belong to the ring just deleted with pg-auth.
+    let added = layout.added_shards_file();
+    if added.exists() {
+        std::fs::remove_file(&added).with_context(|| format!("removing {}", added.display()))?;
+        println!(
+            "removed {} (added shards are no longer part of the stack)",
+            added.display()
+        );
     }
     println!("databases reset; the next `make up` re-creates and migrates them");
     Ok(())

@@ -3,6 +3,8 @@
 //! Defaults are the seed's ports; every one can be moved with `DEVSTACK_<NAME>_PORT`
 //! (e.g. `DEVSTACK_GATEWAY_PORT=3100`) so two projects need not collide. The state
 //! directory is `$DEVSTACK_STATE_DIR`, else `.state/` in the current directory.
+//! The spare shard's cluster (`pg-shard-4`, `make add-shard`) moves the same way
+//! (`DEVSTACK_PG_SHARD_4_PORT`).
 
 use std::path::PathBuf;
 
@@ -92,6 +94,13 @@ pub const SERVICES: &[Service] = &[
     },
 ];
 
+/// Services the stack runs only once `make add-shard` asked for them (see `crate::shards`).
+pub const SPARE_SERVICES: &[Service] = &[Service {
+    name: "pg-shard-4",
+    port: 5437,
+    what: "PostgreSQL shard-4 (make add-shard)",
+}];
+
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub root: PathBuf,
@@ -109,6 +118,7 @@ impl Layout {
     pub fn port(&self, name: &str) -> u16 {
         let default = SERVICES
             .iter()
+            .chain(SPARE_SERVICES)
             .find(|s| s.name == name)
             .map(|s| s.port)
             .unwrap_or(0);
@@ -154,6 +164,14 @@ impl Layout {
     }
     pub fn status_dir(&self) -> PathBuf {
         self.root.join("status")
+    }
+    /// The shards `make add-shard` added, one name a line (`crate::shards`).
+    pub fn added_shards_file(&self) -> PathBuf {
+        self.root.join("added-shards")
+    }
+    /// Where a running supervisor takes requests (`crate::channel`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.root.join("control.sock")
     }
 
     pub fn ensure_dirs(&self) -> std::io::Result<()> {

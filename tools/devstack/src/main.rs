@@ -2,7 +2,8 @@
 //!
 //! `dev` runs it in the foreground (prefixed logs, Ctrl-C stops everything); `up` runs the
 //! same supervisor in the background; `down`, `status`, `logs`, `db-reset` act on it through
-//! the state directory. Infrastructure processes come from `taskflow-localstack`, the same
+//! the state directory; `add-shard` and `remove-shard` grow and shrink its ring by a spare
+//! shard through the supervisor's control socket and the proxy's admin console. Infrastructure processes come from `taskflow-localstack`, the same
 //! code the integration tests use, so the stack and the tests cannot drift apart.
 //!
 //! Lessons from other local-stack tools' users: one supervisor owns every process and stops
@@ -13,11 +14,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod channel;
 mod control;
 mod daemons;
 mod layout;
 mod logs;
+mod progress;
+mod reshard;
 mod restart;
+mod shards;
+mod stored;
 mod supervisor;
 
 /// Run the TaskFlow stack locally.
@@ -48,6 +54,11 @@ enum Command {
     },
     /// Delete all databases and Redis data (the stack must be down).
     DbReset,
+    /// Start a fifth PostgreSQL (port 5437), add it to the running stack's ring as
+    /// shard-4 and show the proxy's move of rows onto it until done.
+    AddShard,
+    /// Move shard-4's rows back onto the other shards, then stop its PostgreSQL.
+    RemoveShard,
     /// The supervisor `up` starts in the background (not for direct use).
     #[command(hide = true)]
     DevBackground,
@@ -78,6 +89,8 @@ fn main() -> ExitCode {
             Command::Status => control::status(&layout).await,
             Command::Logs { no_follow } => logs::follow(&layout, !no_follow).await,
             Command::DbReset => control::db_reset(&layout),
+            Command::AddShard => reshard::add(&layout).await,
+            Command::RemoveShard => reshard::remove(&layout).await,
             Command::DevBackground => supervisor::run(&layout, supervisor::Mode::Background).await,
         }
     });

@@ -1,7 +1,8 @@
 //! The stack supervisor: starts infrastructure, migrations and daemons in dependency order,
 //! waits for each to be ready, restarts a daemon that dies on its own (with a back-off and
-//! a give-up limit, `crate::restart`), and on Ctrl-C/SIGTERM stops them all in reverse
-//! order.
+//! a give-up limit, `crate::restart`), starts and stops the spare shard's cluster when
+//! `add-shard`/`remove-shard` ask on the control socket (`crate::channel`), and on
+//! Ctrl-C/SIGTERM stops them all in reverse order.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -12,10 +13,13 @@ use nix::fcntl::{Flock, FlockArg};
 use taskflow_localstack::{KafkaBroker, PgCluster, RedisServer, SmtpSink};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use crate::channel::{Control, Request};
 use crate::daemons::{binary, DaemonProcess, DaemonSpec};
 use crate::layout::Layout;
 use crate::logs;
 use crate::restart::{Decision, RestartPolicy, Restarts};
+use crate::shards::{self, Shard};
+use crate::stored::{self, Fix};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -25,20 +29,14 @@ pub enum Mode {
     Background,
 }
 
-/// The shards of the local stack: name, PostgreSQL service name.
-const SHARDS: [(&str, &str); 3] = [
-    ("shard-1", "pg-shard-1"),
-    ("shard-2", "pg-shard-2"),
-    ("shard-3", "pg-shard-3"),
-];
-
 /// Everything the stack runs; dropping it stops all of it (daemons first).
 struct Stack {
     daemons: Vec<DaemonProcess>,
     _smtp: Option<SmtpSink>,
     _kafka: Option<KafkaBroker>,
     _redis: Option<RedisServer>,
-    _pg: Vec<PgCluster>,
+    /// Every PostgreSQL cluster, by service name (`pg-auth`, `pg-shard-1`, …).
+    pg: Vec<(&'static str, PgCluster)>,
 }
 
 impl Drop for Stack {
@@ -91,6 +89,15 @@ pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let control = match Control::bind(layout) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            say(&format!(
+                "{e:#}; add-shard and remove-shard will not reach this stack"
+            ));
+            None
+        }
+    };
 
     let outcome = tokio::select! {
         r = start(layout) => r,
@@ -107,7 +114,11 @@ pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
     std::fs::write(layout.ready_file(), "ready\n")?;
     print_tour(layout);
 
-    let reason = watch(layout, &mut stack, &mut term, &mut int).await;
+    let signals = Signals {
+        term: &mut term,
+        int: &mut int,
+    };
+    let reason = watch(layout, &mut stack, signals, control.as_ref()).await;
     say(&format!("{reason}: stopping the stack"));
     drop(stack);
     cleanup(layout);
@@ -116,7 +127,7 @@ pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
         t.abort();
     }
     let mut still = Vec::new();
-    for svc in crate::layout::SERVICES {
+    for svc in shards::services(layout) {
         if crate::layout::answers(layout.port(svc.name)).await {
             still.push(format!("{} (port {})", svc.name, layout.port(svc.name)));
         }
@@ -129,19 +140,53 @@ pub async fn run(layout: &Layout, mode: Mode) -> anyhow::Result<()> {
     }
 }
 
+/// The signals that stop the stack.
+struct Signals<'a> {
+    term: &'a mut Signal,
+    int: &'a mut Signal,
+}
+
+impl Signals<'_> {
+    /// Waits for either; returns its name.
+    async fn recv(&mut self) -> String {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM".to_owned(),
+            _ = self.int.recv() => "Ctrl-C".to_owned(),
+        }
+    }
+}
+
 /// Runs until asked to stop, restarting a daemon that dies on its own (see
-/// [`crate::restart`]); returns why the stack stops.
-async fn watch(layout: &Layout, stack: &mut Stack, term: &mut Signal, int: &mut Signal) -> String {
+/// [`crate::restart`]) and serving the control socket; returns why the stack stops.
+async fn watch(
+    layout: &Layout,
+    stack: &mut Stack,
+    mut signals: Signals<'_>,
+    control: Option<&Control>,
+) -> String {
     let mut restarts: Vec<Restarts> = stack
         .daemons
         .iter()
         .map(|_| Restarts::new(RestartPolicy::default()))
         .collect();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let next_request = || async move {
+        match control {
+            Some(c) => c.next().await,
+            None => std::future::pending().await,
+        }
+    };
     loop {
         tokio::select! {
-            _ = term.recv() => return "SIGTERM".to_owned(),
-            _ = int.recv() => return "Ctrl-C".to_owned(),
+            reason = signals.recv() => return reason,
+            (request, mut reply) = next_request() => {
+                let answer = tokio::select! {
+                    a = serve(layout, stack, request) => a,
+                    reason = signals.recv() => return reason,
+                };
+                reply.send(answer).await;
+                continue;
+            }
             _ = tick.tick() => {}
         }
         for (i, policy) in restarts.iter_mut().enumerate() {
@@ -151,8 +196,7 @@ async fn watch(layout: &Layout, stack: &mut Stack, term: &mut Signal, int: &mut 
             let spec = stack.daemons[i].spec.clone();
             let restart = tokio::select! {
                 r = restart(layout, &spec, format!("exited ({status})"), policy) => r,
-                _ = term.recv() => return "SIGTERM".to_owned(),
-                _ = int.recv() => return "Ctrl-C".to_owned(),
+                reason = signals.recv() => return reason,
             };
             match restart {
                 Ok(d) => stack.daemons[i] = d,
@@ -160,6 +204,84 @@ async fn watch(layout: &Layout, stack: &mut Stack, term: &mut Signal, int: &mut 
             }
         }
     }
+}
+
+/// One request of the control socket; the answer goes back to `add-shard`/`remove-shard`.
+async fn serve(layout: &Layout, stack: &mut Stack, request: Request) -> Result<String, String> {
+    let name = match &request {
+        Request::Attach(n) | Request::Join(n) | Request::Release(n) => n.clone(),
+    };
+    let Some(shard) = shards::spare(&name) else {
+        return Err(format!("{name} is not a spare shard of this stack"));
+    };
+    say(&format!("control: {request:?}"));
+    let answer = match request {
+        Request::Attach(_) => attach(layout, stack, shard).await,
+        Request::Join(_) => join(layout, shard),
+        Request::Release(_) => release(layout, stack, shard).await,
+    };
+    answer.map_err(|e| format!("{e:#}"))
+}
+
+/// Starts the shard's cluster (database `tasks`, as the other shards get theirs) unless it
+/// runs; returns its port. The proxy applies the shard schema itself at `ADD SHARD`.
+async fn attach(layout: &Layout, stack: &mut Stack, shard: Shard) -> anyhow::Result<String> {
+    let port = layout.port(shard.service);
+    if let Some((_, pg)) = stack.pg.iter_mut().find(|(s, _)| *s == shard.service) {
+        if pg.is_running() {
+            return Ok(port.to_string());
+        }
+    }
+    stack.pg.retain(|(s, _)| *s != shard.service);
+    say(&format!(
+        "starting PostgreSQL {} on port {port}",
+        shard.service
+    ));
+    let pg = start_cluster(layout, shard.service, "tasks")
+        .await
+        .with_context(|| {
+            format!(
+                "starting PostgreSQL {} on port {port} (DEVSTACK_{}_PORT moves it)",
+                shard.service,
+                shard.service.to_ascii_uppercase().replace('-', "_")
+            )
+        })?;
+    stack.pg.push((shard.service, pg));
+    Ok(port.to_string())
+}
+
+/// The proxy's ring has the shard now: remember it, and list it in the configurations a
+/// restart reads (the proxy's `[[shards]]`, the gateway's `outbox_shards`).
+fn join(layout: &Layout, shard: Shard) -> anyhow::Result<String> {
+    shards::remember(layout, shard)?;
+    write_configs(layout)?;
+    Ok(format!(
+        "{} is part of the stack now: `make restart` keeps it, `make down` stops it",
+        shard.name
+    ))
+}
+
+/// The shard is out of the ring: forget it, stop its cluster, delete its data (its rows
+/// live on the other shards now; a later `add-shard` starts from an empty cluster).
+async fn release(layout: &Layout, stack: &mut Stack, shard: Shard) -> anyhow::Result<String> {
+    shards::forget(layout, shard)?;
+    write_configs(layout)?;
+    let mut done = Vec::new();
+    if let Some(i) = stack.pg.iter().position(|(s, _)| *s == shard.service) {
+        let (_, mut pg) = stack.pg.remove(i);
+        say(&format!("stopping PostgreSQL {}", shard.service));
+        pg.stop().await?;
+        done.push(format!("stopped {}", shard.service));
+    }
+    let dir = layout.pg_dir(shard.service);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        done.push(format!("deleted {}", dir.display()));
+    }
+    if done.is_empty() {
+        done.push(format!("{} was not running", shard.service));
+    }
+    Ok(done.join(" and "))
 }
 
 /// Starts `spec` again after the policy's back-off, until it is READY or the policy gives
@@ -205,6 +327,7 @@ async fn restart(
 }
 
 fn cleanup(layout: &Layout) {
+    let _ = std::fs::remove_file(layout.control_socket());
     let _ = std::fs::remove_file(layout.ready_file());
     let _ = std::fs::remove_file(layout.pid_file());
     let _ = std::fs::remove_dir_all(layout.status_dir());
@@ -216,9 +339,10 @@ async fn start(layout: &Layout) -> anyhow::Result<Stack> {
         _smtp: None,
         _kafka: None,
         _redis: None,
-        _pg: Vec::new(),
+        pg: Vec::new(),
     };
     start_postgres(layout, &mut stack).await?;
+    reconcile(layout, &mut stack).await?;
     start_services(layout, &mut stack).await?;
     let configs = write_configs(layout)?;
     migrate(&configs).await?;
@@ -226,35 +350,81 @@ async fn start(layout: &Layout) -> anyhow::Result<Stack> {
     Ok(stack)
 }
 
-/// The auth database and every shard, concurrently.
+/// The auth database and every shard (with those `make add-shard` added), concurrently.
 async fn start_postgres(layout: &Layout, stack: &mut Stack) -> anyhow::Result<()> {
     say("starting PostgreSQL clusters");
-    let mut pg_starts = Vec::new();
-    for (service, db) in [("pg-auth", "auth")]
+    let clusters: Vec<(&'static str, &str)> = [("pg-auth", "auth")]
         .into_iter()
-        .chain(SHARDS.iter().map(|(_, svc)| (*svc, "tasks")))
+        .chain(shards::all(layout).iter().map(|s| (s.service, "tasks")))
+        .collect();
+    let starts = clusters
+        .iter()
+        .map(|(service, db)| start_cluster(layout, service, db));
+    for ((service, _), started) in clusters
+        .iter()
+        .zip(futures_util::future::join_all(starts).await)
     {
-        pg_starts.push(
-            PgCluster::builder()
-                .port(layout.port(service))
-                .data_dir(layout.pg_dir(service))
-                .log_file(layout.log(service))
-                .database(db)
-                .startup_timeout(Duration::from_secs(60))
-                .start(),
-        );
-    }
-    for (i, started) in futures_util::future::join_all(pg_starts)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        stack
-            ._pg
-            .push(started.with_context(|| format!("starting PostgreSQL cluster {i}"))?);
+        let pg = started.with_context(|| format!("starting PostgreSQL {service}"))?;
+        stack.pg.push((*service, pg));
     }
 
     Ok(())
+}
+
+/// Makes the added shards agree with the ring the proxy stored, before the proxy's
+/// configuration is written from them (`crate::stored`).
+async fn reconcile(layout: &Layout, stack: &mut Stack) -> anyhow::Result<()> {
+    let Some((_, auth)) = stack.pg.iter().find(|(s, _)| *s == "pg-auth") else {
+        return Ok(());
+    };
+    let Ok(client) = auth.client("auth").await else {
+        return Ok(());
+    };
+    let Some(ring) = stored::ring(&client).await else {
+        return Ok(());
+    };
+    for fix in stored::fixes(&ring, &shards::SPARE, &shards::added(layout)) {
+        match fix {
+            Fix::Forget(shard) => {
+                say(&format!(
+                    "{} is not in the proxy's stored ring (its removal finished unwatched)",
+                    shard.name
+                ));
+                say(&release(layout, stack, shard).await?);
+            }
+            Fix::Remember(shard) if layout.pg_dir(shard.service).exists() => {
+                say(&format!(
+                    "{} is in the proxy's stored ring: starting it",
+                    shard.name
+                ));
+                attach(layout, stack, shard).await?;
+                shards::remember(layout, shard)?;
+            }
+            Fix::Remember(shard) => say(&format!(
+                "{} is in the proxy's stored ring, but {} is gone; the proxy will not start \
+                 without it (`make db-reset` starts over)",
+                shard.name,
+                layout.pg_dir(shard.service).display()
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// One cluster of the stack: its port, data directory and log by service name.
+async fn start_cluster(
+    layout: &Layout,
+    service: &str,
+    database: &str,
+) -> taskflow_localstack::Result<PgCluster> {
+    PgCluster::builder()
+        .port(layout.port(service))
+        .data_dir(layout.pg_dir(service))
+        .log_file(layout.log(service))
+        .database(database)
+        .startup_timeout(Duration::from_secs(60))
+        .start()
+        .await
 }
 
 /// Redis, the Kafka-API broker (with the topics) and the SMTP sink.
@@ -407,11 +577,12 @@ fn write_configs(layout: &Layout) -> anyhow::Result<Configs> {
 fn proxy_config(layout: &Layout) -> String {
     let s = |name: &str| layout.secrets().join(name).display().to_string();
     let p = |name: &str| layout.port(name);
-    let mut shards = String::new();
-    for (name, service) in SHARDS {
-        shards.push_str(&format!(
-            "\n[[shards]]\nname = \"{name}\"\nurl = \"postgres://taskflow@127.0.0.1:{}/tasks\"\n",
-            p(service)
+    let mut shard_tables = String::new();
+    for shard in shards::all(layout) {
+        shard_tables.push_str(&format!(
+            "\n[[shards]]\nname = \"{}\"\nurl = \"postgres://taskflow@127.0.0.1:{}/tasks\"\n",
+            shard.name,
+            p(shard.service)
         ));
     }
     let proxy = format!(
@@ -430,7 +601,7 @@ password_file = "{backend_pw}"
 
 [auth_database]
 url = "postgres://taskflow@127.0.0.1:{auth_db}/auth"
-{shards}"#,
+{shard_tables}"#,
         proxy = p("shard-proxy"),
         metrics = p("proxy-metrics"),
         state = layout.root.join("proxy").display(),
@@ -479,9 +650,9 @@ redis_url = "redis://127.0.0.1:{redis}"
 kafka_brokers = "127.0.0.1:{kafka}"
 outbox_shards = [{outbox_shards}]
 "#,
-        outbox_shards = SHARDS
+        outbox_shards = shards::all(layout)
             .iter()
-            .map(|(name, _)| format!("\"{name}\""))
+            .map(|s| format!("\"{}\"", s.name))
             .collect::<Vec<_>>()
             .join(", "),
         gw = p("gateway"),
