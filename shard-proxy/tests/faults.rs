@@ -1,7 +1,8 @@
 //! Faults and bad input: a stopped shard fails only the statements that need it (naming the
 //! shard, SQLSTATE 08006) and is used again once back; scatter reads fail rather than skip;
 //! malformed, truncated, oversized and unknown protocol messages get an ErrorResponse or a
-//! clean close while the proxy keeps serving everyone else; bad passwords are refused.
+//! clean close while the proxy keeps serving everyone else; bad passwords are refused; a
+//! server connection's FATAL reaches the client as ERROR (its session goes on).
 
 mod common;
 
@@ -84,6 +85,71 @@ async fn stopped_shard_fails_only_what_needs_it() {
         .get(0);
     assert_eq!(n, direct, "scatter count equals the shards' total");
     assert_eq!(n, 2);
+}
+
+/// A shard ending one server connection (`pg_terminate_backend`, a shard shutting down)
+/// sends FATAL on *that* connection. The proxy relays it as ERROR with the same SQLSTATE:
+/// the client's own session is not over, and its next statement works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_server_connection_ends_the_statement_not_the_session() {
+    let env = Env::start(2).await;
+    let ring = env.ring();
+    let c = env.client("tasks").await;
+    let performer = 7i64;
+    c.execute(
+        "INSERT INTO tasks (id, performer_id, creator_id, title) VALUES (1, $1, 1, 't')",
+        &[&performer],
+    )
+    .await
+    .expect("insert");
+    let shard = env.shard(ring.shard_for(performer)).await;
+    let slow = tokio::spawn(async move {
+        let r = c
+            .query(
+                "SELECT id, pg_sleep(30) FROM tasks WHERE performer_id = $1",
+                &[&performer],
+            )
+            .await;
+        (c, r)
+    });
+    let mut killed = false;
+    for _ in 0..100 {
+        let n = shard
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("terminate")
+            .get::<_, i64>(0);
+        if n > 0 {
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(killed, "the slow statement reached the shard");
+    let (c, r) = slow.await.expect("join");
+    let err = r.expect_err("the statement's server connection was terminated");
+    let db = err
+        .as_db_error()
+        .expect("an ErrorResponse, not a closed socket");
+    assert_eq!(db.code().code(), "57P01", "{db:?}");
+    assert_eq!(
+        db.severity(),
+        "ERROR",
+        "the client's session goes on: {db:?}"
+    );
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM tasks WHERE performer_id = $1",
+            &[&performer],
+        )
+        .await
+        .expect("the same client connection keeps working")
+        .get(0);
+    assert_eq!(n, 1);
 }
 
 /// Logs in over a raw socket with SCRAM and reads up to the first ReadyForQuery.

@@ -239,10 +239,13 @@ async fn check_pair_read(
     panic!("performers {pair:?}: read kept failing");
 }
 
-/// Whether an error says a shard is unavailable (it is down for a while).
+/// A shard is down or going down: the connection to it failed (08…), it was shut down
+/// under the statement (57P01, 57P02 — relayed as ERROR: the client's session survives),
+/// or it is still starting (57P03).
 fn unavailable(e: &tokio_postgres::Error) -> bool {
-    e.code()
-        .is_some_and(|c| c.code().starts_with("08") || c.code() == "57P03")
+    e.code().is_some_and(|c| {
+        c.code().starts_with("08") || matches!(c.code(), "57P01" | "57P02" | "57P03")
+    })
 }
 
 /// Which of `performers` holds task `id` now (retried until the shards answer).

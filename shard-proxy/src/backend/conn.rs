@@ -309,7 +309,7 @@ impl BackendConn {
     pub async fn read_msg(&mut self) -> Result<RawMsg, BackendError> {
         loop {
             if let Some(m) = wire::split_backend(&mut self.rbuf)? {
-                return Ok(m);
+                return Ok(m.fatal_as_error());
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(8192);

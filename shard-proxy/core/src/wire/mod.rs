@@ -46,7 +46,60 @@ pub struct RawMsg {
     pub data: Bytes,
 }
 
+/// The (code, value) fields of an ErrorResponse/NoticeResponse body.
+fn error_fields(body: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some((&code, tail)) = rest.split_first() {
+        if code == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        out.push((code, tail[..end].to_vec()));
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    out
+}
+
 impl RawMsg {
+    /// A backend's FATAL or PANIC ErrorResponse rewritten as ERROR (the same fields
+    /// otherwise); anything else unchanged.
+    ///
+    /// Why: a backend's FATAL ends *that server connection*, not the client's connection to
+    /// the proxy. Relayed as FATAL it would tell the client its own session is over (a
+    /// shard restarted, `pg_terminate_backend`), while the proxy keeps serving it.
+    pub fn fatal_as_error(self) -> RawMsg {
+        if self.tag != b'E' {
+            return self;
+        }
+        let fields = error_fields(self.body());
+        let fatal = fields
+            .iter()
+            .any(|(k, v)| matches!(k, b'S' | b'V') && matches!(v.as_slice(), b"FATAL" | b"PANIC"));
+        if !fatal {
+            return self;
+        }
+        let mut body = Vec::with_capacity(self.data.len());
+        for (k, v) in &fields {
+            body.push(*k);
+            if matches!(k, b'S' | b'V') && matches!(v.as_slice(), b"FATAL" | b"PANIC") {
+                body.extend_from_slice(b"ERROR");
+            } else {
+                body.extend_from_slice(v);
+            }
+            body.push(0);
+        }
+        body.push(0);
+        let mut data = Vec::with_capacity(body.len() + 5);
+        data.push(b'E');
+        data.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        data.extend_from_slice(&body);
+        RawMsg {
+            tag: b'E',
+            data: Bytes::from(data),
+        }
+    }
+
     /// The body after the 5-byte header.
     pub fn body(&self) -> &[u8] {
         self.data.get(5..).unwrap_or_default()
@@ -393,6 +446,39 @@ pub fn sum_tags(tags: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_fatal_reaches_the_client_as_error() {
+        let mut fatal = BytesMut::new();
+        error(
+            &mut fatal,
+            "FATAL",
+            "57P01",
+            "terminating connection due to administrator command",
+        );
+        let m = RawMsg {
+            tag: b'E',
+            data: fatal.freeze(),
+        }
+        .fatal_as_error();
+        let fields = error_fields(m.body());
+        assert!(fields.contains(&(b'S', b"ERROR".to_vec())), "{fields:?}");
+        assert!(fields.contains(&(b'C', b"57P01".to_vec())));
+        assert!(fields
+            .iter()
+            .any(|(k, v)| *k == b'M' && v.starts_with(b"terminating")));
+        let len = u32::from_be_bytes(m.data[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len + 1, m.data.len(), "length header matches");
+        let mut plain = BytesMut::new();
+        error(&mut plain, "ERROR", "42P01", "no such table");
+        let before = plain.clone().freeze();
+        let m = RawMsg {
+            tag: b'E',
+            data: before.clone(),
+        }
+        .fatal_as_error();
+        assert_eq!(m.data, before, "an ERROR is untouched");
+    }
 
     #[test]
     fn sums_tags() {
