@@ -96,6 +96,19 @@ fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// `curl`, waiting out the gateway's rate limit (429) the way a well-behaved client does:
+/// the stack runs with the default limits (10 requests/s per user and per address).
+fn curl_patiently(args: &[&str]) -> (u16, String) {
+    for _ in 0..1200 {
+        let (code, body) = curl(args);
+        if code != 429 {
+            return (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("still rate-limited after two minutes: {args:?}");
+}
+
 fn json_field(body: &str, field: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     match &v[field] {
@@ -309,8 +322,43 @@ async fn add_shard_and_remove_shard_move_rows_and_survive_a_restart() {
     }
     assert_eq!(count(), "2000");
 
+    // tests/vm/add-shard.nix mirrored: a client keeps creating tasks through the gateway
+    // while shard-4 is added; every acknowledged task is then listed exactly once.
+    let gw = format!("http://127.0.0.1:{}", stack.port("gateway"));
+    let token = register_and_login(&gw, PERFORMERS);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (gw, token, stop) = (gw.clone(), token.clone(), stop.clone());
+        std::thread::spawn(move || create_until(&gw, &token, PERFORMERS as i64, &stop))
+    };
     let (ok, out) = stack.devstack(&["add-shard"]);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, errors) = load.join().expect("load loop");
+    assert!(
+        errors.is_empty(),
+        "writes failed while shard-4 was added: {errors:?}"
+    );
+    assert!(acked.len() >= 20, "the load ran: {} tasks", acked.len());
     assert!(ok, "make add-shard failed:\n{out}");
+    let listed = list_all_task_ids(&gw, &token);
+    let mut seen = std::collections::BTreeSet::new();
+    for id in &listed {
+        assert!(seen.insert(*id), "task {id} listed twice");
+    }
+    for id in &acked {
+        assert!(
+            seen.contains(id),
+            "acknowledged task {id} missing from the listing"
+        );
+        let (code, body) = curl_patiently(&[
+            &format!("{gw}/tasks/{id}"),
+            "-H",
+            &format!("authorization: Bearer {token}"),
+        ]);
+        assert_eq!(code, 200, "GET /tasks/{id}: {body}");
+    }
+    let created = acked.len();
     // Not a terminal: whole progress lines, the last one the finished move.
     assert!(out.contains("adds shard-4"), "{out}");
     assert!(
@@ -333,14 +381,15 @@ async fn add_shard_and_remove_shard_move_rows_and_survive_a_restart() {
     .parse()
     .expect("a count");
     assert!(on_four > 0, "shard-4 took no rows");
-    assert_eq!(count(), "2000");
+    let total = (2000 + created).to_string();
+    assert_eq!(count(), total);
 
     // `make restart` keeps shard-4: the proxy starts from a file that lists it, as its
     // stored ring does.
     let (ok, out) = stack.devstack(&["restart"]);
     assert!(ok, "make restart failed:\n{out}");
     assert!(psql(proxy, "admin", "SHOW SHARDS").contains("shard-4|"));
-    assert_eq!(count(), "2000");
+    assert_eq!(count(), total);
 
     let (ok, out) = stack.devstack(&["remove-shard"]);
     assert!(ok, "make remove-shard failed:\n{out}");
@@ -353,7 +402,7 @@ async fn add_shard_and_remove_shard_move_rows_and_survive_a_restart() {
     assert!(!stack.state.path().join("pg/pg-shard-4").exists());
     let (_, status) = stack.devstack(&["status"]);
     assert!(!status.contains("pg-shard-4"), "{status}");
-    assert_eq!(count(), "2000");
+    assert_eq!(count(), total);
 
     // Ctrl-C while watching a removal: the move finishes unwatched, so nobody told the
     // stack that shard-4 left; `make restart` must still start (the proxy refuses a shard
@@ -390,8 +439,113 @@ async fn add_shard_and_remove_shard_move_rows_and_survive_a_restart() {
         !answers(stack.port("pg-shard-4")).await,
         "pg-shard-4 still runs"
     );
-    assert_eq!(count(), "2000");
+    assert_eq!(count(), total);
 
     let (ok, out) = stack.devstack(&["down"]);
     assert!(ok, "down failed: {out}");
+}
+
+/// Users the gateway load creates tasks for. The stack runs with the default rate limits:
+/// registrations and logins share a burst of 5 per client address.
+const PERFORMERS: usize = 4;
+
+/// Registers `n` users (ids 1..=n on a fresh stack) and returns the first one's token.
+fn register_and_login(gw: &str, n: usize) -> String {
+    let h = "content-type: application/json";
+    for i in 1..=n {
+        let (code, body) = curl(&[
+            "-XPOST",
+            &format!("{gw}/auth/register"),
+            "-H",
+            h,
+            "-d",
+            &format!(
+                r#"{{"email":"load{i}@example.com","name":"Load {i}","password":"securepassword"}}"#
+            ),
+        ]);
+        assert_eq!(code, 201, "{body}");
+    }
+    let (code, body) = curl(&[
+        "-XPOST",
+        &format!("{gw}/auth/login"),
+        "-H",
+        h,
+        "-d",
+        r#"{"email":"load1@example.com","password":"securepassword"}"#,
+    ]);
+    assert_eq!(code, 200, "{body}");
+    json_field(&body, "token")
+}
+
+/// Creates tasks round-robin over performers 1..=n until `stop`: the ids acknowledged
+/// (201), and every other answer (a 429 is waited out, not an answer).
+fn create_until(
+    gw: &str,
+    token: &str,
+    n: i64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (Vec<i64>, Vec<String>) {
+    let (mut acked, mut errors) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (code, body) = curl_patiently(&[
+            "-XPOST",
+            &format!("{gw}/tasks"),
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "-d",
+            &format!(r#"{{"title":"load {i}","performer_id":{}}}"#, i % n + 1),
+        ]);
+        let id = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .filter(|_| code == 201)
+            .and_then(|v| match &v["id"] {
+                serde_json::Value::String(s) => s.parse().ok(),
+                other => other.as_i64(),
+            });
+        match id {
+            Some(id) => acked.push(id),
+            None => errors.push(format!("{code} {body}")),
+        }
+        i += 1;
+    }
+    (acked, errors)
+}
+
+/// Every task id the API lists, following `next_cursor` page by page.
+fn list_all_task_ids(gw: &str, token: &str) -> Vec<i64> {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let auth = format!("authorization: Bearer {token}");
+        let url = format!("{gw}/tasks");
+        let mut args = vec![
+            "-G",
+            url.as_str(),
+            "--data-urlencode",
+            "limit=500",
+            "-H",
+            auth.as_str(),
+        ];
+        let after = cursor.as_ref().map(|c| format!("cursor={c}"));
+        if let Some(a) = &after {
+            args.extend(["--data-urlencode", a.as_str()]);
+        }
+        let (code, body) = curl_patiently(&args);
+        assert_eq!(code, 200, "{body}");
+        let page: serde_json::Value = serde_json::from_str(&body).expect("json page");
+        for t in page["data"].as_array().expect("data") {
+            let id = match &t["id"] {
+                serde_json::Value::String(s) => s.parse().expect("id"),
+                other => other.as_i64().expect("id"),
+            };
+            ids.push(id);
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return ids,
+        }
+    }
 }
