@@ -7,6 +7,7 @@
 #   shard-proxy/bench/reshard.sh                  # ROWS=1000000 LOAD_CLIENTS=8 LOAD_RATE=200
 #   PROXY_BIN=target/release/taskflow-shard-proxy shard-proxy/bench/reshard.sh  # skip the build
 #   ROWS=200000 BATCH_ROWS=10000 LOAD_RATE=400 shard-proxy/bench/reshard.sh
+#   LOG_LEVEL=warn,taskflow_shard_proxy::reshard=debug KEEP_LOG=/tmp/proxy.log …  # batch phases
 #
 # What it does (everything on loopback, in a temporary directory, cleaned up on exit):
 #  1. starts one PostgreSQL 15 cluster (role taskflow/taskflow, scram) with databases
@@ -63,6 +64,8 @@ MAX_TRIES=${MAX_TRIES:-5}
 MOVE_TIMEOUT=${MOVE_TIMEOUT:-1800}
 POOL=${POOL:-20}
 PLACEMENT=${PLACEMENT:-1}
+# e.g. LOG_LEVEL=warn,taskflow_shard_proxy::reshard=debug: a line per batch with its phases
+LOG_LEVEL=${LOG_LEVEL:-warn}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 
@@ -125,7 +128,7 @@ listen = "127.0.0.1:$PROXY_PORT"
 metrics_listen = "127.0.0.1:$METRICS_PORT"
 state_dir = "$WORK/state"
 [log]
-level = "warn"
+level = "$LOG_LEVEL"
 format = "text"
 [[users]]
 name = "taskflow"
@@ -294,7 +297,7 @@ move() {
   R["$name arcs"]="$(field "$m" 5)/$(field "$m" 6)"
   R["$name wall"]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
   R["$name moving_secs"]=$(awk -v a="${tmoving:-$t1}" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-  R["$name wall_rps"]=$(awk -v r="${R[$name rows]:-0}" -v s="${R[$name wall]}" 'BEGIN { printf "%.0f", s > 0 ? r / s : 0 }')
+  R["$name wall_rps"]=$(awk -v r="${R[$name rows]:-0}" -v s="${R[$name wall]}" 'BEGIN { printf "%.0f", (s > 0 ? r / s : 0) }')
   # shellcheck disable=SC2046
   put "$name" d "$(stats "$t0" "$t1" $(logs "$name-during"))"
   R["$name aborted"]=$(( $(aborted "$name-before") + $(aborted "$name-during") ))
@@ -383,6 +386,7 @@ for name in ADD REMOVE; do
     "no lost or duplicated rows: $(verdict "$int_ok")$([ "$int_ok" = 1 ] || echo " (${R[$name ok]:-not checked})")"
   [ "$int_ok" = 1 ] || status=1
 done
+if [ -n "${KEEP_LOG:-}" ]; then cp "$WORK/proxy.log" "$KEEP_LOG"; fi
 if grep -qiE 'error|panic' "$WORK/proxy.log"; then
   echo
   echo "== proxy log: errors (first 10 distinct)"

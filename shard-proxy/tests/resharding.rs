@@ -861,3 +861,106 @@ async fn pause_resume_and_throttle_from_the_console() {
         "{done:?}"
     );
 }
+
+/// Every sharded table of a performer moves with it, value for value: tasks (NULL-free
+/// defaults, Unicode, quotes, timestamps), task_observers, and outbox rows (jsonb, NULL
+/// `sent_at`, the serial id renumbered by the destination, relative order kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_table_of_a_performer_moves_value_for_value() {
+    let env = Env::start(2).await;
+    let c = env.client("tasks").await;
+    let performers: Vec<i64> = (1..=60).collect();
+    for &p in &performers {
+        let title = format!("t{p} «ünïcødé» 'quoted' \\ back\tslash");
+        c.execute(
+            "INSERT INTO tasks (id, performer_id, creator_id, title, description, status, created_at) \
+             VALUES ($1, $2, 3, $3, repeat('x', ($2::bigint * 37)::int), 'in_progress', \
+                     '2026-01-02 03:04:05.678901+00'::timestamptz + $2::bigint * interval '1 hour')",
+            &[&(p * 10), &p, &title],
+        )
+        .await
+        .expect("task");
+        c.execute(
+            "INSERT INTO task_observers (task_id, performer_id, user_id) VALUES ($1, $2, 1), ($1, $2, 2)",
+            &[&(p * 10), &p],
+        )
+        .await
+        .expect("observers");
+        for n in 0..2i64 {
+            c.execute(
+                "INSERT INTO outbox (performer_id, event_id, topic, key, payload, sent_at) \
+                 VALUES ($1, gen_random_uuid(), 'task_events', $2, \
+                         jsonb_build_object('n', $3::bigint, 'nested', jsonb_build_array(1, 'a', NULL)), \
+                         CASE WHEN $3::bigint = 0 THEN now() END)",
+                &[&p, &format!("{}", p * 10), &n],
+            )
+            .await
+            .expect("outbox");
+        }
+    }
+    // One line per row, serial ids left out (they are renumbered), the outbox's relative
+    // order per performer kept as an ordinal.
+    let snapshot = |shards: Vec<Client>| async move {
+        let mut lines = Vec::new();
+        for s in shards {
+            for q in [
+                "SELECT format('task %s %s %s %s %s %s %s %s', id, performer_id, creator_id, title, \
+                 md5(description), status, version, created_at) FROM tasks",
+                "SELECT format('observer %s %s %s', task_id, performer_id, user_id) FROM task_observers",
+                "SELECT format('outbox %s %s %s %s %s %s', performer_id, \
+                 row_number() OVER (PARTITION BY performer_id ORDER BY id), topic, key, payload, \
+                 sent_at IS NULL) FROM outbox",
+            ] {
+                for r in s.query(q, &[]).await.expect("snapshot") {
+                    lines.push(r.get::<_, String>(0));
+                }
+            }
+        }
+        lines.sort();
+        lines
+    };
+    let before = snapshot(vec![env.shard(0).await, env.shard(1).await]).await;
+    assert_eq!(before.len(), 60 * 5);
+
+    let third = spare_shard(&env, 1, "tasks3", "shard-3").await;
+    let admin = env.client("admin").await;
+    admin
+        .simple_query(&format!("ADD SHARD shard-3 '{}'", third.url))
+        .await
+        .expect("ADD SHARD");
+    let done = wait_done(&admin, Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "done", "{done:?}");
+    let on_three = env.shards[1].client("tasks3").await.expect("shard-3");
+    let moved: i64 = on_three
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert!(moved > 0, "shard-3 took outbox rows");
+    let after = snapshot(vec![env.shard(0).await, env.shard(1).await, on_three]).await;
+    assert_eq!(after, before, "every row arrived unchanged, once");
+
+    // Every table's rows sit with their performer's owner.
+    let ring = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
+    let clients = [
+        env.shard(0).await,
+        env.shard(1).await,
+        env.shards[1].client("tasks3").await.expect("shard-3"),
+    ];
+    for (i, s) in clients.iter().enumerate() {
+        for table in ["tasks", "task_observers", "outbox"] {
+            for r in s
+                .query(&format!("SELECT DISTINCT performer_id FROM {table}"), &[])
+                .await
+                .expect("keys")
+            {
+                let p: i64 = r.get(0);
+                assert_eq!(
+                    ring.shard_for(p),
+                    i,
+                    "{table} rows of performer {p} on shard #{i}"
+                );
+            }
+        }
+    }
+}

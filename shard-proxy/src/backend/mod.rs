@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod conn;
+pub mod copy;
 pub mod pool;
 
 pub use conn::{BackendConn, BackendError};

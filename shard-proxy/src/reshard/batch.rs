@@ -6,7 +6,7 @@
 //! on every guarded statement on those arcs waits — that wait is the write pause, measured
 //! here until the commit. Under the lock it lists the performers present on the source
 //! (every sharded table's key column), keeps those whose key hash falls in the batch's
-//! arcs, copies their rows to the destination (`json_agg` → `json_populate_recordset`,
+//! arcs, copies their rows to the destination (binary COPY streamed server to server,
 //! serial columns renumbered by the destination), deletes them at the source, and flips
 //! the arcs to `gone` (source) and `owned` (destination). Both sides commit through the
 //! proxy's 2PC: the decision is recorded before any `COMMIT PREPARED`, under the commit
@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{BackendError, Pooled};
+use crate::backend::{copy, BackendError, Pooled};
 use crate::proxy::{Proxy, Topology};
 use crate::session::{txn, Txn};
 use proxy_core::ring::Ring;
@@ -36,6 +36,11 @@ pub struct Moved {
     pub rows: u64,
     /// From the lock on the arcs to the end of the commit.
     pub pause_ms: f64,
+    /// Of the pause: listing the source's keys, copying and deleting the rows, and the
+    /// two-phase commit (the debug log shows them per batch).
+    pub keys_ms: f64,
+    pub copy_ms: f64,
+    pub commit_ms: f64,
 }
 
 /// Why a batch did not commit (nothing of it is applied).
@@ -126,6 +131,7 @@ pub async fn run(
         expect_count(&mut src, &lock("owned"), batch.arcs.len(), &source_name).await?;
         let locked = Instant::now();
         let keys = performers(&mut src, tables, key_column, &source_name).await?;
+        let listed = Instant::now();
         let keys: Vec<i64> = keys
             .into_iter()
             .filter(|k| {
@@ -149,24 +155,29 @@ pub async fn run(
         };
         sql(&mut src, &flip("gone"), &source_name).await?;
         sql(&mut dst, &flip("owned"), &dest_name).await?;
-        Ok::<_, BatchError>((rows, locked))
+        Ok::<_, BatchError>((rows, locked, listed))
     };
-    let (rows, locked) = match result.await {
+    let (rows, locked, listed) = match result.await {
         Ok(r) => r,
         Err(e) => {
             txn::rollback_conns([(batch.source, src), (batch.dest, dst)]).await;
             return Err(e);
         }
     };
+    let copied = Instant::now();
     let mut t = Txn::implicit(topo.clone());
     t.conns = BTreeMap::from([(batch.source, src), (batch.dest, dst)]);
     t.writes = BTreeSet::from([batch.source, batch.dest]);
     txn::commit_across_shards(proxy, t)
         .await
         .map_err(|e| BatchError::Commit(e.to_string()))?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     Ok(Moved {
         rows,
-        pause_ms: locked.elapsed().as_secs_f64() * 1000.0,
+        pause_ms: ms(locked.elapsed()),
+        keys_ms: ms(listed - locked),
+        copy_ms: ms(copied - listed),
+        commit_ms: ms(copied.elapsed()),
     })
 }
 
@@ -320,33 +331,17 @@ async fn copy_table(
             .collect();
         format!(" ORDER BY {}", by.join(", "))
     };
-    let r = sql(
-        src,
-        &format!(
-            "SELECT count(*)::text, coalesce(json_agg(x{order}), '[]')::text FROM {table} x WHERE x.{key} = ANY({key_list})"
-        ),
-        source,
-    )
-    .await?;
-    let mut row = r.rows.into_iter().next().unwrap_or_default().into_iter();
-    let n: u64 = row
-        .next()
-        .flatten()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let json = row.next().flatten().unwrap_or_else(|| "[]".into());
-    if n > 0 {
-        sql(
-            dst,
-            &format!(
-                "INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, {json})",
-                json = literal(&json)
-            ),
-            dest,
-        )
-        .await?;
-    }
-    Ok(n)
+    let copy_out = format!(
+        "COPY (SELECT {cols} FROM {table} x WHERE x.{key} = ANY({key_list}){order}) \
+         TO STDOUT (FORMAT binary)"
+    );
+    let copy_in = format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)");
+    copy::copy_between(src.conn(), &copy_out, dst.conn(), &copy_in)
+        .await
+        .map_err(|e| BatchError::Shard {
+            shard: format!("{source} → {dest}"),
+            message: format!("copying {}: {e}", t.name),
+        })
 }
 
 /// An SQL identifier.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::batch::{self, Batch, TableCopy};
 use crate::meta::moves::{self, MovedBatch};
 use crate::proxy::{Proxy, Topology};
+use proxy_core::placement::MoveArc;
 use proxy_core::ring::Ring;
 
 /// Drives migration `epoch` while this proxy owns it.
@@ -195,6 +196,9 @@ impl Mover {
             arcs = next.arcs.len(),
             rows = moved.rows,
             pause_ms = moved.pause_ms,
+            keys_ms = moved.keys_ms,
+            copy_ms = moved.copy_ms,
+            commit_ms = moved.commit_ms,
             "batch moved"
         );
         let _ = moves::set_error(&self.proxy.meta, self.epoch, None).await;
@@ -320,37 +324,17 @@ impl Mover {
         Ok(())
     }
 
-    /// The next batch: pending arcs in order, grouped while source and destination stay
-    /// the same and the estimated rows stay under `reshard.batch_rows`.
+    /// The next batch (see [`group_batch`]).
     fn next_batch(&self, topo: &Arc<Topology>) -> Option<Batch> {
         let m = topo.placement.migration()?;
         let limit = u64::from(self.proxy.config().reshard.batch_rows);
         let est = self.estimates.as_ref();
-        let mut out: Option<Batch> = None;
-        let mut rows = 0u64;
-        for (i, a) in m.arcs.iter().enumerate() {
-            let i = i as u32;
-            if m.is_done(i) {
-                continue;
-            }
-            let n = est.and_then(|e| e.get(&i)).copied().unwrap_or(0);
-            match &mut out {
-                None => {
-                    out = Some(Batch {
-                        arcs: vec![i],
-                        source: a.source,
-                        dest: a.dest,
-                    });
-                    rows = n;
-                }
-                Some(b) if b.source == a.source && b.dest == a.dest && rows + n <= limit => {
-                    b.arcs.push(i);
-                    rows += n;
-                }
-                Some(_) => break,
-            }
-        }
-        out
+        group_batch(
+            &m.arcs,
+            |i| m.is_done(i),
+            |i| est.and_then(|e| e.get(&i)).copied().unwrap_or(0),
+            limit,
+        )
     }
 
     async fn finish(&mut self) -> Result<Step, String> {
@@ -377,5 +361,76 @@ impl Mover {
             "migration done: the new ring is the active epoch"
         );
         Ok(Step::Finished)
+    }
+}
+
+/// The next batch: the first pending arc, joined by every other pending arc with the same
+/// source and destination while the estimated rows stay within `limit` (an arc alone may
+/// exceed it). Arcs of one pair lie all around the ring, interleaved with other pairs'
+/// arcs: grouping only neighbours made batches of one arc and a few hundred rows each,
+/// and the per-batch costs (locks, key scan, two-phase commit) dominated the move.
+fn group_batch(
+    arcs: &[MoveArc],
+    done: impl Fn(u32) -> bool,
+    estimate: impl Fn(u32) -> u64,
+    limit: u64,
+) -> Option<Batch> {
+    let mut pending = (0u32..).zip(arcs).filter(|(i, _)| !done(*i));
+    let (first, a) = pending.next()?;
+    let mut batch = Batch {
+        arcs: vec![first],
+        source: a.source,
+        dest: a.dest,
+    };
+    let mut rows = estimate(first);
+    for (i, a) in pending {
+        let n = estimate(i);
+        if a.source == batch.source && a.dest == batch.dest && rows + n <= limit {
+            batch.arcs.push(i);
+            rows += n;
+        }
+    }
+    Some(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arc(source: usize, dest: usize) -> MoveArc {
+        MoveArc {
+            ranges: Vec::new(),
+            source,
+            dest,
+        }
+    }
+
+    #[test]
+    fn a_batch_gathers_a_pairs_arcs_from_all_around_the_ring() {
+        let arcs = [
+            arc(0, 3),
+            arc(1, 3),
+            arc(0, 3),
+            arc(2, 3),
+            arc(0, 3),
+            arc(0, 3),
+        ];
+        let b = group_batch(&arcs, |_| false, |_| 100, 250).expect("a batch");
+        assert_eq!((b.source, b.dest, b.arcs), (0, 3, vec![0, 2]));
+        let b = group_batch(&arcs, |i| i == 0, |_| 100, 1000).expect("a batch");
+        assert_eq!(b.arcs, vec![1], "shard 1's only arc");
+        let b = group_batch(&arcs, |i| i < 2, |_| 100, 1000).expect("a batch");
+        assert_eq!(b.arcs, vec![2, 4, 5], "arc 3 has another source");
+    }
+
+    #[test]
+    fn small_arcs_fill_the_room_a_large_one_leaves() {
+        let arcs = [arc(0, 1), arc(0, 1), arc(0, 1), arc(0, 1)];
+        let est = |i: u32| [400, 700, 500, 100][i as usize];
+        let b = group_batch(&arcs, |_| false, est, 1000).expect("a batch");
+        assert_eq!(b.arcs, vec![0, 2, 3]);
+        let b = group_batch(&arcs, |i| i != 1, est, 10).expect("an arc alone may exceed");
+        assert_eq!(b.arcs, vec![1]);
+        assert!(group_batch(&arcs, |_| true, est, 10).is_none(), "all done");
     }
 }
