@@ -964,3 +964,90 @@ async fn every_table_of_a_performer_moves_value_for_value() {
         }
     }
 }
+
+/// A batch starts from the keys the mover's survey saw, plus the keys of rows written
+/// since the survey began: performers whose first row is written mid-move, in arcs not
+/// moved yet, move too (none is left behind on the source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_first_written_mid_move_move_too() {
+    let mut env = Env::start(2).await;
+    let third = spare_shard(&env, 1, "tasks3", "shard-3").await;
+    let c = env.client("tasks").await;
+    let insert = "INSERT INTO tasks (id, performer_id, creator_id, title) VALUES ($1, $2, 1, 't')";
+    for p in 1..=200i64 {
+        c.execute(insert, &[&p, &p]).await.expect("seed");
+    }
+    drop(c);
+    env.stop_proxy().await;
+    let proxy =
+        common::ProxyProc::with(&env, "slow", "[reshard]\nbatch_rows = 10\npoll_ms = 100\n");
+    let _child = proxy.spawn(None).await;
+    let admin = common::client_at(proxy.port, "admin").await;
+    admin
+        .simple_query(&format!("ADD SHARD shard-3 '{}'", third.url))
+        .await
+        .expect("ADD SHARD");
+    admin
+        .simple_query("SET MIGRATION THROTTLE 20")
+        .await
+        .expect("throttle");
+    // The survey precedes the first batch.
+    let mut surveyed = false;
+    for _ in 0..300 {
+        let m = newest_migration(&admin).await.expect("migration");
+        let done: u32 = m["arcs_done"].parse().unwrap_or(0);
+        let total: u32 = m["arcs_total"].parse().unwrap_or(0);
+        assert_ne!(m["state"], "done", "the move finished too early: {m:?}");
+        if done >= 1 && done * 2 < total {
+            surveyed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(surveyed, "the move never started");
+    let c = proxy.client().await;
+    for p in 100_001..=100_300i64 {
+        loop {
+            match c.execute(insert, &[&p, &p]).await {
+                Ok(_) => break,
+                Err(e) if retryable(&e) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("insert {p}: {e:?}"),
+            }
+        }
+    }
+    let still_moving = newest_migration(&admin).await.expect("migration");
+    assert_ne!(
+        still_moving["state"], "done",
+        "new keys written after the move"
+    );
+    admin
+        .simple_query("SET MIGRATION THROTTLE 0")
+        .await
+        .expect("unthrottle");
+    let done = wait_done(&admin, Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "done");
+
+    let ring = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
+    let shards = [
+        env.shard(0).await,
+        env.shard(1).await,
+        env.shards[1].client("tasks3").await.expect("shard-3"),
+    ];
+    let mut all = BTreeSet::new();
+    for (i, s) in shards.iter().enumerate() {
+        for r in s
+            .query("SELECT performer_id FROM tasks", &[])
+            .await
+            .expect("rows")
+        {
+            let p: i64 = r.get(0);
+            assert_eq!(
+                ring.shard_for(p),
+                i,
+                "performer {p}'s row left on shard #{i}"
+            );
+            assert!(all.insert(p), "performer {p} twice");
+        }
+    }
+    assert_eq!(all.len(), 500);
+}

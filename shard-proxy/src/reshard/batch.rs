@@ -4,9 +4,12 @@
 //! On the source, the batch first locks its arcs' `taskflow_moves` rows exclusively
 //! (waiting at most `reshard.write_pause_ms` for guarded statements to finish); from then
 //! on every guarded statement on those arcs waits — that wait is the write pause, measured
-//! here until the commit. Under the lock it lists the performers present on the source
-//! (every sharded table's key column), keeps those whose key hash falls in the batch's
-//! arcs, copies their rows to the destination (binary COPY streamed server to server,
+//! here until the commit. Under the lock it takes the keys present on the source in the
+//! batch's arcs: those the mover's survey listed ([`KnownKeys`]), plus the keys of rows
+//! written since the survey began (row `xmin` no older than the oldest transaction the
+//! survey could have missed) — a cheap scan instead of a full key listing per batch, and
+//! exact, because the lock keeps any further write out of the arcs. It copies their rows
+//! to the destination (binary COPY streamed server to server,
 //! serial columns renumbered by the destination), deletes them at the source, and flips
 //! the arcs to `gone` (source) and `owned` (destination). Both sides commit through the
 //! proxy's 2PC: the decision is recorded before any `COMMIT PREPARED`, under the commit
@@ -28,6 +31,17 @@ pub struct Batch {
     pub arcs: Vec<u32>,
     pub source: usize,
     pub dest: usize,
+}
+
+/// The keys a batch starts from: what the mover's survey of the source found in the
+/// batch's arcs, and where that survey's view ended.
+#[derive(Debug, Clone, Default)]
+pub struct KnownKeys {
+    pub keys: Vec<i64>,
+    /// The oldest transaction id (32-bit, as `xmin`) that was running when the survey
+    /// took its snapshot: rows from it or younger may be missing from `keys`. `None`:
+    /// no survey, every row's key is listed.
+    pub since_xid: Option<u32>,
 }
 
 /// What a committed batch moved.
@@ -111,6 +125,7 @@ pub async fn run(
     batch: &Batch,
     key_column: &str,
     tables: &[TableCopy],
+    known: &KnownKeys,
 ) -> Result<Moved, BatchError> {
     let moving = topo.placement.migration().ok_or(BatchError::NotMoving(0))?;
     let epoch = moving.epoch;
@@ -130,15 +145,21 @@ pub async fn run(
     let result = async {
         expect_count(&mut src, &lock("owned"), batch.arcs.len(), &source_name).await?;
         let locked = Instant::now();
-        let keys = performers(&mut src, tables, key_column, &source_name).await?;
+        let recent =
+            keys_since(&mut src, tables, key_column, known.since_xid, &source_name).await?;
         let listed = Instant::now();
-        let keys: Vec<i64> = keys
-            .into_iter()
+        let keys: Vec<i64> = known
+            .keys
+            .iter()
+            .copied()
+            .chain(recent)
             .filter(|k| {
                 moving
                     .arc_of_hash(Ring::key_hash(*k))
                     .is_some_and(|a| batch.arcs.contains(&a))
             })
+            .collect::<BTreeSet<i64>>()
+            .into_iter()
             .collect();
         expect_count(&mut dst, &lock("incoming"), batch.arcs.len(), &dest_name).await?;
         let rows = copy_rows(
@@ -232,18 +253,74 @@ async fn expect_count(
     }
 }
 
-/// Every distinct key present on the source, over all sharded tables.
-async fn performers(
+/// One source's keys with their rows over all sharded tables, and the oldest transaction
+/// the listing may not have seen (taken *before* the listing's snapshot, so it is no
+/// younger than that snapshot's own oldest running transaction).
+pub async fn survey(
     conn: &mut Pooled,
     tables: &[TableCopy],
     key_column: &str,
+) -> Result<(u32, Vec<(i64, u64)>), BackendError> {
+    let since = conn
+        .conn()
+        .simple_query("SELECT (txid_snapshot_xmin(txid_current_snapshot()) % 4294967296)::text")
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse::<u32>().ok())
+        .ok_or_else(|| BackendError::Protocol("no snapshot xmin".into()))?;
+    let counts = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "SELECT {k} AS k, count(*) AS n FROM {} GROUP BY 1",
+                ident(&t.name),
+                k = ident(key_column)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let rows = conn
+        .conn()
+        .simple_query(&format!(
+            "SELECT k::text, sum(n)::text FROM ({counts}) s GROUP BY 1"
+        ))
+        .await?
+        .rows;
+    let keys = rows
+        .into_iter()
+        .filter_map(|row| {
+            let mut it = row
+                .into_iter()
+                .map(|v| v.and_then(|v| v.parse::<i64>().ok()));
+            match (it.next(), it.next()) {
+                (Some(Some(k)), Some(Some(n))) => Some((k, n.max(0) as u64)),
+                _ => None,
+            }
+        })
+        .collect();
+    Ok((since, keys))
+}
+
+/// The distinct keys of rows written by transaction `since_xid` or younger, over all
+/// sharded tables (a sequential scan comparing `xmin`; wrap-around safe through `age`:
+/// a frozen row whose old id looks young again is merely listed once more).
+async fn keys_since(
+    conn: &mut Pooled,
+    tables: &[TableCopy],
+    key_column: &str,
+    since_xid: Option<u32>,
     shard: &str,
 ) -> Result<Vec<i64>, BatchError> {
+    let since = since_xid
+        .map(|x| format!(" WHERE age(xmin) <= age('{x}'::xid)"))
+        .unwrap_or_default();
     let q = tables
         .iter()
         .map(|t| {
             format!(
-                "SELECT DISTINCT {} FROM {}",
+                "SELECT {} FROM {}{since}",
                 ident(key_column),
                 ident(&t.name)
             )
@@ -297,9 +374,10 @@ async fn copy_rows(
     Ok(moved)
 }
 
-/// One table's rows of the batch's keys: locked at the source first (a writer that does
-/// not go through the guard — the outbox relay stamping `sent_at` with a shard hint —
-/// finishes before the copy reads), then copied to the destination.
+/// One table's rows of the batch's keys, copied to the destination. The copy's SELECT
+/// locks each row it reads (`FOR UPDATE`): a writer that does not go through the guard —
+/// the outbox relay stamping `sent_at` with a shard hint — finishes first, and the copy
+/// reads the row as that writer left it.
 async fn copy_table(
     src: &mut Pooled,
     dst: &mut Pooled,
@@ -309,12 +387,6 @@ async fn copy_table(
     (source, dest): (&str, &str),
 ) -> Result<u64, BatchError> {
     let (table, key) = (ident(&t.name), ident(key_column));
-    sql(
-        src,
-        &format!("SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {key} = ANY({key_list}) FOR UPDATE) l"),
-        source,
-    )
-    .await?;
     let cols = t
         .columns
         .iter()
@@ -332,7 +404,7 @@ async fn copy_table(
         format!(" ORDER BY {}", by.join(", "))
     };
     let copy_out = format!(
-        "COPY (SELECT {cols} FROM {table} x WHERE x.{key} = ANY({key_list}){order}) \
+        "COPY (SELECT {cols} FROM {table} x WHERE x.{key} = ANY({key_list}){order} FOR UPDATE) \
          TO STDOUT (FORMAT binary)"
     );
     let copy_in = format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)");

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::batch::{self, Batch, TableCopy};
+use super::batch::{self, Batch, KnownKeys, TableCopy};
 use crate::meta::moves::{self, MovedBatch};
 use crate::proxy::{Proxy, Topology};
 use proxy_core::placement::MoveArc;
@@ -31,7 +31,7 @@ pub async fn drive(proxy: Arc<Proxy>, epoch: i64) {
     let mut mover = Mover {
         proxy,
         epoch,
-        estimates: None,
+        survey: None,
         tables: None,
         backoff: Duration::from_millis(200),
         last_wait_log: None,
@@ -57,11 +57,39 @@ enum Step {
     Finished,
 }
 
+/// One look at every source at the start of moving.
+#[derive(Debug, Default)]
+struct Survey {
+    /// Rows per pending arc (every sharded table's).
+    rows: HashMap<u32, u64>,
+    /// Keys per pending arc.
+    keys: HashMap<u32, Vec<i64>>,
+    /// Per source (union shard index): the oldest transaction its listing may have missed.
+    since: HashMap<usize, u32>,
+}
+
+impl Survey {
+    /// What `batch` starts from. A source missing from the survey (cannot happen: every
+    /// source is surveyed) gets no `since`: every row's key is listed, slow but exact.
+    fn known_keys(&self, batch: &Batch) -> KnownKeys {
+        KnownKeys {
+            keys: batch
+                .arcs
+                .iter()
+                .filter_map(|a| self.keys.get(a))
+                .flatten()
+                .copied()
+                .collect(),
+            since_xid: self.since.get(&batch.source).copied(),
+        }
+    }
+}
+
 struct Mover {
     proxy: Arc<Proxy>,
     epoch: i64,
-    /// Rows per arc at the start of moving (for batch sizes, the total and the ETA).
-    estimates: Option<HashMap<u32, u64>>,
+    /// The sources as they were at the start of moving (or of this owner's turn).
+    survey: Option<Survey>,
     tables: Option<Vec<TableCopy>>,
     backoff: Duration,
     last_wait_log: Option<Instant>,
@@ -149,9 +177,9 @@ impl Mover {
         let Some(topo) = self.topology() else {
             return Ok(Step::Wait(Duration::from_millis(50)));
         };
-        if self.estimates.is_none() {
+        if self.survey.is_none() {
             self.reconcile(&topo).await?;
-            self.estimate(&topo).await?;
+            self.survey(&topo).await?;
         }
         let Some(next) = self.next_batch(&topo) else {
             return self.finish().await;
@@ -159,7 +187,12 @@ impl Mover {
         let tables = self.tables.clone().unwrap_or_default();
         let key = self.proxy.config().sharding.key_column.clone();
         let started = Instant::now();
-        let moved = batch::run(&self.proxy, &topo, &next, &key, &tables)
+        let known = self
+            .survey
+            .as_ref()
+            .map(|s| s.known_keys(&next))
+            .unwrap_or_default();
+        let moved = batch::run(&self.proxy, &topo, &next, &key, &tables, &known)
             .await
             .map_err(|e| e.to_string())?;
         let arcs: Vec<(u32, String, String)> = next
@@ -271,15 +304,16 @@ impl Mover {
         Ok(())
     }
 
-    /// Rows per pending arc (each source's keys counted once), and the tables' columns.
-    async fn estimate(&mut self, topo: &Arc<Topology>) -> Result<(), String> {
+    /// Surveys every source once: the keys and rows of each pending arc (for batch sizes,
+    /// the total and the ETA, and the keys each batch starts from), and the tables'
+    /// columns.
+    async fn survey(&mut self, topo: &Arc<Topology>) -> Result<(), String> {
         let Some(m) = topo.placement.migration() else {
             return Ok(());
         };
         let config = self.proxy.config();
         let key = &config.sharding.key_column;
-        let first = config.sharding.tables.first().cloned().unwrap_or_default();
-        let mut per_arc: HashMap<u32, u64> = HashMap::new();
+        let mut survey = Survey::default();
         let sources: std::collections::BTreeSet<usize> = m.arcs.iter().map(|a| a.source).collect();
         for s in sources {
             let pool = &topo.shards[s];
@@ -293,34 +327,25 @@ impl Mover {
                     .map_err(|e| format!("{}: {e}", pool.name))?;
                 self.tables = Some(tables);
             }
-            let r = conn
-                .conn()
-                .simple_query(&format!(
-                    "SELECT \"{k}\"::text, count(*)::text FROM \"{t}\" GROUP BY 1",
-                    k = key.replace('"', "\"\""),
-                    t = first.replace('"', "\"\"")
-                ))
+            let tables = self.tables.clone().unwrap_or_default();
+            let (since, keys) = batch::survey(&mut conn, &tables, key)
                 .await
                 .map_err(|e| format!("{}: {e}", pool.name))?;
             conn.release();
-            for row in r.rows {
-                let mut it = row
-                    .into_iter()
-                    .map(|v| v.and_then(|v| v.parse::<i64>().ok()));
-                let (Some(Some(k)), Some(Some(n))) = (it.next(), it.next()) else {
-                    continue;
-                };
+            survey.since.insert(s, since);
+            for (k, n) in keys {
                 if let Some(arc) = m.arc_of_hash(Ring::key_hash(k)) {
                     if m.arcs[arc as usize].source == s && !m.is_done(arc) {
-                        *per_arc.entry(arc).or_default() += n as u64;
+                        *survey.rows.entry(arc).or_default() += n;
+                        survey.keys.entry(arc).or_default().push(k);
                     }
                 }
             }
         }
-        let total: u64 = per_arc.values().sum();
+        let total: u64 = survey.rows.values().sum();
         let _ = moves::set_rows_total(&self.proxy.meta, self.epoch, total).await;
         tracing::info!(epoch = self.epoch, rows = total, "rows to move (estimate)");
-        self.estimates = Some(per_arc);
+        self.survey = Some(survey);
         Ok(())
     }
 
@@ -328,11 +353,11 @@ impl Mover {
     fn next_batch(&self, topo: &Arc<Topology>) -> Option<Batch> {
         let m = topo.placement.migration()?;
         let limit = u64::from(self.proxy.config().reshard.batch_rows);
-        let est = self.estimates.as_ref();
+        let rows = self.survey.as_ref().map(|s| &s.rows);
         group_batch(
             &m.arcs,
             |i| m.is_done(i),
-            |i| est.and_then(|e| e.get(&i)).copied().unwrap_or(0),
+            |i| rows.and_then(|r| r.get(&i)).copied().unwrap_or(0),
             limit,
         )
     }
@@ -350,7 +375,7 @@ impl Mover {
                 .unwrap_or(usize::MAX)
         {
             // Recorded arcs lag this proxy's marks only if a record failed: retry it.
-            self.estimates = None;
+            self.survey = None;
             return Ok(Step::Wait(Duration::from_millis(100)));
         }
         moves::finish(&self.proxy.meta, self.epoch, view.from.epoch)
