@@ -6,7 +6,7 @@ CARGO ?= cargo
 DEVSTACK := target/debug/taskflow-devstack
 export TASKFLOW_CACHE ?= /var/cache/taskflow
 
-.PHONY: help deps build dev up down restart status logs db-reset add-shard remove-shard test test-rust test-nixos test-systemd lint fmt fmt-check nix-check bench clean
+.PHONY: help deps build dev up down restart status logs db-reset add-shard remove-shard test test-rust test-nixos test-systemd lint fmt fmt-check nix-check bench bench-reshard clean
 
 help: ## Show the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ test-systemd: test-nixos ## Boot a Debian VM and run the module's units under re
 
 bench: deps ## Proxy vs pgbouncer vs direct PostgreSQL, one run (shard-proxy/bench/pgbench.sh; root; DURATION, CLIENTS, REPS)
 	shard-proxy/bench/pgbench.sh
+
+bench-reshard: deps ## ADD/REMOVE SHARD under write load: rows/s, write p50/p99 before and during, integrity (shard-proxy/bench/reshard.sh; root; ROWS, LOAD_RATE, THROTTLE)
+	shard-proxy/bench/reshard.sh
 
 lint: ## clippy with warnings as errors, and the Nix parse check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -57,6 +57,8 @@ LOAD_CLIENTS=${LOAD_CLIENTS:-8}
 LOAD_RATE=${LOAD_RATE:-200}
 LOAD_THREADS=${LOAD_THREADS:-2}
 BATCH_ROWS=${BATCH_ROWS:-5000}
+# rows/s the move may take ([reshard] throttle_rows_per_sec); 0 = as fast as it goes
+THROTTLE=${THROTTLE:-0}
 WRITE_PAUSE_MS=${WRITE_PAUSE_MS:-1000}
 BEFORE_SECS=${BEFORE_SECS:-20}
 CHUNK_SECS=${CHUNK_SECS:-10}
@@ -141,6 +143,7 @@ admin = true
 size = $POOL
 [reshard]
 batch_rows = $BATCH_ROWS
+throttle_rows_per_sec = $THROTTLE
 write_pause_ms = $WRITE_PAUSE_MS
 [backend]
 user = "taskflow"
@@ -229,6 +232,16 @@ stats() {
       printf "%.1f %.1f %.1f", v[i50] / 1000, v[i99] / 1000, v[NR] / 1000 }')
   echo "$(cat "$WORK/counts") $pct"
 }
+# tail T0 T1 LOGFILE…: how many committed transactions ended in [T0, T1] over 10/50/100 ms
+# (tells a few long lock waits from a slower everything).
+tail_counts() {
+  local t0=$1 t1=$2; shift 2
+  [ $# -gt 0 ] || set -- /dev/null
+  cat "$@" 2>/dev/null | awk -v t0="$t0" -v t1="$t1" '
+    { t = $5 + $6 / 1e6; if (t0 != "" && (t < t0 || t > t1)) next
+      if ($3 ~ /^[0-9]+$/) { n++; if ($3 > 10000) a++; if ($3 > 50000) b++; if ($3 > 100000) c++ } }
+    END { printf "of %d: %d over 10 ms, %d over 50 ms, %d over 100 ms", n, a, b, c }'
+}
 logs() { compgen -G "$WORK/log/$1*" | grep -v '\.out$' || true; }
 aborted() { cat "$WORK"/log/"$1"*.out 2>/dev/null | grep -c 'aborted' || true; }
 first_errors() { cat "$WORK"/log/"$1"*.out 2>/dev/null | grep -iE 'error|aborted' | sort | uniq -c | sort -rn | head -5 || true; }
@@ -303,6 +316,8 @@ move() {
   R["$name aborted"]=$(( $(aborted "$name-before") + $(aborted "$name-during") ))
   echo "   during: committed ${R[$name d_ok]}, failed ${R[$name d_fail]} (after $MAX_TRIES tries), retried ${R[$name d_retr]}," \
     "p50 ${R[$name d_p50]} ms, p99 ${R[$name d_p99]} ms, max ${R[$name d_max]} ms; pgbench clients aborted: ${R[$name aborted]}"
+  # shellcheck disable=SC2046
+  echo "   before, $(tail_counts "" "" $(logs "$name-before")); during, $(tail_counts "$t0" "$t1" $(logs "$name-during"))"
   if [ "${R[$name aborted]}" != 0 ] || [ "${R[$name d_fail]}" != 0 ]; then first_errors "$name-" | sed 's/^/     /'; fi
   [ "$state" = done ]
 }
@@ -359,7 +374,7 @@ fi
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 verdict() { if [ "$1" = 1 ]; then echo "met"; else echo "NOT met"; fi; }
 echo
-echo "== results: $ROWS tasks, $PERFORMERS performers; 3 → 4 shards (ADD) and 4 → 3 (REMOVE); batch_rows $BATCH_ROWS;"
+echo "== results: $ROWS tasks, $PERFORMERS performers; 3 → 4 shards (ADD) and 4 → 3 (REMOVE); batch_rows $BATCH_ROWS, throttle $THROTTLE rows/s;"
 echo "   load $LOAD_CLIENTS clients, $LOAD_RATE tx/s (BEGIN; INSERT; UPDATE; COMMIT), pgbench --max-tries=$MAX_TRIES;" \
   "load average now $(cut -d' ' -f1-3 /proc/loadavg)"
 printf "%-7s %-6s %9s %10s %9s %10s %11s %9s %9s %9s %9s %9s %12s %9s %11s\n" \
