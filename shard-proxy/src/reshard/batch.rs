@@ -23,6 +23,7 @@ use std::time::Instant;
 use crate::backend::{copy, BackendError, Pooled};
 use crate::proxy::{Proxy, Topology};
 use crate::session::{txn, Txn};
+use proxy_core::placement::Moving;
 use proxy_core::ring::Ring;
 
 /// Consecutive pending arcs with one source and one destination (union shard indexes).
@@ -148,19 +149,11 @@ pub async fn run(
         let recent =
             keys_since(&mut src, tables, key_column, known.since_xid, &source_name).await?;
         let listed = Instant::now();
-        let keys: Vec<i64> = known
-            .keys
-            .iter()
-            .copied()
-            .chain(recent)
-            .filter(|k| {
-                moving
-                    .arc_of_hash(Ring::key_hash(*k))
-                    .is_some_and(|a| batch.arcs.contains(&a))
-            })
-            .collect::<BTreeSet<i64>>()
-            .into_iter()
-            .collect();
+        let keys = keys_in_arcs(
+            moving,
+            &batch.arcs,
+            known.keys.iter().copied().chain(recent),
+        );
         expect_count(&mut dst, &lock("incoming"), batch.arcs.len(), &dest_name).await?;
         let rows = copy_rows(
             &mut src,
@@ -200,6 +193,19 @@ pub async fn run(
         copy_ms: ms(copied - listed),
         commit_ms: ms(copied.elapsed()),
     })
+}
+
+/// The distinct keys among `candidates` that hash into one of `arcs`.
+fn keys_in_arcs(moving: &Moving, arcs: &[u32], candidates: impl Iterator<Item = i64>) -> Vec<i64> {
+    candidates
+        .filter(|k| {
+            moving
+                .arc_of_hash(Ring::key_hash(*k))
+                .is_some_and(|a| arcs.contains(&a))
+        })
+        .collect::<BTreeSet<i64>>()
+        .into_iter()
+        .collect()
 }
 
 async fn take(topo: &Topology, shard: usize) -> Result<Pooled, BatchError> {
