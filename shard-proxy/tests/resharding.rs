@@ -862,6 +862,16 @@ async fn pause_resume_and_throttle_from_the_console() {
     );
 }
 
+/// Direct clients of shard-1, shard-2 and the shard-3 that `spare_shard(env, 1, "tasks3",
+/// …)` made, in ring order.
+async fn three_shards(env: &Env) -> [Client; 3] {
+    [
+        env.shard(0).await,
+        env.shard(1).await,
+        env.shards[1].client("tasks3").await.expect("shard-3"),
+    ]
+}
+
 /// Every sharded table of a performer moves with it, value for value: tasks (NULL-free
 /// defaults, Unicode, quotes, timestamps), task_observers, and outbox rows (jsonb, NULL
 /// `sent_at`, the serial id renumbered by the destination, relative order kept).
@@ -930,23 +940,19 @@ async fn every_table_of_a_performer_moves_value_for_value() {
         .expect("ADD SHARD");
     let done = wait_done(&admin, Duration::from_secs(120)).await;
     assert_eq!(done["state"], "done", "{done:?}");
-    let on_three = env.shards[1].client("tasks3").await.expect("shard-3");
-    let moved: i64 = on_three
+    let [one, two, three] = three_shards(&env).await;
+    let moved: i64 = three
         .query_one("SELECT count(*) FROM outbox", &[])
         .await
         .expect("count")
         .get(0);
     assert!(moved > 0, "shard-3 took outbox rows");
-    let after = snapshot(vec![env.shard(0).await, env.shard(1).await, on_three]).await;
+    let after = snapshot(vec![one, two, three]).await;
     assert_eq!(after, before, "every row arrived unchanged, once");
 
     // Every table's rows sit with their performer's owner.
     let ring = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
-    let clients = [
-        env.shard(0).await,
-        env.shard(1).await,
-        env.shards[1].client("tasks3").await.expect("shard-3"),
-    ];
+    let clients = three_shards(&env).await;
     for (i, s) in clients.iter().enumerate() {
         for table in ["tasks", "task_observers", "outbox"] {
             for r in s
@@ -1028,11 +1034,7 @@ async fn keys_first_written_mid_move_move_too() {
     assert_eq!(done["state"], "done");
 
     let ring = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
-    let shards = [
-        env.shard(0).await,
-        env.shard(1).await,
-        env.shards[1].client("tasks3").await.expect("shard-3"),
-    ];
+    let shards = three_shards(&env).await;
     let mut all = BTreeSet::new();
     for (i, s) in shards.iter().enumerate() {
         for r in s

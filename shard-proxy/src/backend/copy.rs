@@ -3,8 +3,8 @@
 //!
 //! Why: online resharding moves rows between shards that share one schema. Binary COPY is
 //! the cheapest path PostgreSQL offers for that — no text or JSON rendering and parsing on
-//! either side — and the proxy only forwards CopyData frames as they arrive (a few frames
-//! buffered at a time, whatever the row count).
+//! either side — and the proxy only forwards CopyData frames as they arrive (at most
+//! [`FLUSH_BYTES`] buffered, whatever the row count).
 
 use postgres_protocol::message::frontend;
 

@@ -327,8 +327,8 @@ impl Mover {
                     .map_err(|e| format!("{}: {e}", pool.name))?;
                 self.tables = Some(tables);
             }
-            let tables = self.tables.clone().unwrap_or_default();
-            let (since, keys) = batch::survey(&mut conn, &tables, key)
+            let tables = self.tables.as_deref().unwrap_or_default();
+            let (since, keys) = batch::survey(&mut conn, tables, key)
                 .await
                 .map_err(|e| format!("{}: {e}", pool.name))?;
             conn.release();

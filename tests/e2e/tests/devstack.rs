@@ -176,25 +176,9 @@ async fn up_serves_the_seed_requests_and_down_leaves_nothing_running() {
         (200, r#"{"message":"API is working"}"#)
     );
     for (email, name) in [("user@example.com", "John Doe"), ("two@example.com", "Two")] {
-        let (code, body) = curl(&[
-            "-XPOST",
-            &format!("{gw}/auth/register"),
-            "-H",
-            h,
-            "-d",
-            &format!(r#"{{"email":"{email}","name":"{name}","password":"securepassword"}}"#),
-        ]);
-        assert_eq!(code, 201, "{body}");
+        register(&gw, email, name);
     }
-    let (code, body) = curl(&[
-        "-XPOST",
-        &format!("{gw}/auth/login"),
-        "-H",
-        h,
-        "-d",
-        r#"{"email":"user@example.com","password":"securepassword"}"#,
-    ]);
-    assert_eq!(code, 200, "{body}");
+    let body = login(&gw, "user@example.com");
     assert_eq!(json_field(&body, "id"), "1", "login id is a string: {body}");
     let auth = format!("authorization: Bearer {}", json_field(&body, "token"));
     let (code, body) = curl(&[
@@ -451,30 +435,37 @@ const PERFORMERS: usize = 4;
 
 /// Registers `n` users (ids 1..=n on a fresh stack) and returns the first one's token.
 fn register_and_login(gw: &str, n: usize) -> String {
-    let h = "content-type: application/json";
     for i in 1..=n {
-        let (code, body) = curl(&[
-            "-XPOST",
-            &format!("{gw}/auth/register"),
-            "-H",
-            h,
-            "-d",
-            &format!(
-                r#"{{"email":"load{i}@example.com","name":"Load {i}","password":"securepassword"}}"#
-            ),
-        ]);
-        assert_eq!(code, 201, "{body}");
+        register(gw, &format!("load{i}@example.com"), &format!("Load {i}"));
     }
+    json_field(&login(gw, "load1@example.com"), "token")
+}
+
+/// Registers a user (password `securepassword`); any answer but 201 fails the test.
+fn register(gw: &str, email: &str, name: &str) {
+    let (code, body) = curl(&[
+        "-XPOST",
+        &format!("{gw}/auth/register"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &format!(r#"{{"email":"{email}","name":"{name}","password":"securepassword"}}"#),
+    ]);
+    assert_eq!(code, 201, "{body}");
+}
+
+/// Logs a registered user in; the answer's body (200 or the test fails).
+fn login(gw: &str, email: &str) -> String {
     let (code, body) = curl(&[
         "-XPOST",
         &format!("{gw}/auth/login"),
         "-H",
-        h,
+        "content-type: application/json",
         "-d",
-        r#"{"email":"load1@example.com","password":"securepassword"}"#,
+        &format!(r#"{{"email":"{email}","password":"securepassword"}}"#),
     ]);
     assert_eq!(code, 200, "{body}");
-    json_field(&body, "token")
+    body
 }
 
 /// Creates tasks round-robin over performers 1..=n until `stop`: the ids acknowledged

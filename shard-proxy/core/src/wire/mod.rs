@@ -158,20 +158,14 @@ impl std::fmt::Display for ErrorInfo {
 /// Reads severity, SQLSTATE and message from an ErrorResponse/NoticeResponse body.
 pub fn error_info(body: &[u8]) -> ErrorInfo {
     let mut info = ErrorInfo::default();
-    let mut rest = body;
-    while let Some((&t, tail)) = rest.split_first() {
-        if t == 0 {
-            break;
-        }
-        let end = tail.iter().position(|&c| c == 0).unwrap_or(tail.len());
-        let v = String::from_utf8_lossy(&tail[..end]).into_owned();
-        match t {
+    for (k, v) in error_fields(body) {
+        let v = String::from_utf8_lossy(&v).into_owned();
+        match k {
             b'S' => info.severity = v,
             b'C' => info.code = v,
             b'M' => info.message = v,
             _ => {}
         }
-        rest = tail.get(end + 1..).unwrap_or_default();
     }
     info
 }
