@@ -11,7 +11,9 @@
 #     `bench` (pgbench -i -s $SCALE), databases tasks1..3 (the TaskFlow shard schema) and
 #     `tasksall` (the same schema, one database that will hold all the rows);
 #  2. starts the proxy (release build) with `auth` → bench (passthrough) and shards
-#     shard-1..3 → tasks1..3, and pgbouncer (transaction mode, same pool size) with
+#     shard-1..3 → tasks1..3 — twice: as configured by default (one runtime thread per
+#     core) and with `worker_threads = 1` ("proxy1") — and pgbouncer (transaction mode,
+#     same pool size) with
 #     `bench` and `tasksall`; loads the same $SEED_ROWS tasks through the proxy (COPY,
 #     split by performer_id over the 3 shards) and straight into `tasksall`;
 #  3. runs `pgbench -S` in simple and prepared mode for each client count against direct
@@ -19,7 +21,8 @@
 #     performer_id) through the proxy (`tasks`, 3 shards) and through pgbouncer
 #     (`tasksall`, plain pooling, no routing) — every cell $REPS times, the rounds
 #     interleaved (round 1 of every cell, then round 2, …) so that drifting background load
-#     hits every column alike; prints each cell's median TPS and the ratios;
+#     hits every column alike; prints each cell's median TPS, the ratios, and the CPU time
+#     pgbouncer and each proxy spent per transaction (less noisy than TPS on a shared box);
 #  4. with PROFILE=1 and `perf` installed: samples the proxy for $PROFILE_SECS s under
 #     `pgbench -S -M simple -c 16` and prints its hottest symbols;
 #  5. opens $IDLE idle clients to the proxy and reports RSS growth per client.
@@ -65,6 +68,7 @@ if [ -z "${PROXY_BIN:-}" ]; then
 fi
 
 PG_PORT=$(free_port); PROXY_PORT=$(free_port); BOUNCER_PORT=$(free_port); METRICS_PORT=$(free_port)
+PROXY1_PORT=$(free_port); METRICS1_PORT=$(free_port)
 export PGPASSWORD=taskflow PGUSER=taskflow PGHOST=127.0.0.1
 
 echo "== starting PostgreSQL on $PG_PORT"
@@ -123,6 +127,14 @@ CONF
 ulimit -n 65536 2>/dev/null || true
 "$PROXY_BIN" --config "$WORK/proxy.toml" > "$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
+# The same proxy configured with `worker_threads = 1` (one thread, as pgbouncer runs), over
+# the same shards: a second column, so the runtime's cost shows side by side.
+echo "== starting the one-thread proxy on $PROXY1_PORT"
+sed -e "s/^listen = .*/listen = \"127.0.0.1:$PROXY1_PORT\"/" \
+    -e "s/^metrics_listen = .*/metrics_listen = \"127.0.0.1:$METRICS1_PORT\"\nworker_threads = 1/" \
+    -e "s#^state_dir = .*#state_dir = \"$WORK/state1\"#" "$WORK/proxy.toml" > "$WORK/proxy1.toml"
+"$PROXY_BIN" --config "$WORK/proxy1.toml" > "$WORK/proxy1.log" 2>&1 &
+PROXY1_PID=$!; PIDS+=("$PROXY1_PID")
 
 echo "== starting pgbouncer on $BOUNCER_PORT"
 mkdir -p "$WORK/bouncer" && chown postgres "$WORK/bouncer"
@@ -147,7 +159,8 @@ chown -R postgres "$WORK/bouncer"
 su postgres -s /bin/sh -c "pgbouncer $WORK/bouncer/pgbouncer.ini" >/dev/null 2>&1 &
 PIDS+=("$!")
 for _ in $(seq 50); do
-  if psql -p "$PROXY_PORT" -d auth -qAtc 'select 1' >/dev/null 2>&1 && psql -p "$BOUNCER_PORT" -d bench -qAtc 'select 1' >/dev/null 2>&1; then break; fi
+  if psql -p "$PROXY_PORT" -d auth -qAtc 'select 1' >/dev/null 2>&1 && psql -p "$PROXY1_PORT" -d auth -qAtc 'select 1' >/dev/null 2>&1 \
+    && psql -p "$BOUNCER_PORT" -d bench -qAtc 'select 1' >/dev/null 2>&1; then break; fi
   sleep 0.2
 done
 
@@ -174,41 +187,55 @@ SELECT id, title FROM tasks WHERE performer_id = :p AND id = :id;
 SELECT count(*) FROM tasks WHERE performer_id = :p;
 SQL
 
-# run PORT DB MODE CLIENTS [pgbench args]: prints TPS or "error"
+# CPU time (user + system, in clock ticks) a process has used so far; 0 without one.
+cpu_ticks() { if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then awk '{ print $14 + $15 }' "/proc/$1/stat"; else echo 0; fi; }
+TICKS=$(getconf CLK_TCK)
+# run PID PORT DB MODE CLIENTS [pgbench args]: prints "TPS CPU" — CPU is the microseconds
+# of CPU process PID (the pooler; empty: none) spent per transaction — or "error"
 run() {
-  local port=$1 db=$2 mode=$3 c=$4; shift 4
+  local pid=$1 port=$2 db=$3 mode=$4 c=$5; shift 5
   local j=$(( c < 2 ? c : 2 ))
-  local out
+  local out before after
+  before=$(cpu_ticks "$pid")
   if out=$(pgbench -n -M "$mode" -c "$c" -j "$j" -T "$DURATION" -p "$port" "$@" "$db" 2>&1 </dev/null); then
-    echo "$out" | awk '/^tps = / { printf "%.0f", $3; exit }'
+    after=$(cpu_ticks "$pid")
+    echo "$out" | awk -v t=$(( after - before )) -v hz="$TICKS" -v pid="$pid" '
+      /^tps = / { tps = $3 } /actually processed:/ { n = $NF }
+      END { if (pid == "" || n == 0) printf "%.0f -\n", tps; else printf "%.0f %.1f\n", tps, t * 1e6 / hz / n }'
   else
-    echo "error"
+    echo "error -"
   fi
 }
 # median of the numeric arguments ("error" if none is numeric)
 median() { printf '%s\n' "$@" | { grep -E '^[0-9]+$' || true; } | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "error"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { if [[ "$1" =~ ^[0-9]+$ && "$2" =~ ^[0-9]+$ && "$2" -gt 0 ]]; then awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; else echo "n/a"; fi; }
+# median of decimal numbers ("-" if none)
+median_dec() { printf '%s\n' "$@" | { grep -E '^[0-9.]+$' || true; } | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-# Every cell: kind (S = pgbench -S, W = sharded workload) mode clients target.
-declare -A RESULTS
+# Every cell: kind (S = pgbench -S, W = sharded workload) mode clients target. `proxy1`
+# is the proxy with worker_threads = 1.
+declare -A RESULTS CPU
 cells() {
   for kind in S W; do
     for mode in simple prepared; do
       for c in $CLIENTS; do
-        if [ "$kind" = S ]; then echo "S $mode $c direct"; echo "S $mode $c pgbouncer"; echo "S $mode $c proxy"
-        else echo "W $mode $c pgbouncer"; echo "W $mode $c proxy"; fi
+        if [ "$kind" = S ]; then echo "S $mode $c direct"; fi
+        echo "$kind $mode $c pgbouncer"; echo "$kind $mode $c proxy"; echo "$kind $mode $c proxy1"
       done
     done
   done
 }
+BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid" 2>/dev/null || true)
 cell() {
   local kind=$1 mode=$2 c=$3 target=$4
   case "$kind/$target" in
-    S/direct) run "$PG_PORT" bench "$mode" "$c" -S ;;
-    S/pgbouncer) run "$BOUNCER_PORT" bench "$mode" "$c" -S ;;
-    S/proxy) run "$PROXY_PORT" auth "$mode" "$c" -S ;;
-    W/pgbouncer) run "$BOUNCER_PORT" tasksall "$mode" "$c" -f "$WORK/sharded.sql" ;;
-    W/proxy) run "$PROXY_PORT" tasks "$mode" "$c" -f "$WORK/sharded.sql" ;;
+    S/direct) run "" "$PG_PORT" bench "$mode" "$c" -S ;;
+    S/pgbouncer) run "$BOUNCER_PID" "$BOUNCER_PORT" bench "$mode" "$c" -S ;;
+    S/proxy) run "$PROXY_PID" "$PROXY_PORT" auth "$mode" "$c" -S ;;
+    S/proxy1) run "$PROXY1_PID" "$PROXY1_PORT" auth "$mode" "$c" -S ;;
+    W/pgbouncer) run "$BOUNCER_PID" "$BOUNCER_PORT" tasksall "$mode" "$c" -f "$WORK/sharded.sql" ;;
+    W/proxy) run "$PROXY_PID" "$PROXY_PORT" tasks "$mode" "$c" -f "$WORK/sharded.sql" ;;
+    W/proxy1) run "$PROXY1_PID" "$PROXY1_PORT" tasks "$mode" "$c" -f "$WORK/sharded.sql" ;;
   esac
 }
 ncells=$(cells | wc -l)
@@ -216,34 +243,42 @@ echo
 echo "== $REPS interleaved rounds of $ncells cells, ${DURATION}s each (~$(( REPS * ncells * DURATION / 60 + 1 )) min)"
 for rep in $(seq "$REPS"); do
   while read -r kind mode c target; do
-    t=$(cell "$kind" "$mode" "$c" "$target")
+    read -r t u < <(cell "$kind" "$mode" "$c" "$target")
     RESULTS["$kind $mode $c $target"]+="$t "
-    printf '  round %s: %s %-8s %3s %-9s %s\n' "$rep" "$kind" "$mode" "$c" "$target" "$t"
+    CPU["$kind $mode $c $target"]+="$u "
+    printf '  round %s: %s %-8s %3s %-9s %s TPS, %s µs CPU/tx\n' "$rep" "$kind" "$mode" "$c" "$target" "$t" "$u"
   done < <(cells)
 done
 med() { # shellcheck disable=SC2086
   median ${RESULTS["$1"]}; }
 runs() { echo "${RESULTS["$1"]}" | sed 's/ *$//; s/ /, /g'; }
+cpu() { # shellcheck disable=SC2086
+  median_dec ${CPU["$1"]}; }
 
 echo
-echo "== pgbench -S (select-only), scale $SCALE, pool $POOL: median TPS of $REPS runs [runs]"
-printf "%-9s %7s %10s %10s %10s %13s %16s   %s\n" mode clients direct pgbouncer proxy proxy/direct proxy/pgbouncer "runs direct | pgbouncer | proxy"
+echo "== pgbench -S (select-only), scale $SCALE, pool $POOL: median TPS of $REPS runs [runs];"
+echo "   proxy1 = the proxy with worker_threads = 1; ratios: proxy/direct, proxy/pgbouncer (proxy1 in brackets)"
+printf "%-9s %7s %8s %9s %8s %8s %14s %17s %s   %s\n" mode clients direct pgbouncer proxy proxy1 "/direct" "/pgbouncer" "CPU µs/tx bouncer|proxy|proxy1" "runs direct | pgbouncer | proxy | proxy1"
 for mode in simple prepared; do
   for c in $CLIENTS; do
-    d=$(med "S $mode $c direct"); b=$(med "S $mode $c pgbouncer"); p=$(med "S $mode $c proxy")
-    printf "%-9s %7s %10s %10s %10s %13s %16s   %s | %s | %s\n" "$mode" "$c" "$d" "$b" "$p" "$(ratio "$p" "$d")" "$(ratio "$p" "$b")" \
-      "$(runs "S $mode $c direct")" "$(runs "S $mode $c pgbouncer")" "$(runs "S $mode $c proxy")"
+    d=$(med "S $mode $c direct"); b=$(med "S $mode $c pgbouncer"); p=$(med "S $mode $c proxy"); q=$(med "S $mode $c proxy1")
+    printf "%-9s %7s %8s %9s %8s %8s %14s %17s %s   %s | %s | %s | %s\n" "$mode" "$c" "$d" "$b" "$p" "$q" \
+      "$(ratio "$p" "$d") ($(ratio "$q" "$d"))" "$(ratio "$p" "$b") ($(ratio "$q" "$b"))" \
+      "$(cpu "S $mode $c pgbouncer")|$(cpu "S $mode $c proxy")|$(cpu "S $mode $c proxy1")" \
+      "$(runs "S $mode $c direct")" "$(runs "S $mode $c pgbouncer")" "$(runs "S $mode $c proxy")" "$(runs "S $mode $c proxy1")"
   done
 done
 
 echo
 echo "== sharded workload (1 insert, 1 update, 2 keyed reads per transaction; random performer_id):"
 echo "   proxy → 3 shards vs pgbouncer → tasksall (one database, all rows); median TPS of $REPS runs [runs]"
-printf "%-9s %7s %16s %12s %16s   %s\n" mode clients "pgbouncer(1 db)" "proxy(3 sh)" proxy/pgbouncer "runs pgbouncer | proxy"
+printf "%-9s %7s %16s %12s %13s %17s %s   %s\n" mode clients "pgbouncer(1 db)" "proxy(3 sh)" "proxy1(3 sh)" "/pgbouncer" "CPU µs/tx bouncer|proxy|proxy1" "runs pgbouncer | proxy | proxy1"
 for mode in simple prepared; do
   for c in $CLIENTS; do
-    b=$(med "W $mode $c pgbouncer"); p=$(med "W $mode $c proxy")
-    printf "%-9s %7s %16s %12s %16s   %s | %s\n" "$mode" "$c" "$b" "$p" "$(ratio "$p" "$b")" "$(runs "W $mode $c pgbouncer")" "$(runs "W $mode $c proxy")"
+    b=$(med "W $mode $c pgbouncer"); p=$(med "W $mode $c proxy"); q=$(med "W $mode $c proxy1")
+    printf "%-9s %7s %16s %12s %13s %17s %s   %s | %s | %s\n" "$mode" "$c" "$b" "$p" "$q" "$(ratio "$p" "$b") ($(ratio "$q" "$b"))" \
+      "$(cpu "W $mode $c pgbouncer")|$(cpu "W $mode $c proxy")|$(cpu "W $mode $c proxy1")" \
+      "$(runs "W $mode $c pgbouncer")" "$(runs "W $mode $c proxy")" "$(runs "W $mode $c proxy1")"
   done
 done
 

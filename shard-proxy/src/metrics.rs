@@ -31,12 +31,63 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
+/// How a statement was routed: the `route` label of `taskflow_shard_proxy_routes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// To one shard.
+    One = 0,
+    /// A write on several shards.
+    Broadcast = 1,
+    /// A read on several shards, merged.
+    Scatter = 2,
+    /// `COPY FROM STDIN` split by key over the shards.
+    CopySplit = 3,
+}
+
+impl Route {
+    const ALL: [Route; 4] = [
+        Route::One,
+        Route::Broadcast,
+        Route::Scatter,
+        Route::CopySplit,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::One => "one",
+            Route::Broadcast => "broadcast",
+            Route::Scatter => "scatter",
+            Route::CopySplit => "copy_split",
+        }
+    }
+}
+
+/// One shard's statement counter and latency histogram. Clones share the series, so a
+/// pool looks them up once instead of hashing and allocating a label on every statement.
+#[derive(Clone, Debug)]
+pub struct ShardSeries {
+    queries: Counter,
+    latency: Histogram,
+}
+
+impl ShardSeries {
+    /// Counts one statement that took `seconds` on the shard.
+    pub fn observe(&self, seconds: f64) {
+        self.queries.inc();
+        self.latency.observe(seconds);
+    }
+}
+
 /// All metrics; cheap to clone handles are inside.
 pub struct Metrics {
     pub queries: Family<ShardLabel, Counter>,
     pub latency: Family<ShardLabel, Histogram, fn() -> Histogram>,
     pub errors: Family<ErrorLabel, Counter>,
     pub routes: Family<RouteLabel, Counter>,
+    /// `routes`' series by [`Route`], created up front: counting a route on every
+    /// statement must not hash and allocate a label.
+    route_counts: [Counter; 4],
     pub pool_in_use: Family<ShardLabel, Gauge>,
     pub pool_idle: Family<ShardLabel, Gauge>,
     pub pool_waiting: Family<ShardLabel, Gauge>,
@@ -56,11 +107,20 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them in a new registry.
     pub fn new() -> (Metrics, Registry) {
+        let routes = Family::<RouteLabel, Counter>::default();
+        let route_counts = Route::ALL.map(|r| {
+            routes
+                .get_or_create(&RouteLabel {
+                    route: r.label().to_owned(),
+                })
+                .clone()
+        });
         let m = Metrics {
             queries: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             errors: Family::default(),
-            routes: Family::default(),
+            routes,
+            route_counts,
             pool_in_use: Family::default(),
             pool_idle: Family::default(),
             pool_waiting: Family::default(),
@@ -136,12 +196,16 @@ impl Metrics {
         (m, r)
     }
 
-    pub fn query(&self, shard: &str, seconds: f64) {
+    /// `shard`'s query counter and latency histogram, for a caller to keep (see
+    /// [`ShardSeries`]).
+    pub fn shard_series(&self, shard: &str) -> ShardSeries {
         let l = ShardLabel {
             shard: shard.to_owned(),
         };
-        self.queries.get_or_create(&l).inc();
-        self.latency.get_or_create(&l).observe(seconds);
+        ShardSeries {
+            queries: self.queries.get_or_create(&l).clone(),
+            latency: self.latency.get_or_create(&l).clone(),
+        }
     }
 
     pub fn error(&self, shard: &str, kind: &str) {
@@ -153,11 +217,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn route(&self, route: &str) {
-        self.routes
-            .get_or_create(&RouteLabel {
-                route: route.to_owned(),
-            })
-            .inc();
+    /// Counts one statement routed `route`.
+    pub fn route(&self, route: Route) {
+        self.route_counts[route as usize].inc();
     }
 }

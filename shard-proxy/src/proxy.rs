@@ -164,7 +164,8 @@ pub struct ClientInfo {
 /// A backend a client's statement is running on, for cancel forwarding.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub host: String,
+    /// Shared with the backend connection: taking a backend must not allocate.
+    pub host: Arc<str>,
     pub port: u16,
     pub pid: i32,
     pub secret: i32,
@@ -260,6 +261,12 @@ impl Proxy {
     /// The current topology (shorthand for `snapshot().topology`).
     pub fn topology(&self) -> Arc<Topology> {
         self.snapshot.load().topology.clone()
+    }
+
+    /// Whether `topo` is the current topology (no reference count taken: every message
+    /// asks).
+    pub fn is_current(&self, topo: &Arc<Topology>) -> bool {
+        Arc::ptr_eq(&self.snapshot.load().topology, topo)
     }
 
     /// The current configuration (shorthand for `snapshot().config`).
@@ -539,6 +546,10 @@ impl Proxy {
 
     /// Waits while the proxy is PAUSEd, at most `limit`; false when still paused then.
     pub async fn wait_unpaused(&self, limit: std::time::Duration) -> bool {
+        if !*self.paused.borrow() {
+            // Not paused (every statement asks): no subscription, no timer.
+            return true;
+        }
         let mut rx = self.paused.subscribe();
         let wait = async {
             while *rx.borrow_and_update() {

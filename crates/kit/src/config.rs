@@ -48,10 +48,16 @@ pub struct CommonConfig {
     pub log: LogConfig,
     /// Seconds a daemon may spend draining after SIGTERM before it exits anyway.
     pub shutdown_grace_secs: Option<u64>,
+    /// Threads of the async runtime; unset: one per CPU core. `1` runs every connection
+    /// on one thread, as pgbouncer does: no thread hand-offs, so the least CPU per
+    /// request, but at most one core's worth of work.
+    pub worker_threads: Option<usize>,
 }
 
 impl CommonConfig {
     pub const DEFAULT_GRACE_SECS: u64 = 10;
+    /// More threads than this is a typo, not a machine.
+    pub const MAX_WORKER_THREADS: usize = 1024;
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs.unwrap_or(Self::DEFAULT_GRACE_SECS))
@@ -63,6 +69,14 @@ impl CommonConfig {
                 "shutdown_grace_secs",
                 "must be at least 1",
             ));
+        }
+        if let Some(n) = self.worker_threads {
+            if !(1..=Self::MAX_WORKER_THREADS).contains(&n) {
+                return Err(ConfigError::invalid(
+                    "worker_threads",
+                    format!("must be between 1 and {}", Self::MAX_WORKER_THREADS),
+                ));
+            }
         }
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::invalid("log.level", "must not be empty"));
@@ -505,6 +519,22 @@ mod tests {
             err.to_string().starts_with("configuration key `log.level`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn worker_threads_is_bounded_and_overridable() {
+        for bad in ["0", "1025"] {
+            let f = file(&format!("worker_threads = {bad}\n"));
+            let err = load_with_env::<Sample>(Some(f.path()), env(&[])).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "configuration key `worker_threads`: must be between 1 and 1024"
+            );
+        }
+        let f = file("worker_threads = 4\n");
+        let cfg = load_with_env::<Sample>(Some(f.path()), env(&[("TASKFLOW_WORKER_THREADS", "1")]))
+            .expect("valid");
+        assert_eq!(cfg.common.worker_threads, Some(1));
     }
 
     #[test]

@@ -68,11 +68,19 @@ where
     }
     telemetry::init(name, &cfg.common().log);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name(name)
-        .build()
-    {
+    let mut builder = match cfg.common().worker_threads {
+        // One thread: the current-thread scheduler, without the work-stealing machinery
+        // (run queues shared between workers, waking an idle worker) it would not use.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().thread_name(name);
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");

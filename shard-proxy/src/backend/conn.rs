@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -172,7 +173,7 @@ pub struct BackendConn {
     pub pid: i32,
     pub secret: i32,
     /// `host:port`, for cancel requests.
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
     /// ParameterStatus values reported at startup.
     pub params: Vec<(String, String)>,
@@ -230,7 +231,7 @@ impl BackendConn {
             wbuf: BytesMut::with_capacity(1024),
             pid: 0,
             secret: 0,
-            host: target.host.clone(),
+            host: Arc::from(target.host.as_str()),
             port: target.port,
             params: Vec::new(),
             prepared: HashSet::new(),

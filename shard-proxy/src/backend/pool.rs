@@ -7,13 +7,14 @@
 //! discarded rather than reused whenever their state is uncertain.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{BackendConn, BackendError};
 use crate::config::{BackendSecurity, BackendTarget, PoolConfig};
+use crate::metrics::{Metrics, ShardSeries};
 
 /// Most prepared statements a pooled connection may carry before it is retired.
 const MAX_PREPARED_PER_CONN: usize = 2000;
@@ -63,6 +64,8 @@ pub struct Pool {
     pub healthy: AtomicBool,
     /// ParameterStatus values from the most recent connection (server_version, ...).
     server_params: Mutex<Vec<(String, String)>>,
+    /// This backend's statement metrics, looked up on first use.
+    series: OnceLock<ShardSeries>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -97,7 +100,15 @@ impl Pool {
             stats: PoolStats::default(),
             healthy: AtomicBool::new(true),
             server_params: Mutex::new(Vec::new()),
+            series: OnceLock::new(),
         })
+    }
+
+    /// Counts a statement sent at `started` and answered now in `metrics`.
+    pub fn observe_query(&self, metrics: &Metrics, started: Instant) {
+        self.series
+            .get_or_init(|| metrics.shard_series(&self.name))
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Whether this pool serves the same backend with the same credentials as `other` would.
@@ -120,14 +131,10 @@ impl Pool {
 
     /// Takes a connection: an idle one if a healthy one exists, else a new one.
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit =
-            tokio::time::timeout(self.checkout_timeout, self.sem.clone().acquire_owned()).await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-        let permit = match permit {
-            Err(_) => return Err(PoolError::Exhausted(self.name.clone())),
-            Ok(Err(_)) => return Err(PoolError::Closed(self.name.clone())),
-            Ok(Ok(p)) => p,
+        let permit = match self.sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            // The common case needs no timer; only a client that must wait arms one.
+            Err(_) => self.wait_for_permit().await?,
         };
         loop {
             let candidate = match self.idle.lock() {
@@ -155,6 +162,19 @@ impl Pool {
             pool: self.clone(),
             _permit: permit,
         })
+    }
+
+    /// Waits up to `pool.checkout_timeout_secs` for a free slot (counted in `waiting`).
+    async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit, PoolError> {
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit =
+            tokio::time::timeout(self.checkout_timeout, self.sem.clone().acquire_owned()).await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        match permit {
+            Err(_) => Err(PoolError::Exhausted(self.name.clone())),
+            Ok(Err(_)) => Err(PoolError::Closed(self.name.clone())),
+            Ok(Ok(p)) => Ok(p),
+        }
     }
 
     /// Opens a new connection outside the pool's accounting (for recovery and probes).

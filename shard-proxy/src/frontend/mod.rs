@@ -326,7 +326,7 @@ async fn forward_cancel(proxy: &Proxy, pid: i32, secret: i32) {
         let mut buf = BytesMut::new();
         postgres_protocol::message::frontend::cancel_request(t.pid, t.secret, &mut buf);
         let fut = async {
-            let mut s = TcpStream::connect((t.host.as_str(), t.port)).await?;
+            let mut s = TcpStream::connect((&*t.host, t.port)).await?;
             s.write_all(&buf).await?;
             s.shutdown().await
         };

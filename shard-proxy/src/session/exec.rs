@@ -16,6 +16,7 @@ use super::scatter::{self, Cursor, Pumped, ScatterError};
 use super::{ExecError, Session, Txn, Work};
 use crate::backend::BackendError;
 use crate::frontend::io::ClientError;
+use crate::metrics::Route;
 use proxy_core::merge::{Column, MergeSpec, Merger};
 use proxy_core::router::{Analysis, Params, Plan, Target};
 use proxy_core::sqltext::SetCommand;
@@ -165,16 +166,13 @@ impl Session {
             Ok(ok) => ok,
             Err(e) => return Err(self.relay_error(work, e)),
         };
-        let name = work.conn.pool().name.clone();
-        self.proxy
-            .metrics
-            .query(&name, started.elapsed().as_secs_f64());
+        work.conn.pool().observe_query(&self.proxy.metrics, started);
         if ok && set.is_some() {
             self.remember_set(set);
             work.conn.conn().settings.clone_from(&self.settings);
         }
         if !ok {
-            self.proxy.metrics.error(&name, "sql");
+            self.proxy.metrics.error(&work.conn.pool().name, "sql");
         }
         self.put_back(work, wrote);
         Ok(ok)
@@ -403,7 +401,7 @@ impl Session {
         }
         if let proxy_core::router::StatementKind::Copy { from_stdin } = analysis.kind {
             if from_stdin && targets.len() > 1 && analysis.statement_count == 1 {
-                self.proxy.metrics.route("copy_split");
+                self.proxy.metrics.route(Route::CopySplit);
                 return self.copy_split(sql).await;
             }
             if targets.len() != 1 {
@@ -414,7 +412,7 @@ impl Session {
             }
         }
         if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
-            self.proxy.metrics.route("one");
+            self.proxy.metrics.route(Route::One);
             if !plan.guards.is_empty() {
                 return self
                     .run_single_guarded(targets[0], raw, sql, analysis.is_write, &plan.guards)
@@ -555,10 +553,7 @@ impl Session {
             }
             match scatter::read_to_ready(&mut w).await {
                 Ok(()) => {
-                    let name = w.conn.pool().name.clone();
-                    self.proxy
-                        .metrics
-                        .query(&name, started.elapsed().as_secs_f64());
+                    w.conn.pool().observe_query(&self.proxy.metrics, started);
                     self.put_back(w, false);
                 }
                 Err(e) => {
@@ -581,9 +576,9 @@ impl Session {
     /// Counts a statement that runs on several shards, in `SHOW STATS` and the metrics.
     fn count_multi(&self, is_write: bool) {
         let (counter, route) = if is_write {
-            (&self.proxy.stats.broadcasts, "broadcast")
+            (&self.proxy.stats.broadcasts, Route::Broadcast)
         } else {
-            (&self.proxy.stats.scatter_reads, "scatter")
+            (&self.proxy.stats.scatter_reads, Route::Scatter)
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.proxy.metrics.route(route);
@@ -712,10 +707,7 @@ impl Session {
             .await;
             match r {
                 Ok(r) => {
-                    let name = w.conn.pool().name.clone();
-                    self.proxy
-                        .metrics
-                        .query(&name, started.elapsed().as_secs_f64());
+                    w.conn.pool().observe_query(&self.proxy.metrics, started);
                     results.push(r);
                     self.put_back(w, is_write);
                 }

@@ -340,7 +340,7 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             };
-            if !self.passthrough && self.txn.is_none() {
+            if !self.passthrough && self.txn.is_none() && !self.proxy.is_current(&self.topo) {
                 // New transactions see the newest topology.
                 self.topo = self.proxy.topology();
             }
@@ -357,10 +357,7 @@ impl Session {
     fn in_flight(&mut self) -> crate::proxy::InFlight {
         loop {
             let guard = crate::proxy::InFlight::new(&self.topo);
-            if self.passthrough
-                || self.txn.is_some()
-                || Arc::ptr_eq(&self.topo, &self.proxy.topology())
-            {
+            if self.passthrough || self.txn.is_some() || self.proxy.is_current(&self.topo) {
                 return guard;
             }
             self.topo = self.proxy.topology();
@@ -370,13 +367,12 @@ impl Session {
     /// Handles one client message.
     async fn handle_frame(&mut self, frame: Frame) -> Result<Flow, ClientError> {
         match frame.msg {
-            FrontendMessage::Query(ref sql) => {
-                let sql = sql.clone();
+            FrontendMessage::Query(sql) => {
                 self.pending.clear();
                 self.pending_bytes = 0;
                 self.skip_until_sync = false;
                 self.proxy.stats.statements.fetch_add(1, Ordering::Relaxed);
-                self.simple_query(Some(frame.raw.clone()), &sql).await?;
+                self.simple_query(Some(frame.raw), &sql).await?;
                 self.ready_for_query().await?;
             }
             FrontendMessage::Terminate => return Ok(Flow::Stop),
@@ -630,24 +626,17 @@ impl Session {
     }
 
     /// Handles one simple-protocol query string (without writing ReadyForQuery).
-    pub fn simple_query<'a>(
-        &'a mut self,
-        raw: Option<Bytes>,
-        sql: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ClientError>> + Send + 'a>>
-    {
-        Box::pin(async move {
-            let result = self.simple_query_inner(raw, sql).await;
-            self.clear_cancel_slot();
-            match result {
-                Ok(()) => Ok(()),
-                Err(ExecError::Client(e)) => Err(e),
-                Err(e) => {
-                    self.report(&e);
-                    Ok(())
-                }
+    pub async fn simple_query(&mut self, raw: Option<Bytes>, sql: &str) -> Result<(), ClientError> {
+        let result = self.simple_query_inner(raw, sql).await;
+        self.clear_cancel_slot();
+        match result {
+            Ok(()) => Ok(()),
+            Err(ExecError::Client(e)) => Err(e),
+            Err(e) => {
+                self.report(&e);
+                Ok(())
             }
-        })
+        }
     }
 
     /// The shard for statements that do not touch sharded data.

@@ -176,7 +176,8 @@ impl Session {
                 format!("wrong number of parameters for prepared statement \"{name}\""),
             )
         })?;
-        self.simple_query(None, &body)
+        // Boxed: EXECUTE runs a statement, which may itself be an EXECUTE.
+        Box::pin(self.simple_query(None, &body))
             .await
             .map_err(ExecError::Client)
     }

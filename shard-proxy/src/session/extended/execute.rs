@@ -4,6 +4,7 @@ use postgres_protocol::message::frontend;
 use proxy_core::wire::sqlstate;
 
 use super::{local_error, Expect, Plan, Portal, PortalRoute, Slot};
+use crate::metrics::Route;
 use crate::session::exec::mark_known_session_state;
 use crate::session::scatter::Cursor;
 use crate::session::{ExecError, Session};
@@ -39,7 +40,7 @@ impl Session {
                     shard: *shard,
                     expect: Expect::Execute,
                 });
-                self.proxy.metrics.route("one");
+                self.proxy.metrics.route(Route::One);
             }
             PortalRoute::Multi {
                 is_write: false, ..
@@ -59,7 +60,7 @@ impl Session {
                         .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
                     plan.wrote.insert(t);
                 }
-                self.proxy.metrics.route("broadcast");
+                self.proxy.metrics.route(Route::Broadcast);
                 plan.slots.push(Slot::ExecuteMulti {
                     shards: targets.clone(),
                     merge: merge.clone(),
@@ -118,7 +119,7 @@ impl Session {
             frontend::execute(portal, f.rows, &mut c.wbuf)
                 .map_err(|e| ExecError::sql(sqlstate::PROGRAM_LIMIT, e.to_string()))?;
         }
-        self.proxy.metrics.route("scatter");
+        self.proxy.metrics.route(Route::Scatter);
         plan.slots.push(Slot::ScatterRead {
             portal: portal.to_owned(),
             fetches,

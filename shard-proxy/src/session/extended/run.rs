@@ -119,10 +119,7 @@ impl Session {
             }
             match read_to_ready(&mut w).await {
                 Ok(()) => {
-                    let name = w.conn.pool().name.clone();
-                    self.proxy
-                        .metrics
-                        .query(&name, started.elapsed().as_secs_f64());
+                    w.conn.pool().observe_query(&self.proxy.metrics, started);
                     kept.push((shard, w));
                 }
                 Err(e) => {
