@@ -104,17 +104,22 @@ pub struct Metrics {
     pub reshard_guard_failures: Counter,
 }
 
+/// `routes`' series for every [`Route`], in [`Route`] order.
+fn route_series(routes: &Family<RouteLabel, Counter>) -> [Counter; 4] {
+    Route::ALL.map(|r| {
+        routes
+            .get_or_create(&RouteLabel {
+                route: r.label().to_owned(),
+            })
+            .clone()
+    })
+}
+
 impl Metrics {
     /// Creates the metrics and registers them in a new registry.
     pub fn new() -> (Metrics, Registry) {
         let routes = Family::<RouteLabel, Counter>::default();
-        let route_counts = Route::ALL.map(|r| {
-            routes
-                .get_or_create(&RouteLabel {
-                    route: r.label().to_owned(),
-                })
-                .clone()
-        });
+        let route_counts = route_series(&routes);
         let m = Metrics {
             queries: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
@@ -133,6 +138,13 @@ impl Metrics {
             reshard_pause: latency_histogram(),
             reshard_guard_failures: Counter::default(),
         };
+        let registry = m.registry();
+        (m, registry)
+    }
+
+    /// A registry exporting every metric under the `taskflow_shard_proxy` prefix.
+    fn registry(&self) -> Registry {
+        let m = self;
         let mut r = Registry::with_prefix("taskflow_shard_proxy");
         r.register(
             "queries",
@@ -193,7 +205,7 @@ impl Metrics {
             "Statements on moving keys refused by their shard's guard (retryable, 40001)",
             m.reshard_guard_failures.clone(),
         );
-        (m, r)
+        r
     }
 
     /// `shard`'s query counter and latency histogram, for a caller to keep (see
@@ -220,5 +232,51 @@ impl Metrics {
     /// Counts one statement routed `route`.
     pub fn route(&self, route: Route) {
         self.route_counts[route as usize].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Metrics, Route};
+
+    fn exposition(registry: &prometheus_client::registry::Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).expect("encodes");
+        out
+    }
+
+    /// The handles kept for the hot path must be the registered series, not copies.
+    #[test]
+    fn kept_handles_count_in_the_exported_series() {
+        let (m, registry) = Metrics::new();
+        m.route(Route::One);
+        m.route(Route::One);
+        m.route(Route::Scatter);
+        let shard = m.shard_series("shard-1");
+        shard.observe(0.002);
+        m.shard_series("shard-1").observe(0.004);
+        let text = exposition(&registry);
+        assert!(
+            text.contains(r#"taskflow_shard_proxy_routes_total{route="one"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"taskflow_shard_proxy_routes_total{route="scatter"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"taskflow_shard_proxy_routes_total{route="copy_split"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"taskflow_shard_proxy_queries_total{shard="shard-1"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"taskflow_shard_proxy_query_duration_seconds_count{shard="shard-1"} 2"#
+            ),
+            "{text}"
+        );
     }
 }
