@@ -385,6 +385,10 @@ impl Mover {
             epoch = self.epoch,
             "migration done: the new ring is the active epoch"
         );
+        // This proxy routes by the new ring now, not at its follower's next poll: whoever
+        // saw the move finish here (`SHOW MIGRATIONS`, then `SHOW SHARDS`) sees its result.
+        // Other proxies follow within `reshard.poll_ms`.
+        self.proxy.follow_stored_ring().await;
         Ok(Step::Finished)
     }
 }
