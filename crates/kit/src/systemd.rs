@@ -7,10 +7,14 @@
 //! (`net.unix.max_dgram_qlen`, often 10). If the reader falls behind — a test that is not
 //! reading, a stalled supervisor — `send` blocks. A blocked tokio worker would stall the
 //! daemon, so notifications are handed to one dedicated thread through a bounded channel,
-//! and when even that is full they are dropped (the next watchdog ping or status replaces
-//! them) rather than ever blocking the caller.
+//! and when even that is full they are dropped rather than ever blocking the caller. At
+//! most one watchdog ping waits in that channel (a ping is idempotent): a reader that
+//! falls behind for minutes must not fill the channel with stale pings, which would then
+//! crowd out `STOPPING=1`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -31,6 +35,8 @@ enum Note {
 #[derive(Debug, Clone)]
 pub struct Notifier {
     tx: Option<SyncSender<Note>>,
+    /// A watchdog ping is in the channel, not yet taken by the sender thread.
+    watchdog_queued: Arc<AtomicBool>,
 }
 
 impl Default for Notifier {
@@ -42,14 +48,23 @@ impl Default for Notifier {
 impl Notifier {
     /// Starts the sender thread when `$NOTIFY_SOCKET` is set; otherwise a no-op notifier.
     pub fn new() -> Self {
+        let watchdog_queued = Arc::new(AtomicBool::new(false));
         if std::env::var_os("NOTIFY_SOCKET").is_none() {
-            return Notifier { tx: None };
+            return Notifier {
+                tx: None,
+                watchdog_queued,
+            };
         }
         let (tx, rx) = sync_channel::<Note>(64);
+        let queued = watchdog_queued.clone();
         let spawned = std::thread::Builder::new()
             .name("sd-notify".into())
             .spawn(move || {
                 for note in rx {
+                    if matches!(note, Note::Watchdog) {
+                        // Taken: the next ping may be queued behind whatever follows.
+                        queued.store(false, Ordering::Release);
+                    }
                     let result = match &note {
                         Note::Ready(status) => sd_notify::notify(
                             false,
@@ -81,25 +96,33 @@ impl Notifier {
                 }
             });
         match spawned {
-            Ok(_) => Notifier { tx: Some(tx) },
+            Ok(_) => Notifier {
+                tx: Some(tx),
+                watchdog_queued,
+            },
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the sd-notify thread; notifications disabled");
-                Notifier { tx: None }
+                Notifier {
+                    tx: None,
+                    watchdog_queued,
+                }
             }
         }
     }
 
-    fn send(&self, note: Note) {
-        let Some(tx) = &self.tx else { return };
+    /// Queues `note`; false when it was dropped.
+    fn send(&self, note: Note) -> bool {
+        let Some(tx) = &self.tx else { return false };
         match tx.try_send(note) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(TrySendError::Full(note)) => {
                 tracing::debug!(
                     ?note,
                     "notify socket is not being read; notification dropped"
-                )
+                );
+                false
             }
-            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Disconnected(_)) => false,
         }
     }
 
@@ -120,8 +143,14 @@ impl Notifier {
         self.send(Note::Stopping);
     }
 
+    /// A watchdog ping, unless one is still waiting to be sent (it would say the same).
     pub fn watchdog(&self) {
-        self.send(Note::Watchdog);
+        if self.watchdog_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if !self.send(Note::Watchdog) {
+            self.watchdog_queued.store(false, Ordering::Release);
+        }
     }
 
     /// Waits (at most `timeout`) until every notification handed over so far was sent, so
@@ -172,9 +201,12 @@ mod tests {
     #[test]
     fn flush_returns_on_time_when_the_queue_is_full() {
         let (tx, _rx) = sync_channel::<Note>(2);
-        let notifier = Notifier { tx: Some(tx) };
-        notifier.watchdog();
-        notifier.watchdog();
+        let notifier = Notifier {
+            tx: Some(tx),
+            watchdog_queued: Arc::default(),
+        };
+        notifier.status("one");
+        notifier.status("two");
         let started = std::time::Instant::now();
         notifier.flush(Duration::from_millis(100));
         assert!(
@@ -182,5 +214,28 @@ mod tests {
             "flush blocked for {:?}",
             started.elapsed()
         );
+    }
+
+    /// Minutes of watchdog pings while nobody reads the socket must not fill the channel:
+    /// `STOPPING=1` after them was dropped, and a test waiting for it saw the daemon exit
+    /// without it (e2e `notify_killed_mid_batch_loses_no_mail`, now and then).
+    #[test]
+    fn stale_pings_do_not_crowd_out_stopping() {
+        let (tx, rx) = sync_channel::<Note>(64);
+        let notifier = Notifier {
+            tx: Some(tx),
+            watchdog_queued: Arc::default(),
+        };
+        for _ in 0..200 {
+            notifier.watchdog();
+        }
+        notifier.stopping();
+        let queued: Vec<Note> = rx.try_iter().collect();
+        let pings = queued
+            .iter()
+            .filter(|n| matches!(n, Note::Watchdog))
+            .count();
+        assert_eq!(pings, 1, "{queued:?}");
+        assert!(matches!(queued.last(), Some(Note::Stopping)), "{queued:?}");
     }
 }
