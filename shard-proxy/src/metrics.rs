@@ -144,66 +144,73 @@ impl Metrics {
 
     /// A registry exporting every metric under the `taskflow_shard_proxy` prefix.
     fn registry(&self) -> Registry {
-        let m = self;
         let mut r = Registry::with_prefix("taskflow_shard_proxy");
         r.register(
             "queries",
             "Statements sent to each shard",
-            m.queries.clone(),
+            self.queries.clone(),
         );
         r.register(
             "query_duration_seconds",
             "Time from sending a statement to a shard until its last response",
-            m.latency.clone(),
+            self.latency.clone(),
         );
-        r.register("errors", "Errors by shard and kind", m.errors.clone());
-        r.register("routes", "Statements by routing decision", m.routes.clone());
+        r.register("errors", "Errors by shard and kind", self.errors.clone());
+        r.register(
+            "routes",
+            "Statements by routing decision",
+            self.routes.clone(),
+        );
         r.register(
             "pool_in_use",
             "Server connections checked out",
-            m.pool_in_use.clone(),
+            self.pool_in_use.clone(),
         );
-        r.register("pool_idle", "Idle server connections", m.pool_idle.clone());
+        r.register(
+            "pool_idle",
+            "Idle server connections",
+            self.pool_idle.clone(),
+        );
         r.register(
             "pool_waiting",
             "Clients waiting for a server connection",
-            m.pool_waiting.clone(),
+            self.pool_waiting.clone(),
         );
         r.register(
             "shard_up",
             "1 when the last connect to the shard succeeded",
-            m.shard_up.clone(),
+            self.shard_up.clone(),
         );
-        r.register("clients", "Connected clients", m.clients.clone());
+        r.register("clients", "Connected clients", self.clients.clone());
         r.register(
             "two_phase_commits",
             "Cross-shard transactions committed with 2PC",
-            m.two_phase_commits.clone(),
+            self.two_phase_commits.clone(),
         );
         r.register(
             "two_phase_aborts",
             "Cross-shard transactions rolled back during 2PC",
-            m.two_phase_aborts.clone(),
+            self.two_phase_aborts.clone(),
         );
         r.register(
             "in_doubt_resolved",
             "Prepared transactions resolved by recovery",
-            m.in_doubt_resolved.clone(),
+            self.in_doubt_resolved.clone(),
         );
         r.register(
             "reshard_rows_moved",
             "Rows moved between shards by online migrations driven by this proxy",
-            m.reshard_rows.clone(),
+            self.reshard_rows.clone(),
         );
         r.register(
             "reshard_write_pause_seconds",
             "Write pause of each migration batch, from locking its arcs to its commit",
-            m.reshard_pause.clone(),
+            self.reshard_pause.clone(),
         );
         r.register(
             "reshard_guard_failures",
             "Statements on moving keys refused by their shard's guard (retryable, 40001)",
-            m.reshard_guard_failures.clone(),
+            self.reshard_guard_failures.clone(),
         );
         r
     }

@@ -872,6 +872,29 @@ async fn three_shards(env: &Env) -> [Client; 3] {
     ]
 }
 
+/// The performer of every row of `table` on the three shards, each checked to sit on its
+/// owner by the three-shard ring.
+async fn rows_on_their_owners(env: &Env, table: &str) -> Vec<i64> {
+    let ring = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
+    let mut performers = Vec::new();
+    for (i, s) in three_shards(env).await.iter().enumerate() {
+        for r in s
+            .query(&format!("SELECT performer_id FROM {table}"), &[])
+            .await
+            .expect("rows")
+        {
+            let p: i64 = r.get(0);
+            assert_eq!(
+                ring.shard_for(p),
+                i,
+                "{table} row of performer {p} left on shard #{i}"
+            );
+            performers.push(p);
+        }
+    }
+    performers
+}
+
 /// Every sharded table of a performer moves with it, value for value: tasks (NULL-free
 /// defaults, Unicode, quotes, timestamps), task_observers, and outbox rows (jsonb, NULL
 /// `sent_at`, the serial id renumbered by the destination, relative order kept).
@@ -951,23 +974,8 @@ async fn every_table_of_a_performer_moves_value_for_value() {
     assert_eq!(after, before, "every row arrived unchanged, once");
 
     // Every table's rows sit with their performer's owner.
-    let ring = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
-    let clients = three_shards(&env).await;
-    for (i, s) in clients.iter().enumerate() {
-        for table in ["tasks", "task_observers", "outbox"] {
-            for r in s
-                .query(&format!("SELECT DISTINCT performer_id FROM {table}"), &[])
-                .await
-                .expect("keys")
-            {
-                let p: i64 = r.get(0);
-                assert_eq!(
-                    ring.shard_for(p),
-                    i,
-                    "{table} rows of performer {p} on shard #{i}"
-                );
-            }
-        }
+    for table in ["tasks", "task_observers", "outbox"] {
+        rows_on_their_owners(&env, table).await;
     }
 }
 
@@ -1033,23 +1041,9 @@ async fn keys_first_written_mid_move_move_too() {
     let done = wait_done(&admin, Duration::from_secs(120)).await;
     assert_eq!(done["state"], "done");
 
-    let ring = Ring::new(["shard-1", "shard-2", "shard-3"], 256).expect("ring");
-    let shards = three_shards(&env).await;
     let mut all = BTreeSet::new();
-    for (i, s) in shards.iter().enumerate() {
-        for r in s
-            .query("SELECT performer_id FROM tasks", &[])
-            .await
-            .expect("rows")
-        {
-            let p: i64 = r.get(0);
-            assert_eq!(
-                ring.shard_for(p),
-                i,
-                "performer {p}'s row left on shard #{i}"
-            );
-            assert!(all.insert(p), "performer {p} twice");
-        }
+    for p in rows_on_their_owners(&env, "tasks").await {
+        assert!(all.insert(p), "performer {p} twice");
     }
     assert_eq!(all.len(), 500);
 }

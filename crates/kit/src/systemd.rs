@@ -196,15 +196,21 @@ impl Notifier {
 mod tests {
     use super::*;
 
-    /// A stalled sender thread (its queue full, nobody draining it) must not hang `flush`
-    /// past its timeout: once it did, since `flush` used a blocking `send`.
-    #[test]
-    fn flush_returns_on_time_when_the_queue_is_full() {
-        let (tx, _rx) = sync_channel::<Note>(2);
+    /// A notifier whose sender thread never takes anything: its channel, to inspect.
+    fn unread(capacity: usize) -> (Notifier, std::sync::mpsc::Receiver<Note>) {
+        let (tx, rx) = sync_channel::<Note>(capacity);
         let notifier = Notifier {
             tx: Some(tx),
             watchdog_queued: Arc::default(),
         };
+        (notifier, rx)
+    }
+
+    /// A stalled sender thread (its queue full, nobody draining it) must not hang `flush`
+    /// past its timeout: once it did, since `flush` used a blocking `send`.
+    #[test]
+    fn flush_returns_on_time_when_the_queue_is_full() {
+        let (notifier, _rx) = unread(2);
         notifier.status("one");
         notifier.status("two");
         let started = std::time::Instant::now();
@@ -221,11 +227,7 @@ mod tests {
     /// without it (e2e `notify_killed_mid_batch_loses_no_mail`, now and then).
     #[test]
     fn stale_pings_do_not_crowd_out_stopping() {
-        let (tx, rx) = sync_channel::<Note>(64);
-        let notifier = Notifier {
-            tx: Some(tx),
-            watchdog_queued: Arc::default(),
-        };
+        let (notifier, rx) = unread(64);
         for _ in 0..200 {
             notifier.watchdog();
         }
