@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
@@ -309,17 +309,40 @@ impl BackendConn {
     /// Reads one message.
     pub async fn read_msg(&mut self) -> Result<RawMsg, BackendError> {
         loop {
-            if let Some(m) = wire::split_backend(&mut self.rbuf)? {
-                return Ok(m.fatal_as_error());
+            if let Some(m) = self.next_buffered()? {
+                return Ok(m);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-                self.rbuf.reserve(8192);
-            }
-            let n = self.stream.read_buf(&mut self.rbuf).await?;
-            if n == 0 {
-                return Err(BackendError::Closed);
-            }
+            self.read_more().await?;
         }
+    }
+
+    /// The next message if it is already buffered whole (a backend FATAL as ERROR, as in
+    /// [`BackendConn::read_msg`]).
+    pub fn next_buffered(&mut self) -> Result<Option<RawMsg>, BackendError> {
+        Ok(wire::split_backend(&mut self.rbuf)?.map(RawMsg::fatal_as_error))
+    }
+
+    /// Moves the buffered messages a relay forwards unread ([`wire::relayable_prefix`])
+    /// to `out`, in one copy. Returns how many bytes moved.
+    pub fn relay_buffered(&mut self, out: &mut BytesMut) -> Result<usize, BackendError> {
+        let n = wire::relayable_prefix(&self.rbuf)?;
+        if n > 0 {
+            out.extend_from_slice(&self.rbuf[..n]);
+            self.rbuf.advance(n);
+        }
+        Ok(n)
+    }
+
+    /// Waits for more bytes from the server (at least one).
+    pub async fn read_more(&mut self) -> Result<(), BackendError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(8192);
+        }
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            return Err(BackendError::Closed);
+        }
+        Ok(())
     }
 
     /// Writes everything queued in `wbuf`.

@@ -54,7 +54,13 @@ pub struct Pool {
     pub security: BackendSecurity,
     user: String,
     password: Option<String>,
-    idle: Mutex<Vec<BackendConn>>,
+    /// Boxed: a checkout moves the connection several times (out of this list, into
+    /// [`Pooled`], into the session's work), and a `BackendConn` is a few hundred bytes.
+    #[allow(
+        clippy::vec_box,
+        reason = "the box is what a checkout moves; measured: callgrind, pgbench -S"
+    )]
+    idle: Mutex<Vec<Box<BackendConn>>>,
     sem: Arc<Semaphore>,
     pub size: usize,
     connect_timeout: Duration,
@@ -154,7 +160,7 @@ impl Pool {
                 _permit: permit,
             });
         }
-        let conn = self.connect().await?;
+        let conn = Box::new(self.connect().await?);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
         Ok(Pooled {
@@ -224,7 +230,7 @@ impl Pool {
     }
 
     /// Drops every idle connection (used on PAUSE/reload and shutdown).
-    pub fn drain_idle(&self) -> Vec<BackendConn> {
+    pub fn drain_idle(&self) -> Vec<Box<BackendConn>> {
         self.idle
             .lock()
             .map(|mut i| std::mem::take(&mut *i))
@@ -236,7 +242,7 @@ impl Pool {
 /// instead closes the connection (its state is unknown), which also rolls back any open
 /// transaction on the server.
 pub struct Pooled {
-    conn: Option<BackendConn>,
+    conn: Option<Box<BackendConn>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -262,7 +268,7 @@ impl Pooled {
     }
 
     pub fn conn_ref(&self) -> Option<&BackendConn> {
-        self.conn.as_ref()
+        self.conn.as_deref()
     }
 
     /// Returns the connection to the pool if it is idle and clean; otherwise closes it.

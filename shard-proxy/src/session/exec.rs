@@ -273,7 +273,14 @@ impl Session {
     ) -> Result<bool, RelayError> {
         let mut ok = true;
         loop {
-            let m = work.conn.conn().read_msg().await?;
+            let c = work.conn.conn();
+            if c.relay_buffered(&mut self.client.out)? > 0 {
+                self.client.maybe_flush().await?;
+            }
+            let Some(m) = work.conn.conn().next_buffered()? else {
+                work.conn.conn().read_more().await?;
+                continue;
+            };
             match m.tag {
                 b'Z' => {
                     work.conn.conn().status = m.body().first().copied().unwrap_or(b'I');

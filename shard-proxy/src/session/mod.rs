@@ -81,6 +81,27 @@ pub fn global_name(sql: &str, types: &[u32]) -> String {
     format!("tf_{:016x}", h.digest())
 }
 
+/// The `RESET`/`SET` statements that turn a server connection's `applied` settings into a
+/// client's `wanted` ones; empty when they match — the usual case, decided by one ordered
+/// comparison before any per-key lookup.
+fn settings_sync(applied: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> String {
+    let mut sync = String::new();
+    if applied == wanted {
+        return sync;
+    }
+    for k in applied.keys() {
+        if !wanted.contains_key(k) {
+            sync.push_str(&format!("RESET {k};"));
+        }
+    }
+    for (k, v) in wanted {
+        if applied.get(k) != Some(v) {
+            sync.push_str(&format!("SET {k} = {v};"));
+        }
+    }
+    sync
+}
+
 /// A backend checked out for the current statement or transaction, plus how many internal
 /// simple queries (settings sync, lazy BEGIN) were pipelined ahead of the client's messages
 /// and must be consumed first.
@@ -322,12 +343,23 @@ impl Session {
     }
 
     async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<(), ClientError> {
+        // One shutdown waiter for the whole session. A fresh `cancelled()` per message
+        // would join and leave the token's waiter list (a lock every session shares) for
+        // every statement.
+        let stopping = shutdown.cancelled();
+        tokio::pin!(stopping);
         loop {
+            let idle = self.txn.is_none() && self.pending.is_empty();
+            // Checked first, so a client that always has a statement buffered is still told.
+            if idle && shutdown.is_cancelled() {
+                self.say_shutting_down().await;
+                return Ok(());
+            }
             let frame = tokio::select! {
+                biased;
                 f = self.client.read_frame() => f,
-                () = shutdown.cancelled(), if self.txn.is_none() && self.pending.is_empty() => {
-                    wire::error(&mut self.client.out, "FATAL", sqlstate::ADMIN_SHUTDOWN, "terminating connection: the shard proxy is shutting down");
-                    let _ = self.client.flush().await;
+                () = &mut stopping, if idle => {
+                    self.say_shutting_down().await;
                     return Ok(());
                 }
             };
@@ -349,6 +381,17 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// Tells an idle client the proxy is shutting down (it then closes the connection).
+    async fn say_shutting_down(&mut self) {
+        wire::error(
+            &mut self.client.out,
+            "FATAL",
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection: the shard proxy is shutting down",
+        );
+        let _ = self.client.flush().await;
     }
 
     /// Counts this message as running under the session's topology (a migration is
@@ -521,17 +564,7 @@ impl Session {
         let mut skip = 0;
         {
             let c = conn.conn();
-            let mut sync = String::new();
-            for k in c.settings.keys() {
-                if !self.settings.contains_key(k) {
-                    sync.push_str(&format!("RESET {k};"));
-                }
-            }
-            for (k, v) in &self.settings {
-                if c.settings.get(k) != Some(v) {
-                    sync.push_str(&format!("SET {k} = {v};"));
-                }
-            }
+            let sync = settings_sync(&c.settings, &self.settings);
             if !sync.is_empty() {
                 frontend::query(&sync, &mut c.wbuf)
                     .map_err(|e| ExecError::sql(sqlstate::INTERNAL_ERROR, e.to_string()))?;
@@ -706,5 +739,35 @@ impl Session {
         if let Ok(mut slot) = self.cancel_slot.lock() {
             slot.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::settings_sync;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn settings_sync_sends_only_the_difference() {
+        let same = map(&[("application_name", "'gw'"), ("timezone", "'UTC'")]);
+        assert_eq!(settings_sync(&same, &same.clone()), "");
+        let applied = map(&[("application_name", "'gw'"), ("search_path", "public")]);
+        let wanted = map(&[("application_name", "'psql'"), ("timezone", "'UTC'")]);
+        assert_eq!(
+            settings_sync(&applied, &wanted),
+            "RESET search_path;SET application_name = 'psql';SET timezone = 'UTC';"
+        );
+        assert_eq!(
+            settings_sync(&wanted, &BTreeMap::new()),
+            "RESET application_name;RESET timezone;"
+        );
     }
 }

@@ -117,6 +117,37 @@ impl RawMsg {
 /// Largest backend message accepted (guards against a misbehaving server).
 pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 
+/// Bytes at the front of `buf` that are complete backend messages a relay forwards
+/// unchanged and without looking at them: every tag but ReadyForQuery (`Z`, which ends the
+/// statement), ErrorResponse (`E`, which may need rewriting: [`RawMsg::fatal_as_error`]) and
+/// CopyInResponse (`G`, which hands the client's input over). Stops at the first such
+/// message or at an incomplete one.
+///
+/// Why: a statement's answer usually arrives in one read (RowDescription, DataRows,
+/// CommandComplete, ReadyForQuery); splitting each message off into its own buffer only to
+/// copy it on costs more than the forwarding itself. One run is one copy.
+pub fn relayable_prefix(buf: &[u8]) -> std::io::Result<usize> {
+    let mut at = 0;
+    while let Some(header) = buf.get(at..at + 5) {
+        if matches!(header[0], b'Z' | b'E' | b'G') {
+            break;
+        }
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        if len < 4 || len as usize > MAX_BACKEND_MESSAGE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("invalid backend message length {len}"),
+            ));
+        }
+        let end = at + 1 + len as usize;
+        if end > buf.len() {
+            break;
+        }
+        at = end;
+    }
+    Ok(at)
+}
+
 /// Splits one backend message off `buf`. `Ok(None)`: more bytes needed.
 pub fn split_backend(buf: &mut BytesMut) -> std::io::Result<Option<RawMsg>> {
     if buf.len() < 5 {
@@ -472,6 +503,50 @@ mod tests {
         }
         .fatal_as_error();
         assert_eq!(m.data, before, "an ERROR is untouched");
+    }
+
+    #[test]
+    fn relayable_prefix_stops_where_the_relay_must_look() {
+        let mut b = BytesMut::new();
+        row_description(&mut b, &[ColumnDesc::int8("a")]);
+        data_row(&mut b, [Some(&b"1"[..])].into_iter());
+        let before_tag = b.len();
+        command_complete(&mut b, "SELECT 1");
+        let plain = b.len();
+        ready_for_query(&mut b, b'I');
+        assert_eq!(
+            relayable_prefix(&b).expect("valid"),
+            plain,
+            "up to ReadyForQuery"
+        );
+        assert_eq!(relayable_prefix(&b[plain..]).expect("valid"), 0);
+        let mut e = BytesMut::new();
+        data_row(&mut e, [None].into_iter());
+        let row = e.len();
+        error(&mut e, "FATAL", "57P01", "terminating");
+        assert_eq!(
+            relayable_prefix(&e).expect("valid"),
+            row,
+            "stops at an error"
+        );
+        let mut g = BytesMut::new();
+        g.extend_from_slice(&[b'G', 0, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(
+            relayable_prefix(&g).expect("valid"),
+            0,
+            "stops at COPY FROM STDIN"
+        );
+        // An incomplete message stays for the next read; so does a lone partial header.
+        assert_eq!(
+            relayable_prefix(&b[..plain - 1]).expect("valid"),
+            before_tag
+        );
+        assert_eq!(relayable_prefix(&b[..3]).expect("valid"), 0);
+        let bad = [b'D', 0, 0, 0, 2];
+        assert!(
+            relayable_prefix(&bad).is_err(),
+            "a length below 4 is refused"
+        );
     }
 
     #[test]
