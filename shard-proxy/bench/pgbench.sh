@@ -125,7 +125,12 @@ name = "shard-3"
 url = "postgres://taskflow@127.0.0.1:$PG_PORT/tasks3"
 CONF
 ulimit -n 65536 2>/dev/null || true
-"$PROXY_BIN" --config "$WORK/proxy.toml" > "$WORK/proxy.log" 2>&1 &
+# Each server in a session of its own (`setsid`), as PostgreSQL (pg_ctl) and pgbouncer
+# (su) already are and as systemd runs every service: with the kernel's autogroup
+# scheduling (on by default) a process started plainly from this script would share one
+# CPU group with pgbench, the load generator, and get a smaller share of the machine than
+# pgbouncer does. (Before 2026-12-07 the proxies ran so; see BENCHMARKS.md.)
+setsid "$PROXY_BIN" --config "$WORK/proxy.toml" > "$WORK/proxy.log" 2>&1 < /dev/null &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 # The same proxy configured with `worker_threads = 1` (one thread, as pgbouncer runs), over
 # the same shards: a second column, so the runtime's cost shows side by side.
@@ -133,7 +138,7 @@ echo "== starting the one-thread proxy on $PROXY1_PORT"
 sed -e "s/^listen = .*/listen = \"127.0.0.1:$PROXY1_PORT\"/" \
     -e "s/^metrics_listen = .*/metrics_listen = \"127.0.0.1:$METRICS1_PORT\"\nworker_threads = 1/" \
     -e "s#^state_dir = .*#state_dir = \"$WORK/state1\"#" "$WORK/proxy.toml" > "$WORK/proxy1.toml"
-"$PROXY_BIN" --config "$WORK/proxy1.toml" > "$WORK/proxy1.log" 2>&1 &
+setsid "$PROXY_BIN" --config "$WORK/proxy1.toml" > "$WORK/proxy1.log" 2>&1 < /dev/null &
 PROXY1_PID=$!; PIDS+=("$PROXY1_PID")
 
 echo "== starting pgbouncer on $BOUNCER_PORT"
@@ -163,6 +168,13 @@ for _ in $(seq 50); do
     && psql -p "$BOUNCER_PORT" -d bench -qAtc 'select 1' >/dev/null 2>&1; then break; fi
   sleep 0.2
 done
+
+# The scheduling groups (see `setsid` above): the poolers must not share pgbench's.
+if [ -r /proc/self/autogroup ]; then
+  BOUNCER_PID_FILE="$WORK/bouncer/pgbouncer.pid"
+  echo "autogroups: pgbench $(cut -d' ' -f1 /proc/$$/autogroup), proxy $(cut -d' ' -f1 "/proc/$PROXY_PID/autogroup")," \
+    "proxy1 $(cut -d' ' -f1 "/proc/$PROXY1_PID/autogroup"), pgbouncer $(cut -d' ' -f1 "/proc/$(cat "$BOUNCER_PID_FILE")/autogroup")"
+fi
 
 if [ -n "${HOLD:-}" ]; then
   echo "holding for ${HOLD}s: postgres $PG_PORT (db bench), proxy $PROXY_PORT (db auth/tasks/admin), pgbouncer $BOUNCER_PORT (db bench)"
