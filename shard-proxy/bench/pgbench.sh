@@ -169,6 +169,14 @@ for _ in $(seq 50); do
   sleep 0.2
 done
 
+for port_db_log in "$PROXY_PORT auth proxy.log" "$PROXY1_PORT auth proxy1.log" "$BOUNCER_PORT bench bouncer/pgbouncer.log"; do
+  set -- $port_db_log
+  if ! psql -p "$1" -d "$2" -qAtc 'select 1' >/dev/null 2>&1; then
+    echo "the server on port $1 did not come up; the end of $3:" >&2
+    tail -20 "$WORK/$3" >&2
+    exit 1
+  fi
+done
 # The scheduling groups (see `setsid` above): the poolers must not share pgbench's.
 if [ -r /proc/self/autogroup ]; then
   BOUNCER_PID_FILE="$WORK/bouncer/pgbouncer.pid"

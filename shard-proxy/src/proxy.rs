@@ -30,6 +30,10 @@ use proxy_core::placement::Placement;
 use proxy_core::ring::Ring;
 use proxy_core::router::{Router, ShardingRules};
 
+/// How often start-up compares its ring with the stored one when other proxies keep
+/// recording epochs first.
+const ADOPT_ATTEMPTS: u32 = 5;
+
 /// Shards, their pools, the ring and the router, as of one configuration.
 pub struct Topology {
     pub generation: u64,
@@ -416,9 +420,29 @@ impl Proxy {
 
     /// Compares the running configuration's ring with the stored epoch (start-up): adopts
     /// it, records it (first proxy, or every shard still empty), starts or joins the
-    /// online migration it implies, or refuses naming the difference.
+    /// online migration it implies, or refuses naming the difference. Losing the race to
+    /// record an epoch to another proxy starting at the same moment is not an error: the
+    /// comparison runs again against what that proxy stored (up to [`ADOPT_ATTEMPTS`]).
     pub async fn adopt_ring(&self) -> Result<i64, SetupError> {
         let _serial = self.reload_lock.lock().await;
+        let mut attempt = 1;
+        loop {
+            match self.adopt_ring_once().await {
+                // Proxies started together over a fresh metadata schema all see no ring
+                // and all record one; the others then find it stored, and agree or not.
+                Err(SetupError::EpochTaken(epoch)) if attempt < ADOPT_ATTEMPTS => {
+                    tracing::info!(
+                        epoch,
+                        "another proxy recorded the ring first; comparing again"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn adopt_ring_once(&self) -> Result<i64, SetupError> {
         let snap = self.snapshot();
         let topo = &snap.topology;
         let verdict = epochs::check(
@@ -491,9 +515,12 @@ impl Proxy {
     ) -> Result<i64, SetupError> {
         let epoch = epochs::record(&self.meta, after, &config.shards, config.ring.virtual_nodes)
             .await
-            .map_err(|e| SetupError::Config {
-                key: "shards".into(),
-                message: format!("cannot record the ring: {e}"),
+            .map_err(|e| match e {
+                crate::meta::MetaError::EpochTaken(epoch) => SetupError::EpochTaken(epoch),
+                e => SetupError::Config {
+                    key: "shards".into(),
+                    message: format!("cannot record the ring: {e}"),
+                },
             })?;
         tracing::info!(epoch, shards = ?config.shards.iter().map(|s| &s.name).collect::<Vec<_>>(), "ring epoch recorded");
         Ok(epoch)

@@ -270,3 +270,73 @@ async fn add_and_remove_shard_from_the_console() {
     assert_eq!(listed, 2, "the finished move's ring, without its follower");
     assert_eq!(epochs(&env).await.len(), 3);
 }
+
+/// Proxies started at the same moment over empty metadata all see no stored ring and all
+/// record epoch 1; one wins. The others used to fail to start ("another proxy recorded
+/// ring epoch 1 at the same time") — seen when the benchmark started its two proxies
+/// together. Now they compare again with the ring that won and adopt it. The test makes
+/// the race certain: it holds a lock that lets both proxies read the (empty) ring table
+/// but not write it until both have tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_started_together_over_empty_metadata_all_start() {
+    let mut env = Env::start(2).await;
+    env.stop_proxy().await;
+    let mut auth = env.auth.client().await.expect("auth client");
+    auth.batch_execute("DELETE FROM taskflow_meta.ring_epochs")
+        .await
+        .expect("no stored ring");
+    let gate = auth.transaction().await.expect("begin");
+    gate.batch_execute("LOCK TABLE taskflow_meta.ring_epochs IN SHARE MODE")
+        .await
+        .expect("reads pass, writes wait");
+    let starts: Vec<_> = (0..2)
+        .map(|i| {
+            let mut config = env.config.clone();
+            config.state_dir = env.dir.path().join(format!("state-{i}"));
+            tokio::spawn(async move { server::start(config, None, CancellationToken::new()).await })
+        })
+        .collect();
+    let watcher = env.auth.client().await.expect("auth client");
+    let mut waiting = 0;
+    for _ in 0..300 {
+        waiting = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'ring_epochs' AND NOT l.granted",
+                &[],
+            )
+            .await
+            .expect("lock waits")
+            .get::<_, i64>(0);
+        if waiting == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(waiting, 2, "both proxies try to record a ring");
+    gate.commit().await.expect("let them write");
+    let mut running = Vec::new();
+    for (i, start) in starts.into_iter().enumerate() {
+        match start.await.expect("start task") {
+            Ok((r, _)) => running.push(r),
+            Err(e) => panic!("proxy {i} did not start: {e}"),
+        }
+    }
+    let adopted: Vec<i64> = running
+        .iter()
+        .map(|r| {
+            r.proxy
+                .ring_epoch
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .collect();
+    assert_eq!(
+        adopted,
+        vec![1, 1],
+        "both proxies route by the one recorded epoch"
+    );
+    assert_eq!(epochs(&env).await.len(), 1, "one epoch recorded");
+    for r in running {
+        r.stop(std::time::Duration::from_secs(2)).await;
+    }
+}

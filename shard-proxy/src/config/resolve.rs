@@ -30,6 +30,9 @@ pub enum SetupError {
     },
     #[error("ring: {0}")]
     Ring(String),
+    /// Another proxy recorded the ring epoch this one was about to record (both saw none).
+    #[error("ring: another proxy recorded ring epoch {0} at the same time; retry")]
+    EpochTaken(i64),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("{0}")]

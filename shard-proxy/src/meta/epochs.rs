@@ -92,9 +92,7 @@ pub async fn record(
         ))
         .await?;
     if first_column(rows).is_empty() {
-        return Err(MetaError::Invalid(format!(
-            "another proxy recorded ring epoch {epoch} at the same time; retry"
-        )));
+        return Err(MetaError::EpochTaken(epoch));
     }
     Ok(epoch)
 }

@@ -40,6 +40,9 @@ pub enum MetaError {
     Backend(#[from] BackendError),
     #[error("metadata: {0}")]
     Invalid(String),
+    /// Another proxy recorded this ring epoch between our look and our write.
+    #[error("another proxy recorded ring epoch {0} at the same time")]
+    EpochTaken(i64),
 }
 
 /// A handle on the metadata schema: its own pool to the auth cluster (so scatter-read
