@@ -3,7 +3,7 @@
 # nothing that is already there. Idempotent; safe to run before every `make test`/`make dev`.
 #
 #   apt:  PostgreSQL 15 server + client (initdb, pg_ctl, psql, pgbench), redis-server,
-#         pgbouncer (benchmarks only), nix-bin (nix-instantiate: parsing our .nix files and
+#         pgbouncer and valgrind (benchmarks only), nix-bin (nix-instantiate: parsing our .nix files and
 #         evaluating the NixOS module, tests/nixos-eval), jq, build tools for rdkafka's
 #         bundled librdkafka; qemu-system-x86 and mmdebstrap for the real-systemd VM test
 #         (tests/systemd; its image is built on first use, not here).
@@ -19,7 +19,7 @@ CACHE="${TASKFLOW_CACHE:-/var/cache/taskflow}"
 APT_PACKAGES=(postgresql-15 postgresql-client-15 redis-server pgbouncer nix-bin
               build-essential cmake pkg-config libssl-dev zlib1g-dev libsasl2-dev
               curl wrk openssl python3-venv libcurl4-openssl-dev
-              jq mmdebstrap e2fsprogs qemu-system-x86)
+              jq mmdebstrap e2fsprogs qemu-system-x86 valgrind)
 MAILDEV_VERSION="${MAILDEV_VERSION:-3.0.0}"
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

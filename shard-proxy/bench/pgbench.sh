@@ -25,7 +25,10 @@
 #     pgbouncer and each proxy spent per transaction (less noisy than TPS on a shared box);
 #  4. with PROFILE=1 and `perf` installed: samples the proxy for $PROFILE_SECS s under
 #     `pgbench -S -M simple -c 16` and prints its hottest symbols;
-#  5. opens $IDLE idle clients to the proxy and reports RSS growth per client.
+#  5. with INSTRUCTIONS=1 and valgrind installed: counts the user-space instructions the
+#     proxy and pgbouncer execute per transaction (callgrind) — deterministic, unlike TPS
+#     and CPU time on a shared machine;
+#  6. opens $IDLE idle clients to the proxy and reports RSS growth per client.
 # Requires root (PostgreSQL and pgbouncer run as `postgres`), pgbench, psql, pgbouncer
 # (`make deps` / scripts/install-deps.sh installs them).
 set -euo pipefail
@@ -324,6 +327,99 @@ if [ "$PROFILE" = 1 ]; then
       | grep -E '^ +[0-9]' | head -8 || true
   else
     echo "== perf is not installed (apt-get install linux-perf): no profile"
+  fi
+fi
+
+# instructions NAME PORT DB -- pgbench args: user-space instructions per transaction of
+# the one process now running under callgrind (named NAME): pgbench (4 clients, simple
+# protocol) runs 250 and then 1,250 transactions per client, callgrind's counters dumped
+# after each; the difference over the 4,000 extra transactions leaves out what does not
+# grow with them (connecting, authenticating, background tasks' fixed cost).
+instructions() {
+  local name=$1 port=$2 db=$3; shift 4
+  local i
+  for i in $(seq 120); do psql -p "$port" -d "$db" -qAtc 'select 1' >/dev/null 2>&1 && break; sleep 1; done
+  pgbench -n -M simple -c 4 -j 1 -t 200 -p "$port" "$@" "$db" >/dev/null 2>&1   # warm pools and caches
+  cg_control -z "$name"
+  pgbench -n -M simple -c 4 -j 1 -t 250 -p "$port" "$@" "$db" >/dev/null 2>&1
+  cg_control -d "$name"
+  pgbench -n -M simple -c 4 -j 1 -t 1250 -p "$port" "$@" "$db" >/dev/null 2>&1
+  cg_control -d "$name"
+  local a b
+  a=$(cg_total 1); b=$(cg_total 2)
+  echo $(( (b - a) / 4000 ))
+}
+# vgdb (behind callgrind_control) names its pipes after the user; pgbouncer runs as
+# `postgres`, so both sides are given one name.
+CG_ENV=(env USER=tfcg LOGNAME=tfcg)
+cg_control() { "${CG_ENV[@]}" callgrind_control --vgdb-prefix="$WORK/cg/vgdb" "$@" >/dev/null; }
+# cg_total N: the instruction count of dump N, once callgrind has written it, less what
+# the proxy's 5-second maintenance spent (its in-doubt check logs in to every shard, SCRAM
+# included, however few statements run; under valgrind a run spans several ticks).
+cg_total() {
+  local i f total upkeep
+  for i in $(seq 100); do
+    f=$(ls "$WORK"/cg/out.*."$1" 2>/dev/null | head -1)
+    if [ -n "$f" ] && grep -q '^totals:' "$f"; then
+      total=$(awk '/^totals:/ {print $2}' "$f")
+      upkeep=$(callgrind_annotate --inclusive=yes --threshold=100 "$f" 2>/dev/null \
+        | awk '/server::maintenance::\{\{closure\}\}/ { gsub(",", "", $1); print $1; exit }')
+      echo $(( total - ${upkeep:-0} ))
+      return
+    fi
+    sleep 0.3
+  done
+  echo "callgrind dump $1 not written" >&2; echo 0
+}
+
+if [ "${INSTRUCTIONS:-0}" = 1 ]; then
+  echo
+  if command -v valgrind >/dev/null && command -v callgrind_control >/dev/null; then
+    echo "== user-space instructions per transaction (callgrind; 4 clients, simple protocol)"
+    CG_PORT=$(free_port); CG_BOUNCER_PORT=$(free_port)
+    mkdir -p "$WORK/cg" && chown postgres "$WORK/cg"
+    declare -A INSN
+    sed -e "s/^listen = .*/listen = \"127.0.0.1:$CG_PORT\"/" -e "s/^metrics_listen = .*/metrics_listen = \"127.0.0.1:$(free_port)\"/" \
+        -e "s#^state_dir = .*#state_dir = \"$WORK/state-cg\"#" "$WORK/proxy.toml" > "$WORK/proxy-cg.toml"
+    for load in S W; do
+      rm -f "$WORK"/cg/out.*
+      setsid "${CG_ENV[@]}" valgrind -q --tool=callgrind --vgdb-prefix="$WORK/cg/vgdb" --callgrind-out-file="$WORK/cg/out.%p" \
+        "$PROXY_BIN" --config "$WORK/proxy-cg.toml" \
+        > "$WORK/proxy-cg.log" 2>&1 < /dev/null &
+      CG_PID=$!; PIDS+=("$CG_PID")
+      if [ $load = S ]; then INSN[proxy $load]=$(instructions taskflow-shard-proxy "$CG_PORT" auth -- -S)
+      else INSN[proxy $load]=$(instructions taskflow-shard-proxy "$CG_PORT" tasks -- -f "$WORK/sharded.sql"); fi
+      kill "$CG_PID"; wait "$CG_PID" 2>/dev/null || true
+    done
+    sed -e "s/^listen_port = .*/listen_port = $CG_BOUNCER_PORT/" -e "s#pgbouncer\.pid#pgbouncer-cg.pid#" \
+        -e "s#pgbouncer\.log#pgbouncer-cg.log#" "$WORK/bouncer/pgbouncer.ini" > "$WORK/bouncer/pgbouncer-cg.ini"
+    chown postgres "$WORK/bouncer/pgbouncer-cg.ini"
+    # pgbouncer idles in epoll_wait between commands, where vgdb cannot reach it without
+    # ptrace: it is counted whole instead, once per run length, from start to exit.
+    bouncer_total() { # TX DB [pgbench args]: instructions of one pgbouncer life
+      local tx=$1 db=$2 i; shift 2
+      rm -f "$WORK"/cg/out.*
+      su postgres -s /bin/sh -c "valgrind -q --tool=callgrind --callgrind-out-file=$WORK/cg/out.%p pgbouncer $WORK/bouncer/pgbouncer-cg.ini" \
+        > "$WORK/bouncer/cg.log" 2>&1 < /dev/null &
+      for i in $(seq 120); do psql -p "$CG_BOUNCER_PORT" -d "$db" -qAtc 'select 1' >/dev/null 2>&1 && break; sleep 1; done
+      pgbench -n -M simple -c 4 -j 1 -t 200 -p "$CG_BOUNCER_PORT" "$@" "$db" >/dev/null 2>&1
+      pgbench -n -M simple -c 4 -j 1 -t "$tx" -p "$CG_BOUNCER_PORT" "$@" "$db" >/dev/null 2>&1
+      kill "$(cat "$WORK/bouncer/pgbouncer-cg.pid")"
+      for i in $(seq 100); do
+        f=$(ls "$WORK"/cg/out.* 2>/dev/null | head -1)
+        if [ -n "$f" ] && grep -q '^totals:' "$f"; then awk '/^totals:/ {print $2}' "$f"; return; fi
+        sleep 0.3
+      done
+      echo 0
+    }
+    a=$(bouncer_total 250 bench -S); b=$(bouncer_total 1250 bench -S); INSN[pgbouncer S]=$(( (b - a) / 4000 ))
+    a=$(bouncer_total 250 tasksall -f "$WORK/sharded.sql"); b=$(bouncer_total 1250 tasksall -f "$WORK/sharded.sql")
+    INSN[pgbouncer W]=$(( (b - a) / 4000 ))
+    printf "%-36s %12s %12s %8s\n" load pgbouncer proxy ratio
+    printf "%-36s %12s %12s %8s\n" "pgbench -S (1 statement)" "${INSN[pgbouncer S]}" "${INSN[proxy S]}" "$(ratio "${INSN[proxy S]}" "${INSN[pgbouncer S]}")"
+    printf "%-36s %12s %12s %8s\n" "sharded workload (4 statements)" "${INSN[pgbouncer W]}" "${INSN[proxy W]}" "$(ratio "${INSN[proxy W]}" "${INSN[pgbouncer W]}")"
+  else
+    echo "== valgrind is not installed (apt-get install valgrind): no instruction counts"
   fi
 fi
 

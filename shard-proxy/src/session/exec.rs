@@ -131,12 +131,13 @@ impl Session {
     }
 
     /// Runs one simple query on one backend and relays everything up to ReadyForQuery.
-    /// Returns whether it succeeded (no ErrorResponse).
+    /// `state` is the session state `sql` leaves (`sqltext::session_state`, or its
+    /// analysis' copy). Returns whether it succeeded (no ErrorResponse).
     pub async fn run_single(
         &mut self,
         shard: usize,
         raw: Option<Bytes>,
-        sql: &str,
+        (sql, state): (&str, Option<&'static str>),
         wrote: bool,
         set: Option<SetCommand>,
     ) -> Result<bool, ExecError> {
@@ -148,7 +149,7 @@ impl Session {
         }
         {
             let c = work.conn.conn();
-            mark_session_state(c, sql);
+            mark_known_session_state(c, state);
             match raw {
                 Some(r) => c.wbuf.extend_from_slice(&r),
                 None => frontend::query(sql, &mut c.wbuf)
@@ -185,7 +186,7 @@ impl Session {
         &mut self,
         shard: usize,
         raw: Option<Bytes>,
-        sql: &str,
+        (sql, state): (&str, Option<&'static str>),
         wrote: bool,
         guards: &[(usize, u32)],
     ) -> Result<(), ExecError> {
@@ -199,7 +200,7 @@ impl Session {
         }
         let wait = self.proxy.config().reshard.write_pause_ms;
         self.guards = guard_sqls(&topo, guards, &[shard], false, wait);
-        let result = self.run_single(shard, raw, sql, wrote, None).await;
+        let result = self.run_single(shard, raw, (sql, state), wrote, None).await;
         self.guards.clear();
         if !implicit {
             return result.map(|_| ());
@@ -294,6 +295,8 @@ impl Session {
                     self.client.out.extend_from_slice(&m.data);
                     self.copy_in(work, extended).await?;
                 }
+                // Every other kind went out with `relay_buffered`; kept so that a message
+                // is never dropped should the two ever disagree.
                 _ => {
                     self.client.out.extend_from_slice(&m.data);
                     self.client.maybe_flush().await?;
@@ -422,11 +425,23 @@ impl Session {
             self.proxy.metrics.route(Route::One);
             if !plan.guards.is_empty() {
                 return self
-                    .run_single_guarded(targets[0], raw, sql, analysis.is_write, &plan.guards)
+                    .run_single_guarded(
+                        targets[0],
+                        raw,
+                        (sql, analysis.session_state),
+                        analysis.is_write,
+                        &plan.guards,
+                    )
                     .await;
             }
             return self
-                .run_single(targets[0], raw, sql, analysis.is_write, None)
+                .run_single(
+                    targets[0],
+                    raw,
+                    (sql, analysis.session_state),
+                    analysis.is_write,
+                    None,
+                )
                 .await
                 .map(|_| ());
         }

@@ -30,7 +30,8 @@ impl Session {
             } else {
                 None
             };
-            self.run_single(0, raw, sql, false, set).await?;
+            let state = sqltext::session_state(sql);
+            self.run_single(0, raw, (sql, state), false, set).await?;
             return Ok(());
         }
         let analysis = self.topo.router.analyze(sql);
@@ -50,7 +51,9 @@ impl Session {
             StatementKind::Set => {
                 let set = sqltext::parse_set(sql);
                 let shard = self.default_shard();
-                self.run_single(shard, raw, sql, false, set).await.map(drop)
+                self.run_single(shard, raw, (sql, analysis.session_state), false, set)
+                    .await
+                    .map(drop)
             }
             StatementKind::Show if is_show_shards(sql) => {
                 self.show_shards();
@@ -58,7 +61,7 @@ impl Session {
             }
             StatementKind::Show => {
                 let shard = self.default_shard();
-                self.run_single(shard, raw, sql, false, None)
+                self.run_single(shard, raw, (sql, analysis.session_state), false, None)
                     .await
                     .map(drop)
             }
@@ -68,7 +71,7 @@ impl Session {
                     analysis.touches_sharded,
                     reason,
                 )?;
-                self.run_single(shard, raw, sql, hinted, None)
+                self.run_single(shard, raw, (sql, analysis.session_state), hinted, None)
                     .await
                     .map(drop)
             }

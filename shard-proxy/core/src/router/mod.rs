@@ -219,6 +219,12 @@ impl Router {
     }
 
     fn analyze_uncached(&self, sql: &str) -> Analysis {
+        let mut analysis = self.analyze_text(sql);
+        analysis.session_state = crate::sqltext::session_state(sql);
+        analysis
+    }
+
+    fn analyze_text(&self, sql: &str) -> Analysis {
         // Operator chains (`a AND b AND …`) parse into trees as deep as they are long, and
         // the analysis walks and clones them recursively: a stack overflow would abort the
         // whole proxy. Ordinary statements run on the caller's stack; long chains on a

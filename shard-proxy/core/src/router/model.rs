@@ -194,6 +194,10 @@ pub struct Analysis {
     pub is_write: bool,
     /// Statements in the text (a simple query may hold several, `;`-separated).
     pub statement_count: usize,
+    /// Session state the text leaves on a server connection that cannot be replayed
+    /// ([`crate::sqltext::session_state`]). Found once per cached analysis: it depends only
+    /// on the statement's words outside literals, which every statement of one shape shares.
+    pub session_state: Option<&'static str>,
     pub(crate) detail: Detail,
 }
 
@@ -228,6 +232,7 @@ impl Analysis {
             merge: None,
             is_write: false,
             statement_count: 1,
+            session_state: None,
             detail: Detail::default(),
         }
     }

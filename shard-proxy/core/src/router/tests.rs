@@ -1680,3 +1680,37 @@ fn moving_keys_are_guarded_or_read_on_both_sides() {
         .unwrap();
     assert!(still.guards.is_empty());
 }
+
+/// Every analysis carries the session state its text leaves, the same as
+/// `sqltext::session_state` finds for that text — also when it is shared by shape, where
+/// the statement that made the template had other literal values.
+#[test]
+fn analyses_carry_the_session_state_of_their_text() {
+    let r = router();
+    for sql in [
+        "select set_config('search_path', 'nope', false)",
+        "SELECT pg_advisory_lock(42)",
+        "SELECT * FROM tasks WHERE performer_id = 5",
+        "SELECT * FROM tasks WHERE performer_id = 6",
+        "SELECT * FROM tasks WHERE performer_id = 7 AND title = 'listen'",
+        "SELECT * FROM tasks WHERE performer_id = 8 AND title = 'temp'",
+        "CREATE TEMP TABLE scratch (x int)",
+        "LISTEN tasks_changed",
+        "SELECT pg_advisory_lock(43)",
+        "UPDATE tasks SET title = 'set_config(' WHERE performer_id = 9",
+    ] {
+        for _ in 0..2 {
+            // The second time comes from the cache (by text or by shape).
+            assert_eq!(
+                r.analyze(sql).session_state,
+                crate::sqltext::session_state(sql),
+                "{sql}"
+            );
+        }
+    }
+    let (hits, _) = r.cache_stats();
+    assert!(
+        hits >= 10,
+        "the second analyses came from the cache ({hits} hits)"
+    );
+}
