@@ -423,27 +423,17 @@ impl Session {
         }
         if targets.len() == 1 && plan.per_shard_sql.is_none() && plan.merge.is_none() {
             self.proxy.metrics.route(Route::One);
+            let (stmt, wrote) = ((sql, analysis.session_state), analysis.is_write);
             if !plan.guards.is_empty() {
+                let guards = &plan.guards;
                 return self
-                    .run_single_guarded(
-                        targets[0],
-                        raw,
-                        (sql, analysis.session_state),
-                        analysis.is_write,
-                        &plan.guards,
-                    )
+                    .run_single_guarded(targets[0], raw, stmt, wrote, guards)
                     .await;
             }
             return self
-                .run_single(
-                    targets[0],
-                    raw,
-                    (sql, analysis.session_state),
-                    analysis.is_write,
-                    None,
-                )
+                .run_single(targets[0], raw, stmt, wrote, None)
                 .await
-                .map(|_| ());
+                .map(drop);
         }
 
         if analysis.statement_count > 1 {
