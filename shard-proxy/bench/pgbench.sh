@@ -349,10 +349,8 @@ instructions() {
   a=$(cg_total 1); b=$(cg_total 2)
   echo $(( (b - a) / 4000 ))
 }
-# vgdb (behind callgrind_control) names its pipes after the user; pgbouncer runs as
-# `postgres`, so both sides are given one name.
-CG_ENV=(env USER=tfcg LOGNAME=tfcg)
-cg_control() { "${CG_ENV[@]}" callgrind_control --vgdb-prefix="$WORK/cg/vgdb" "$@" >/dev/null; }
+# callgrind_control talks to the process through vgdb's pipes, kept in $WORK.
+cg_control() { callgrind_control --vgdb-prefix="$WORK/cg/vgdb" "$@" >/dev/null; }
 # cg_total N: the instruction count of dump N, once callgrind has written it, less what
 # the proxy's 5-second maintenance spent (its in-doubt check logs in to every shard, SCRAM
 # included, however few statements run; under valgrind a run spans several ticks).
@@ -383,7 +381,7 @@ if [ "${INSTRUCTIONS:-0}" = 1 ]; then
         -e "s#^state_dir = .*#state_dir = \"$WORK/state-cg\"#" "$WORK/proxy.toml" > "$WORK/proxy-cg.toml"
     for load in S W; do
       rm -f "$WORK"/cg/out.*
-      setsid "${CG_ENV[@]}" valgrind -q --tool=callgrind --vgdb-prefix="$WORK/cg/vgdb" --callgrind-out-file="$WORK/cg/out.%p" \
+      setsid valgrind -q --tool=callgrind --vgdb-prefix="$WORK/cg/vgdb" --callgrind-out-file="$WORK/cg/out.%p" \
         "$PROXY_BIN" --config "$WORK/proxy-cg.toml" \
         > "$WORK/proxy-cg.log" 2>&1 < /dev/null &
       CG_PID=$!; PIDS+=("$CG_PID")
