@@ -1713,4 +1713,18 @@ fn analyses_carry_the_session_state_of_their_text() {
         hits >= 10,
         "the second analyses came from the cache ({hits} hits)"
     );
+    // A shape whose state is not none: the second statement's analysis is the first
+    // one's template, and must bring the state along.
+    let first = "SELECT pg_advisory_lock(1) FROM tasks WHERE performer_id = 10";
+    let second = "SELECT pg_advisory_lock(2) FROM tasks WHERE performer_id = 11";
+    assert_eq!(
+        r.analyze(first).session_state,
+        Some("session advisory lock")
+    );
+    let (before, _) = r.cache_stats();
+    assert_eq!(
+        r.analyze(second).session_state,
+        Some("session advisory lock")
+    );
+    assert_eq!(r.cache_stats().0, before + 1, "shared by shape");
 }
