@@ -8,6 +8,10 @@
 
 /// Skips whitespace and SQL comments.
 fn skip_ws(s: &str) -> &str {
+    // The usual statement begins with its keyword: nothing to skip.
+    if s.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) {
+        return s;
+    }
     let mut s = s;
     loop {
         let t = s.trim_start();
@@ -24,15 +28,54 @@ fn skip_ws(s: &str) -> &str {
 /// Splits off the next word (letters, digits, `_`, `.`) after whitespace/comments.
 fn next_word(s: &str) -> (&str, &str) {
     let s = skip_ws(s);
-    let end = s
-        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
-        .unwrap_or(s.len());
+    let end = word_len(s);
     (&s[..end], &s[end..])
+}
+
+/// Byte length of the word `s` begins with: ASCII letters, digits, `_` and `.`, and any
+/// Unicode alphanumeric character. Byte by byte while the text is ASCII, because this runs
+/// on every statement; a character-wise search decoded every byte as UTF-8.
+fn word_len(s: &str) -> usize {
+    // ASCII bytes that continue a word, one table load each.
+    const WORD: [bool; 128] = {
+        let mut t = [false; 128];
+        let mut c = 0;
+        while c < 128 {
+            let b = c as u8;
+            t[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'.';
+            c += 1;
+        }
+        t
+    };
+    let b = s.as_bytes();
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if let Some(&word) = WORD.get(usize::from(c)) {
+            if !word {
+                return i;
+            }
+            i += 1;
+        } else {
+            // `i` is a character boundary: it only ever advances by whole characters.
+            match s.get(i..).and_then(|rest| rest.chars().next()) {
+                Some(ch) if ch.is_alphanumeric() => i += ch.len_utf8(),
+                _ => return i,
+            }
+        }
+    }
+    b.len()
+}
+
+/// The first word of a statement as written (any case), after whitespace and comments;
+/// empty for an empty statement. Compare it with `eq_ignore_ascii_case`: unlike
+/// [`first_keyword`] this allocates nothing, for the per-statement path.
+pub fn first_word(sql: &str) -> &str {
+    next_word(sql).0
 }
 
 /// The first keyword, upper-cased (`SELECT`, `SET`, …); empty for an empty statement.
 pub fn first_keyword(sql: &str) -> String {
-    next_word(sql).0.to_ascii_uppercase()
+    first_word(sql).to_ascii_uppercase()
 }
 
 /// A session-level setting change.
@@ -384,47 +427,76 @@ pub fn session_state(sql: &str) -> Option<&'static str> {
     None
 }
 
-/// Whether `sql` contains (case-insensitively, anywhere) a text that every marker of
-/// [`session_state`] contains: one pass over the bytes, comparing further only where two
-/// letters begin one of these texts. It runs on every statement (the profile under
-/// `pgbench -S` showed ten `windows().any()` scans, one per marker, as the proxy's hottest
-/// function), so it must stay a single pass; ordinary SQL is full of the first letters
-/// (`s`, `a`, `t`, `h`, `l`) but seldom of the pairs.
+/// Texts every marker of [`session_state`] contains: `advisory_lock` covers the four
+/// advisory-lock functions, `temp` covers `temporary`. Each is at least 4 bytes long (the
+/// trigram filter below relies on it).
+const MARKER_CORES: [&str; 6] = [
+    "set_config",
+    "advisory_lock",
+    "authorization",
+    "listen",
+    "temp",
+    "hold",
+];
+
+/// Whether `sql` contains (case-insensitively, anywhere) one of the [`MARKER_CORES`].
+///
+/// It runs on every passthrough statement, so it looks at every other byte only: every
+/// occurrence of a core (4 bytes or more) has one of its trigrams start at an even
+/// offset of the text. The trigram at each even offset is hashed into a 4,096-bit table of
+/// the cores' trigrams; only where it is present (a real trigram of a core, or a 1-in-100
+/// collision) are the bytes around it compared with the cores. A first-letter filter
+/// before it cost ~15 instructions per byte, because ordinary SQL is full of the cores'
+/// first letters and their first two letters' pairs (`se` in `SELECT`); a generic
+/// automaton (`aho-corasick`'s DFA, case-insensitive) cost as much.
 fn may_hold_marker(bytes: &[u8]) -> bool {
-    // Each marker contains one of these: `advisory_lock` covers the four advisory-lock
-    // functions, `temp` covers `temporary`. Grouped by their first two letters.
-    fn core_at(bytes: &[u8], i: usize) -> Option<&'static [u8]> {
-        // `| 0x20` lower-cases a letter; only `S`/`s` become `s`, and so on.
-        let pair = (bytes[i] | 0x20, bytes.get(i + 1)? | 0x20);
-        Some(match pair {
-            (b's', b'e') => b"set_config",
-            (b'a', b'd') => b"advisory_lock",
-            (b'a', b'u') => b"authorization",
-            (b'l', b'i') => b"listen",
-            (b't', b'e') => b"temp",
-            (b'h', b'o') => b"hold",
-            _ => return None,
-        })
+    let mut p = 0;
+    while let Some(&[a, b, c]) = bytes.get(p..p + 3) {
+        let g = trigram_slot(a, b, c);
+        if CORE_TRIGRAMS[g / 64] & (1 << (g % 64)) != 0 {
+            // An occurrence whose trigram starts at `p` starts at most 10 bytes before it
+            // and ends at most 13 after it (cores are 4 to 13 bytes long).
+            let window = &bytes[p.saturating_sub(10)..bytes.len().min(p + 13)];
+            if MARKER_CORES
+                .iter()
+                .any(|core| contains_ignore_case(window, core.as_bytes()))
+            {
+                return true;
+            }
+        }
+        p += 2;
     }
-    // The five first letters in either case: one table load per byte for most bytes.
-    const STARTS: [bool; 256] = {
-        let mut t = [false; 256];
-        let letters = b"salthSALTH";
+    false
+}
+
+/// The slot in [`CORE_TRIGRAMS`] of a trigram, any case (`| 0x20` folds ASCII letters;
+/// other bytes may collide, which only costs a comparison).
+const fn trigram_slot(a: u8, b: u8, c: u8) -> usize {
+    let x = (a | 0x20) as u32 | (((b | 0x20) as u32) << 8) | (((c | 0x20) as u32) << 16);
+    (x.wrapping_mul(0x9E37_79B1) >> 20) as usize
+}
+
+/// Every trigram of every marker core, as bits of a 4,096-bit table.
+const CORE_TRIGRAMS: [u64; 64] = {
+    let mut table = [0u64; 64];
+    let mut k = 0;
+    while k < MARKER_CORES.len() {
+        let core = MARKER_CORES[k].as_bytes();
         let mut i = 0;
-        while i < letters.len() {
-            t[letters[i] as usize] = true;
+        while i + 3 <= core.len() {
+            let g = trigram_slot(core[i], core[i + 1], core[i + 2]);
+            table[g / 64] |= 1 << (g % 64);
             i += 1;
         }
-        t
-    };
-    (0..bytes.len()).any(|i| {
-        STARTS[bytes[i] as usize]
-            && core_at(bytes, i).is_some_and(|core| {
-                bytes
-                    .get(i..i + core.len())
-                    .is_some_and(|w| w.eq_ignore_ascii_case(core))
-            })
-    })
+        k += 1;
+    }
+    table
+};
+
+/// Whether `hay` contains `needle`, ASCII case ignored.
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// The statement's words (lower-cased) and `(`, outside string literals, quoted names and
@@ -467,6 +539,31 @@ fn code_words(sql: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_end_where_the_character_wise_search_ends() {
+        let reference = |s: &str| {
+            s.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+                .unwrap_or(s.len())
+        };
+        for s in [
+            "",
+            "SELECT 1",
+            "select_1.x(",
+            "über_tabelle x",
+            "naïve;",
+            "日本語 テキスト",
+            "a\u{2003}b",
+            "x\u{0301}y z",
+            "ﬁle(",
+            "12abc de",
+            "€uro",
+        ] {
+            assert_eq!(word_len(s), reference(s), "{s:?}");
+        }
+        assert_eq!(first_word("  /* c */ SeLeCt 1"), "SeLeCt");
+        assert_eq!(first_keyword("  -- c\n begin;"), "BEGIN");
+    }
 
     #[test]
     fn set_forms() {
@@ -716,7 +813,7 @@ mod copy_tests {
 
 #[cfg(test)]
 mod session_state_tests {
-    use super::{may_hold_marker, session_state};
+    use super::{may_hold_marker, session_state, MARKER_CORES};
 
     #[test]
     fn the_single_pass_prefilter_sees_every_marker_in_any_case_and_position() {
@@ -756,17 +853,9 @@ mod session_state_tests {
     /// The prefilter against its definition: every core, case-insensitively, anywhere.
     #[test]
     fn the_prefilter_agrees_with_a_plain_search() {
-        const CORES: [&str; 6] = [
-            "set_config",
-            "advisory_lock",
-            "listen",
-            "temp",
-            "authorization",
-            "hold",
-        ];
         let plain = |t: &str| {
             let t = t.to_ascii_lowercase();
-            CORES.iter().any(|c| t.contains(c))
+            MARKER_CORES.iter().any(|c| t.contains(c))
         };
         // Every text of up to 4 symbols over an alphabet with the cores' near misses.
         let parts = [

@@ -157,30 +157,21 @@ impl Router {
     /// Analyses `sql` (cached). Never panics: unparsable text becomes
     /// [`StatementKind::Unparsed`].
     ///
-    /// Looked up by the exact text first, then by the statement's shape (its literals
-    /// taken out: `shape.rs`); a statement analysed in full is cached under its shape when
-    /// its analysis can be shared that way, else under its text.
+    /// Looked up by the statement's shape first (its literals taken out: `shape.rs`), then
+    /// by the exact text; a statement analysed in full is cached under its shape when its
+    /// analysis can be shared that way, else under its text. Shape first because a
+    /// statement with literals is almost always cached under its shape: an exact-text
+    /// lookup before it would miss on every such statement, and cost a hash of the text.
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
-        if sql.len() > MAX_CACHED_SQL {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            return Arc::new(self.analyze_uncached(sql));
-        }
-        let Some(cache) = &self.cache else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            return Arc::new(self.analyze_uncached(sql));
+        let cache = match &self.cache {
+            Some(cache) if sql.len() <= MAX_CACHED_SQL => cache,
+            _ => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return Arc::new(self.analyze_uncached(sql));
+            }
         };
-        if let Some(hit) = cache.get(sql) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return hit;
-        }
-        let Some(shapes) = &self.shapes else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            let analysis = Arc::new(self.analyze_uncached(sql));
-            cache.insert(sql, Arc::clone(&analysis));
-            return analysis;
-        };
-        let shape = shape::shape_of(sql);
-        if let Some(shape) = &shape {
+        let shape = self.shapes.as_ref().and_then(|_| shape::shape_of(sql));
+        if let (Some(shapes), Some(shape)) = (&self.shapes, &shape) {
             let reused = shapes
                 .get(&shape.text)
                 .and_then(|t| shape::Template(t).instantiate(shape, sql));
@@ -189,11 +180,16 @@ impl Router {
                 return Arc::new(analysis);
             }
         }
+        if let Some(hit) = cache.get(sql) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return hit;
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let analysis = Arc::new(self.analyze_uncached(sql));
-        match shape.and_then(|s| Some((shape::Template::of(&analysis, &s, sql)?, s))) {
-            Some((template, shape)) => shapes.insert(&shape.text, template.0),
-            None => cache.insert(sql, Arc::clone(&analysis)),
+        let template = shape.and_then(|s| Some((shape::Template::of(&analysis, &s, sql)?, s)));
+        match (&self.shapes, template) {
+            (Some(shapes), Some((template, shape))) => shapes.insert(&shape.text, template.0),
+            _ => cache.insert(sql, Arc::clone(&analysis)),
         }
         analysis
     }

@@ -3,8 +3,6 @@
 //! the [`Ring`] and picks the target; a multi-row INSERT whose rows land on several shards
 //! is split (see `split`).
 
-use std::collections::BTreeSet;
-
 use super::model::{
     Analysis, Count, KeyExpr, KeyValue, Params, Plan, RouteError, StatementKind, Target,
 };
@@ -139,19 +137,22 @@ impl Analysis {
         params: &Params,
         values: &[KeyValue],
     ) -> Result<Plan, RouteError> {
-        let mut shards = BTreeSet::new();
+        // Sorted vectors, not sets: a statement names one key or a few, and this runs for
+        // every routed statement (a `BTreeSet` allocated and walked a node each time).
+        let mut shards = Vec::with_capacity(values.len());
         let mut guards = Vec::new();
-        let mut other_sides = BTreeSet::new();
+        let mut other_sides = Vec::new();
         for v in values {
             if let Some(key) = resolve(*v, params)? {
                 let at = ring.locate(key);
-                shards.insert(at.shard);
+                shards.push(at.shard);
                 if let Some(arc) = at.arc {
                     guards.push((at.shard, arc));
                 }
                 other_sides.extend(at.other);
             }
         }
+        sort_dedup(&mut shards);
         if let Some((new_key, moving)) = &self.detail.key_update {
             return plan_key_update(ring, params, *new_key, moving, &shards, guards);
         }
@@ -160,9 +161,9 @@ impl Analysis {
             // it touches: it runs under the commit fence, so a batch is seen on exactly
             // one side, whatever this proxy's view of the arc (no guard needed).
             shards.extend(other_sides);
+            sort_dedup(&mut shards);
             guards.clear();
         }
-        let shards: Vec<usize> = shards.into_iter().collect();
         let plan = match shards.as_slice() {
             // Every key is NULL: nothing can match; any one shard answers.
             [] => Ok(Plan::to(Target::One(0))),
@@ -207,8 +208,8 @@ impl Analysis {
     ) -> Result<Plan, RouteError> {
         let mut guards = Vec::new();
         let per_row = row_shards(ring, params, values, &mut guards)?;
-        let distinct: BTreeSet<usize> = per_row.iter().copied().collect();
-        let shards: Vec<usize> = distinct.into_iter().collect();
+        let mut shards = per_row.clone();
+        sort_dedup(&mut shards);
         match shards.as_slice() {
             [] => Ok(Plan::to(Target::One(0))),
             [one] => Ok(Plan::to(Target::One(*one)).guarded(guards)),
@@ -291,14 +292,14 @@ fn plan_key_update(
     params: &Params,
     new_key: KeyValue,
     moving: &RouteError,
-    shards: &BTreeSet<usize>,
+    shards: &[usize],
     mut guards: Vec<(usize, u32)>,
 ) -> Result<Plan, RouteError> {
     let Some(new_key) = resolve(new_key, params)? else {
         return Err(moving.clone());
     };
     let dest = place(ring, new_key, &mut guards);
-    match shards.iter().copied().collect::<Vec<_>>().as_slice() {
+    match shards {
         [only] if *only == dest => Ok(Plan::to(Target::One(dest)).guarded(guards)),
         _ => Err(moving.clone()),
     }
@@ -322,6 +323,12 @@ impl Plan {
         self.guards = guards;
         self
     }
+}
+
+/// Sorts `shards` and drops repeats: the set of shards, as a slice.
+fn sort_dedup(shards: &mut Vec<usize>) {
+    shards.sort_unstable();
+    shards.dedup();
 }
 
 /// The shard of `key`; records its moving arc, if any, as a guard on that shard.

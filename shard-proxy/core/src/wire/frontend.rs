@@ -329,10 +329,7 @@ fn parse_execute(mut b: Bytes) -> Result<FrontendMessage, DecodeError> {
 }
 
 fn cstr(b: &mut Bytes, what: &'static str) -> Result<String, DecodeError> {
-    let end = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or(DecodeError::Malformed(what, "unterminated string"))?;
+    let end = memchr::memchr(0, b).ok_or(DecodeError::Malformed(what, "unterminated string"))?;
     let s = std::str::from_utf8(&b[..end])
         .map_err(|_| DecodeError::Malformed(what, "string is not valid UTF-8"))?
         .to_owned();
