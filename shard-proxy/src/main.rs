@@ -19,6 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 const NAME: &str = "taskflow-shard-proxy";
 
+/// mimalloc instead of glibc's malloc: per-thread free lists without locks or size-class
+/// searches for the small, short-lived buffers every statement allocates (measured in
+/// `shard-proxy/BENCHMARKS.md`: malloc/free were ~2 % of the proxy's instructions).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = NAME, version, about = "PostgreSQL-wire shard proxy for TaskFlow")]
 struct Cli {

@@ -143,9 +143,13 @@ impl Session {
     ) -> Result<bool, ExecError> {
         self.check_not_failed()?;
         let mut work = self.acquire(shard).await?;
-        if let Err(e) = self.run_guard(&mut work).await {
-            self.put_back(work, false);
-            return Err(e);
+        // Checked here, not only inside: an `.await` on `run_guard` costs a state machine
+        // poll per statement, and statements with a guard are the rare ones (mid-move).
+        if !self.guards.is_empty() {
+            if let Err(e) = self.run_guard(&mut work).await {
+                self.put_back(work, false);
+                return Err(e);
+            }
         }
         {
             let c = work.conn.conn();
@@ -159,7 +163,9 @@ impl Session {
         let started = Instant::now();
         let result = async {
             work.conn.conn().flush().await?;
-            Self::drain_skips(&mut work).await?;
+            if work.skip > 0 {
+                Self::drain_skips(&mut work).await?;
+            }
             self.relay_to_ready(&mut work, false).await
         }
         .await;

@@ -20,12 +20,12 @@ impl Session {
         raw: Option<Bytes>,
         sql: &str,
     ) -> Result<(), ExecError> {
-        let kw = sqltext::first_keyword(sql);
-        if let Some(done) = self.sql_level_statement(&kw, sql).await {
+        let kw = sqltext::first_word(sql);
+        if let Some(done) = self.sql_level_statement(kw, sql).await {
             return done;
         }
         if self.passthrough {
-            let set = if kw == "SET" || kw == "RESET" {
+            let set = if kw.eq_ignore_ascii_case("SET") || kw.eq_ignore_ascii_case("RESET") {
                 sqltext::parse_set(sql)
             } else {
                 None
@@ -137,20 +137,23 @@ impl Session {
     }
 
     /// The empty statement and SQL-level `PREPARE`/`EXECUTE`/`DEALLOCATE`, which the proxy
-    /// answers itself in every database; `None` for anything else.
+    /// answers itself in every database; `None` for anything else. `kw` is the statement's
+    /// first word as written.
     async fn sql_level_statement(&mut self, kw: &str, sql: &str) -> Option<Result<(), ExecError>> {
-        match kw {
-            "" => {
-                wire::empty_query(&mut self.client.out);
-                Some(Ok(()))
-            }
-            "PREPARE" => sqltext::parse_prepare(sql).map(|p| self.sql_prepare(p)),
-            "EXECUTE" => match sqltext::parse_execute(sql) {
+        if kw.is_empty() {
+            wire::empty_query(&mut self.client.out);
+            Some(Ok(()))
+        } else if kw.eq_ignore_ascii_case("PREPARE") {
+            sqltext::parse_prepare(sql).map(|p| self.sql_prepare(p))
+        } else if kw.eq_ignore_ascii_case("EXECUTE") {
+            match sqltext::parse_execute(sql) {
                 Some((name, args)) => Some(self.sql_execute(&name, &args).await),
                 None => None,
-            },
-            "DEALLOCATE" => sqltext::parse_deallocate(sql).map(|t| self.sql_deallocate(t)),
-            _ => None,
+            }
+        } else if kw.eq_ignore_ascii_case("DEALLOCATE") {
+            sqltext::parse_deallocate(sql).map(|t| self.sql_deallocate(t))
+        } else {
+            None
         }
     }
 
