@@ -2,7 +2,8 @@
 //! shard, SQLSTATE 08006) and is used again once back; scatter reads fail rather than skip;
 //! malformed, truncated, oversized and unknown protocol messages get an ErrorResponse or a
 //! clean close while the proxy keeps serving everyone else; bad passwords are refused; a
-//! server connection's FATAL reaches the client as ERROR (its session goes on).
+//! server connection's FATAL reaches the client as ERROR (its session goes on); 2PC
+//! recovery's kept connection, closed by the server, is replaced.
 
 mod common;
 
@@ -364,4 +365,64 @@ async fn bad_input_never_takes_the_proxy_down() {
         .simple_query("SELECT 1")
         .await
         .expect("still serving");
+}
+
+/// `connects` of every shard pool in `SHOW POOLS` (the auth pool left out).
+async fn shard_connects(admin: &tokio_postgres::Client) -> Vec<(String, u64)> {
+    let msgs = admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS");
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                let name = r.get("name")?.to_owned();
+                let connects = r.get("connects")?.parse().ok()?;
+                name.starts_with("shard-").then_some((name, connects))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// 2PC recovery runs every 5 s on every shard. It keeps its connection from one pass to
+/// the next (before, each pass logged in anew: a SCRAM exchange and a server process per
+/// shard every 5 s), and replaces one the server has closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_keeps_its_connection_and_replaces_a_closed_one() {
+    let env = Env::start(3).await;
+    let admin = env.client("admin").await;
+    // Past the start-up pass and the first tick.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = shard_connects(&admin).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        shard_connects(&admin).await,
+        before,
+        "two recovery passes opened new connections"
+    );
+    // The servers close recovery's connections (as a restart or an idle timeout would).
+    for i in 0..3 {
+        let shard = env.shard(i).await;
+        let closed = shard
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_prepared_xacts%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("terminate recovery's connection");
+        assert_eq!(
+            closed.get::<_, i64>(0),
+            1,
+            "shard {i}: one recovery connection"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let after = shard_connects(&admin).await;
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        assert_eq!(
+            *a,
+            b + 1,
+            "{name}: one new connection replaces the closed one"
+        );
+    }
 }

@@ -72,6 +72,10 @@ pub struct Pool {
     server_params: Mutex<Vec<(String, String)>>,
     /// This backend's statement metrics, looked up on first use.
     series: OnceLock<ShardSeries>,
+    /// The connection maintenance (2PC recovery) works on, kept from one pass to the next
+    /// outside the pool's accounting: opening a new one every pass (every 5 s) cost a
+    /// login — SCRAM's 4,096 rounds on both sides — and a server process per shard.
+    upkeep: Mutex<Option<Box<BackendConn>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -107,6 +111,7 @@ impl Pool {
             healthy: AtomicBool::new(true),
             server_params: Mutex::new(Vec::new()),
             series: OnceLock::new(),
+            upkeep: Mutex::new(None),
         })
     }
 
@@ -229,12 +234,39 @@ impl Pool {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
-    /// Drops every idle connection (used on PAUSE/reload and shutdown).
+    /// Drops every idle connection, the maintenance one included (used on PAUSE/reload
+    /// and shutdown).
     pub fn drain_idle(&self) -> Vec<Box<BackendConn>> {
-        self.idle
+        let mut conns = self
+            .idle
             .lock()
             .map(|mut i| std::mem::take(&mut *i))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        conns.extend(self.upkeep.lock().ok().and_then(|mut u| u.take()));
+        conns
+    }
+
+    /// The connection kept for maintenance, else a new one (outside the pool's accounting,
+    /// like [`Pool::connect`]: maintenance must not wait behind clients for a slot). Hand
+    /// it back with [`Pool::keep_upkeep`]; a kept connection the server has since closed
+    /// fails on first use, so a caller retries once with a new one.
+    pub async fn upkeep_conn(&self) -> Result<(Box<BackendConn>, bool), PoolError> {
+        if let Some(kept) = self.upkeep.lock().ok().and_then(|mut u| u.take()) {
+            return Ok((kept, true));
+        }
+        Ok((Box::new(self.connect().await?), false))
+    }
+
+    /// Keeps `conn` for the next maintenance pass if it is idle outside a transaction;
+    /// otherwise it is closed.
+    pub async fn keep_upkeep(&self, conn: Box<BackendConn>) {
+        if conn.status == b'I' {
+            if let Ok(mut kept) = self.upkeep.lock() {
+                *kept = Some(conn);
+                return;
+            }
+        }
+        conn.terminate().await;
     }
 }
 

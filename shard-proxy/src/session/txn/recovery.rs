@@ -191,14 +191,7 @@ async fn commit_gids(proxy: &Proxy, gids: &[String]) -> (usize, bool) {
 
 /// Resolves one shard; `None` when it cannot be reached or listed.
 async fn resolve_on(pass: &Pass<'_>, pool: &Pool, seen: &mut HashSet<String>) -> Option<usize> {
-    let mut conn = pool.connect().await.ok()?;
-    let rows = match conn.simple_query(LIST_PREPARED).await {
-        Ok(r) => r.rows,
-        Err(e) => {
-            tracing::warn!(shard = %pool.name, error = %e, "cannot list prepared transactions");
-            return None;
-        }
-    };
+    let (mut conn, rows) = list_prepared(pool).await?;
     let mut resolved = 0;
     for row in rows {
         let (Some(Some(g)), old) = (row.first().cloned(), row.get(1).cloned().flatten()) else {
@@ -229,8 +222,28 @@ async fn resolve_on(pass: &Pass<'_>, pool: &Pool, seen: &mut HashSet<String>) ->
             resolved += 1;
         }
     }
-    conn.terminate().await;
+    pool.keep_upkeep(conn).await;
     Some(resolved)
+}
+
+/// The shard's prepared transactions, listed on its maintenance connection (kept between
+/// passes); `None` when the shard cannot be reached or listed. A kept connection the
+/// server has closed since (a restart, an idle timeout) is replaced once, so such a pass
+/// does not count the shard as unreachable.
+async fn list_prepared(pool: &Pool) -> Option<(Box<BackendConn>, Vec<Vec<Option<String>>>)> {
+    let (mut conn, kept) = pool.upkeep_conn().await.ok()?;
+    let mut result = conn.simple_query(LIST_PREPARED).await;
+    if kept && matches!(result, Err(ref e) if !matches!(e, BackendError::Server(_))) {
+        conn = Box::new(pool.connect().await.ok()?);
+        result = conn.simple_query(LIST_PREPARED).await;
+    }
+    match result {
+        Ok(r) => Some((conn, r.rows)),
+        Err(e) => {
+            tracing::warn!(shard = %pool.name, error = %e, "cannot list prepared transactions");
+            None
+        }
+    }
 }
 
 /// The action for one prepared transaction (see the module documentation).
