@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Env;
+use common::{rows, Env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -367,18 +367,14 @@ async fn bad_input_never_takes_the_proxy_down() {
         .expect("still serving");
 }
 
-/// `connects` of every shard pool in `SHOW POOLS` (the auth pool left out).
+/// `connects` of every shard pool in `SHOW POOLS` (the 7th column; the auth pool left
+/// out).
 async fn shard_connects(admin: &tokio_postgres::Client) -> Vec<(String, u64)> {
-    let msgs = admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS");
-    msgs.iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                let name = r.get("name")?.to_owned();
-                let connects = r.get("connects")?.parse().ok()?;
-                name.starts_with("shard-").then_some((name, connects))
-            }
-            _ => None,
-        })
+    let pools = rows(&admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS"));
+    pools
+        .into_iter()
+        .filter(|r| r[0].starts_with("shard-"))
+        .map(|r| (r[0].clone(), r[6].parse().expect("connects is a count")))
         .collect()
 }
 

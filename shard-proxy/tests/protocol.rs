@@ -5,22 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::Env;
+use common::{rows, Env};
 use futures_util::{SinkExt, TryStreamExt};
-use tokio_postgres::SimpleQueryMessage;
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("").to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_console() {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{shard_url, Env};
+use common::{rows, shard_url, Env};
 use taskflow_shard_proxy::config::ShardConfig;
 use taskflow_shard_proxy::proxy_core::ring::Ring;
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -27,20 +27,6 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 const STATIC_ROWS: i64 = 600;
 /// Performers per writer.
 const PERFORMERS: i64 = 40;
-
-fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or_default().to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
 
 /// A shard-4 database with the shard schema on cluster `cluster`.
 async fn spare_shard(env: &Env, cluster: usize, db: &str, name: &str) -> ShardConfig {

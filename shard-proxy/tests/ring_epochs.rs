@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{shard_url, Env};
+use common::{rows, shard_url, Env};
 use taskflow_shard_proxy::config::ShardConfig;
 use taskflow_shard_proxy::server;
 use tokio_util::sync::CancellationToken;
@@ -154,20 +154,12 @@ async fn a_restart_never_silently_reroutes() {
 
     // SHOW PROXIES lists the registry; this proxy routes by epoch 3.
     let admin = env.client("admin").await;
-    let listed: Vec<Vec<String>> = admin
-        .simple_query("SHOW PROXIES")
-        .await
-        .expect("SHOW PROXIES")
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or_default().to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect();
+    let listed = rows(
+        &admin
+            .simple_query("SHOW PROXIES")
+            .await
+            .expect("SHOW PROXIES"),
+    );
     let this: Vec<&Vec<String>> = listed.iter().filter(|r| r[6] == "true").collect();
     assert_eq!(this.len(), 1, "{listed:?}");
     assert_eq!(this[0][5], "true", "alive");
