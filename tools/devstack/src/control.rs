@@ -81,7 +81,10 @@ pub async fn down(layout: &Layout) -> anyhow::Result<()> {
     let pid = Pid::from_raw(pid);
     kill(pid, Signal::SIGTERM).context("signalling the stack")?;
     let deadline = Instant::now() + Duration::from_secs(90);
-    while running_pid(layout).is_some() {
+    // Until the supervisor lets go of the lock, not only until its pid file is gone: it
+    // removes the file first and then checks the ports, still holding the lock, and an
+    // `up` right after (`make restart`) would find the stack running.
+    while supervisor::lock(layout).is_err() {
         if Instant::now() > deadline {
             let _ = kill(pid, Signal::SIGKILL);
             bail!("the stack did not stop within 90 s; killed pid {pid}");
@@ -151,4 +154,53 @@ pub fn db_reset(layout: &Layout) -> anyhow::Result<()> {
     }
     println!("databases reset; the next `make up` re-creates and migrates them");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A stack's supervisor stops in this order: pid file removed, then the ports checked,
+    /// then the lock released (at exit). `down` must return only after the last step, or
+    /// the `up` of `make restart` finds the lock held and fails ("another stack is
+    /// running"). Here a `sleep` stands in for the supervisor, and the test holds the lock
+    /// for it, releasing it a second after removing the pid file.
+    #[tokio::test]
+    async fn down_waits_until_the_supervisor_releases_its_lock() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = Layout {
+            root: dir.path().to_path_buf(),
+        };
+        layout.ensure_dirs().expect("dirs");
+        let lock = supervisor::lock(&layout).expect("the fake supervisor's lock");
+        let mut fake = Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        std::fs::write(layout.pid_file(), format!("{}\n", fake.id())).expect("pid file");
+        let pid_file = layout.pid_file();
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_file(pid_file);
+            std::thread::sleep(Duration::from_secs(1));
+            let at = Instant::now();
+            drop(lock);
+            at
+        });
+        down(&layout).await.expect("down");
+        let returned = Instant::now();
+        let _ = fake.wait();
+        let released = released.join().expect("fake supervisor");
+        assert!(
+            returned >= released,
+            "down returned {:?} before the lock was released",
+            released - returned
+        );
+        assert!(
+            supervisor::lock(&layout).is_ok(),
+            "the lock is free after down"
+        );
+    }
 }
