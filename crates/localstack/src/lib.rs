@@ -5,8 +5,8 @@
 //! is installed) — on loopback ports, and to tear them down again, for TaskFlow's integration tests (free ports, temporary
 //! directories) and for the local dev stack tool (fixed ports, persistent directories).
 //! It also offers a fake systemd `NOTIFY_SOCKET` for testing the daemons' `sd_notify`
-//! behaviour, and helpers to find free ports, poll conditions and locate workspace
-//! binaries.
+//! behaviour, and helpers to find free ports, poll conditions, locate workspace binaries
+//! and read a simple query's rows as text.
 //!
 //! Every component runs in its own process group. Dropping its handle — including
 //! during a panic's unwinding — sends the polite stop signal to the whole group, waits
@@ -39,7 +39,9 @@ mod util;
 pub use error::{Error, Result};
 pub use kafka::{tansu_binary, KafkaBroker, KafkaBrokerBuilder, TANSU_VERSION};
 pub use notify::NotifySocket;
-pub use pg::{PgBinaries, PgCluster, PgClusterBuilder, PG_PASSWORD, PG_SUPERUSER, PG_USER};
+pub use pg::{
+    text_rows, PgBinaries, PgCluster, PgClusterBuilder, PG_PASSWORD, PG_SUPERUSER, PG_USER,
+};
 pub use redis_server::{RedisServer, RedisServerBuilder};
 pub use shards::{AuthDb, Shards, AUTH_DB, TASKS_DB};
 pub use smtp::{

@@ -13,6 +13,22 @@ use crate::error::{Error, IoContext, Result};
 use crate::process::{run_to_completion, ManagedChild, StopPolicy};
 use crate::util::{free_port, is_executable, reserve_port, which, POLL_INTERVAL};
 
+/// The rows of a simple-query answer as text, NULL as empty: how tests read `SHOW` output
+/// and other small answers (of a cluster, or of the shard proxy's admin console).
+pub fn text_rows(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<String>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Login role created on every cluster (dev-only credentials, see SPEC §8).
 pub const PG_USER: &str = "taskflow";
 /// Password of [`PG_USER`].

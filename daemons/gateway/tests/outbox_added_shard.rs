@@ -61,20 +61,12 @@ async fn admin(proxy_port: u16, sql: &str) -> Vec<Vec<String>> {
     .await
     .unwrap();
     tokio::spawn(conn);
-    client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or_default().to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+    taskflow_localstack::text_rows(
+        &client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}")),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,21 +27,10 @@ pub struct Env {
     pub proxy: Option<Running>,
 }
 
-/// The rows of a simple-query answer as text (NULL as empty): how the tests read `SHOW`
-/// output and other small answers.
-pub fn rows(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<String>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or_default().to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
+/// The rows of a simple-query answer as text, NULL as empty (`SHOW` output and other small
+/// answers). Allowed unused like the rest of this module: not every test binary reads rows.
+#[allow(unused_imports)]
+pub use taskflow_localstack::text_rows as rows;
 
 /// Connection string for `db` through a proxy on `port`: the operator's login for
 /// `admin`, the daemons' otherwise.

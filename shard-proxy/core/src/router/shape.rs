@@ -372,12 +372,13 @@ fn sole_literal(shape: &Shape, sql: &str, key: i64) -> Option<usize> {
 mod tests {
     use super::*;
 
-    /// The lexer as it was before the byte-class table: the model the table lexer must agree with.
     /// The word test as it was, independent of the byte table.
     fn reference_is_word_byte(b: u8) -> bool {
         b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
     }
 
+    /// The lexer as it was before the byte-class table: the model the table lexer must
+    /// agree with.
     fn reference_shape_of(sql: &str) -> Option<Shape> {
         let b = sql.as_bytes();
         let mut text = String::with_capacity(sql.len());
