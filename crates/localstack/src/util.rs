@@ -20,23 +20,33 @@ fn handed_out() -> &'static Mutex<HashSet<u16>> {
     PORTS.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range.
 ///
-/// Binds port 0, reads the port the kernel chose and closes the socket. Ports already
-/// handed out by this process are never returned again, so two components started by the
-/// same test binary cannot race for one port; nor, for [`CLAIM_TTL`], are ports handed out
-/// by another process (a claim file per port under the temp directory): nextest runs each
-/// test in its own process, and a port one test picked but whose server is still starting
-/// is free to the kernel, which would give it to the next test that asks.
+/// Tries random ports in [`TEST_PORTS_FROM`]`..`(start of the ephemeral range) and keeps
+/// the first one that binds. Not the kernel's port 0: that picks from the ephemeral range,
+/// which is also where every outgoing connection takes its source port, so between the
+/// pick and the server's bind a client socket of any test (a proxy's connection to a
+/// shard, a Kafka client) could take the port and the server would fail with "address
+/// already in use". Ports already handed out by this process are never returned again, so
+/// two components started by the same test binary cannot race for one port; nor, for
+/// [`CLAIM_TTL`], are ports handed out by another process (a claim file per port under the
+/// temp directory): nextest runs each test in its own process.
+///
+/// When the range below the ephemeral one is too small to pick from at random (a host
+/// with a widened `ip_local_port_range`), it falls back to the kernel's choice.
 pub fn free_port() -> Result<u16> {
+    let (low, high) = (TEST_PORTS_FROM, ephemeral_ports().0);
+    let below_ephemeral = high.saturating_sub(low) >= 1000;
     for _ in 0..1000 {
-        let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
-            .ctx(|| "binding 127.0.0.1:0 to find a free port".to_owned())?;
-        let port = listener
-            .local_addr()
-            .ctx(|| "reading the local address of a probe socket".to_owned())?
-            .port();
-        drop(listener);
+        let port = if below_ephemeral {
+            let candidate = low + u16::try_from(random_u64() % u64::from(high - low)).unwrap_or(0);
+            if TcpListener::bind(SocketAddr::from((LOCALHOST, candidate))).is_err() {
+                continue;
+            }
+            candidate
+        } else {
+            kernel_chosen_port()?
+        };
         let mut set = handed_out()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -52,6 +62,40 @@ pub fn free_port() -> Result<u16> {
             "no unused port after 1000 tries",
         ),
     ))
+}
+
+/// The lowest port [`free_port`] hands out: above every fixed port of the dev stack and
+/// the well-known services it stands in for (5432, 6379, 9092, …).
+pub const TEST_PORTS_FROM: u16 = 20_000;
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), from which it picks
+/// source ports for outgoing connections and port-0 binds; Linux's default when unreadable.
+pub fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut ends = text.split_whitespace().map(str::parse::<u16>);
+            Some((ends.next()?.ok()?, ends.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
+fn kernel_chosen_port() -> Result<u16> {
+    let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+        .ctx(|| "binding 127.0.0.1:0 to find a free port".to_owned())?;
+    Ok(listener
+        .local_addr()
+        .ctx(|| "reading the local address of a probe socket".to_owned())?
+        .port())
+}
+
+/// A random number from std's randomly keyed hasher: enough to spread the ports of
+/// concurrent test processes, which the claim files then keep apart exactly.
+fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    std::collections::hash_map::RandomState::new().hash_one(DRAWS.fetch_add(1, Ordering::Relaxed))
 }
 
 /// How long a port handed out by [`free_port`] stays claimed against other processes:

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use taskflow_localstack::{binary_path, free_port, wait_until, wait_until_some, Error};
+use taskflow_localstack::{
+    binary_path, ephemeral_ports, free_port, wait_until, wait_until_some, Error, TEST_PORTS_FROM,
+};
 
 #[test]
 fn free_ports_are_never_repeated_and_bindable() {
@@ -17,6 +19,26 @@ fn free_ports_are_never_repeated_and_bindable() {
     }
     let p = free_port().unwrap();
     std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+}
+
+/// The CI failure of 2026-12-08: the gateway's port, picked by the kernel from the
+/// ephemeral range, was taken as the source port of some test's outgoing connection
+/// before the gateway bound it ("Address already in use"). Ports below the ephemeral
+/// range are never source ports.
+#[test]
+fn free_ports_lie_below_the_ephemeral_range() {
+    let (ephemeral_low, _) = ephemeral_ports();
+    assert!(
+        ephemeral_low >= TEST_PORTS_FROM + 1000,
+        "this host's ephemeral range starts at {ephemeral_low}: too low to test"
+    );
+    for _ in 0..200 {
+        let p = free_port().unwrap();
+        assert!(
+            (TEST_PORTS_FROM..ephemeral_low).contains(&p),
+            "port {p} is outside {TEST_PORTS_FROM}..{ephemeral_low}"
+        );
+    }
 }
 
 #[tokio::test]

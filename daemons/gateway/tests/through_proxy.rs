@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
+use common::stack::wait_ready;
 use common::task_events;
 
 use std::process::{Child, Command, Stdio};
@@ -25,21 +26,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn wait_http(base: &str) {
-    let c = reqwest::Client::new();
-    for _ in 0..600 {
-        // `/healthz` on the API port: the daemons bind it once their dependencies answer
-        // (`/readyz` is on the ops listener).
-        if let Ok(r) = c.get(format!("{base}/healthz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{base} did not become ready");
 }
 
 async fn wait_tcp(port: u16) {
@@ -168,7 +154,7 @@ async fn run(strict: bool) {
             .unwrap(),
     );
     let auth_url = format!("http://127.0.0.1:{auth_port}");
-    wait_http(&auth_url).await;
+    wait_ready(&auth_url, "auth").await;
 
     // The gateway, through the proxy's sharded `tasks` database.
     let gw_port = free_port().unwrap();
@@ -194,7 +180,7 @@ async fn run(strict: bool) {
             .unwrap(),
     );
     let base = format!("http://127.0.0.1:{gw_port}");
-    wait_http(&base).await;
+    wait_ready(&base, "gateway").await;
     // A second instance without `outbox_shards`: its relay polls the shards the proxy
     // lists (`SHOW taskflow.shards`), racing the first one's polls for the same rows.
     let gw2_port = free_port().unwrap();
@@ -217,7 +203,7 @@ async fn run(strict: bool) {
             .spawn()
             .unwrap(),
     );
-    wait_http(&format!("http://127.0.0.1:{gw2_port}")).await;
+    wait_ready(&format!("http://127.0.0.1:{gw2_port}"), "second gateway").await;
 
     let c = reqwest::Client::new();
     // Users 1..=6.
