@@ -369,6 +369,15 @@ let
           description = "The passthrough database `auth`.";
           type = freeformSubmodule {
             url = optionalStr "Its URL (daemon default `postgres://taskflow@127.0.0.1:5435/auth`).";
+            pool_size = mkOption {
+              type = types.nullOr (types.ints.between 1 10000);
+              default = null;
+              description = ''
+                Server connections to it (daemon default: `pool.size`, which sizes each
+                shard's pool). Set it when the shards share a PostgreSQL server and
+                `pool.size` is the per-shard share of that server's connections.
+              '';
+            };
           };
         };
         shards = mkOption {

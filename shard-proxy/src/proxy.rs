@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::backend::Pool;
 use crate::config::{
-    resolve, BackendSecurity, BackendTarget, FenceScope, ProxyConfig, SetupError, User,
+    resolve, BackendSecurity, BackendTarget, FenceScope, PoolConfig, ProxyConfig, SetupError, User,
 };
 use crate::meta::epochs::{self, Verdict};
 use crate::meta::{Fence, Meta};
@@ -664,7 +664,11 @@ fn build_topology(
     generation: u64,
     moving: Option<&MoveView>,
 ) -> Result<Topology, SetupError> {
-    let make_pool = |name: &str, url: &str, key: String| -> Result<Arc<Pool>, SetupError> {
+    let make_pool = |name: &str,
+                     url: &str,
+                     key: String,
+                     settings: &PoolConfig|
+     -> Result<Arc<Pool>, SetupError> {
         let security = security
             .get(url)
             .cloned()
@@ -673,7 +677,7 @@ fn build_topology(
                 message: "TLS settings were not resolved".into(),
             })?;
         if let Some(prev) = previous.and_then(|p| p.all_pools().find(|p| p.name == name).cloned()) {
-            if prev.same_backend(url, &security, &config.backend.user, password, &config.pool) {
+            if prev.same_backend(url, &security, &config.backend.user, password, settings) {
                 return Ok(prev);
             }
         }
@@ -686,7 +690,7 @@ fn build_topology(
             security,
             config.backend.user.clone(),
             password.map(str::to_owned),
-            &config.pool,
+            settings,
         ))
     };
     let placement = match moving {
@@ -712,12 +716,18 @@ fn build_topology(
             .enumerate()
             .find(|(_, s)| &s.name == name)
             .ok_or_else(|| SetupError::Ring(format!("ring names unknown shard {name}")))?;
-        shards.push(make_pool(&s.name, &s.url, format!("shards[{i}].url"))?);
+        shards.push(make_pool(
+            &s.name,
+            &s.url,
+            format!("shards[{i}].url"),
+            &config.pool,
+        )?);
     }
     let auth = make_pool(
         "auth",
         &config.auth_database.url,
         "auth_database.url".into(),
+        &config.auth_pool(),
     )?;
     let router = Arc::new(Router::new(ShardingRules {
         database: config.sharding.database.clone(),

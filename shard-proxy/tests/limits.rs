@@ -172,3 +172,62 @@ async fn waiting_for_a_pooled_connection_is_bounded() {
         .await
         .expect("served once the connection is back");
 }
+
+/// `auth_database.pool_size` sizes the passthrough database's pool on its own; the shards
+/// keep `pool.size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auth_database_has_a_pool_size_of_its_own() {
+    let mut env = Env::start(1).await;
+    restart_with(&mut env, |c| {
+        c.pool.size = 3;
+        c.pool.checkout_timeout_secs = 1;
+        c.auth_database.pool_size = Some(1);
+    })
+    .await;
+    let admin = env.client("admin").await;
+    let pools = common::rows(&admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS"));
+    let size_of = |name: &str| {
+        pools
+            .iter()
+            .find(|r| r[0] == name)
+            .map(|r| r[1].clone())
+            .unwrap_or_else(|| panic!("no pool {name}: {pools:?}"))
+    };
+    assert_eq!(size_of("auth"), "1");
+    assert_eq!(size_of("shard-1"), "3");
+
+    let mut holder = env.client("auth").await;
+    let tx = holder.transaction().await.expect("begin");
+    tx.simple_query("SELECT 1")
+        .await
+        .expect("holds the auth pool's only connection");
+    let other = env.client("auth").await;
+    let err = other
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("no auth connection free");
+    let refused = code_and_message(&err);
+    assert!(refused.contains("auth"), "{refused}");
+
+    // The shard's three connections are all there while auth's one is taken.
+    let mut shard_clients = Vec::new();
+    for _ in 0..3 {
+        shard_clients.push(env.client("tasks").await);
+    }
+    let mut open = Vec::new();
+    for c in &mut shard_clients {
+        let tx = c.transaction().await.expect("begin on the shard");
+        tx.simple_query("SELECT count(*) FROM tasks")
+            .await
+            .expect("a shard connection of its own");
+        open.push(tx);
+    }
+    for tx in open {
+        tx.rollback().await.expect("rollback");
+    }
+    tx.rollback().await.expect("rollback");
+    other
+        .simple_query("SELECT 1")
+        .await
+        .expect("served once the auth connection is back");
+}

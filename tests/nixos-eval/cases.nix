@@ -31,6 +31,7 @@ let
             }
           ];
           pool.connect_timeout_secs = 3;
+          auth_database.pool_size = 10;
         };
         secretFiles = {
           "backend-password" = "${keys}/pg-password";
@@ -205,6 +206,10 @@ in
         }
       ];
     }
+  );
+
+  bad-auth-pool-size = fails "services.taskflow.shardProxy.settings.auth_database.pool_size' is not of type" (
+    with' { services.taskflow.shardProxy.settings.auth_database.pool_size = 0; }
   );
 
   bad-bcrypt-cost = fails "services.taskflow.auth.settings.bcrypt_cost' is not of type" (

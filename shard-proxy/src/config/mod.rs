@@ -269,12 +269,30 @@ impl Default for BackendConfig {
 #[serde(default)]
 pub struct AuthDatabaseConfig {
     pub url: String,
+    /// Server connections to the passthrough database; unset: `pool.size`. Its own knob
+    /// (pgbouncer's per-database `pool_size`) because its load has nothing to do with a
+    /// shard's: several shards may share one PostgreSQL server, each with `pool.size`
+    /// connections, while `auth` is one database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<usize>,
 }
 
 impl Default for AuthDatabaseConfig {
     fn default() -> Self {
         AuthDatabaseConfig {
             url: "postgres://taskflow@127.0.0.1:5435/auth".into(),
+            pool_size: None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The pool settings of the passthrough database `auth`: `pool`, with
+    /// `auth_database.pool_size` when set.
+    pub fn auth_pool(&self) -> PoolConfig {
+        PoolConfig {
+            size: self.auth_database.pool_size.unwrap_or(self.pool.size),
+            ..self.pool.clone()
         }
     }
 }
@@ -389,6 +407,25 @@ mod tests {
         c.shards[0].url = "nope".into();
         let e = c.validate().expect_err("bad url");
         assert!(e.to_string().contains("shards[0].url"), "{e}");
+    }
+
+    #[test]
+    fn the_auth_pool_is_pool_size_unless_set() {
+        let mut c = ProxyConfig::default();
+        c.pool.size = 7;
+        assert_eq!(c.auth_pool().size, 7);
+        c.auth_database.pool_size = Some(20);
+        assert_eq!(c.auth_pool().size, 20);
+        assert_eq!(
+            c.auth_pool().checkout_timeout_secs,
+            c.pool.checkout_timeout_secs
+        );
+        c.validate().expect("valid");
+        for bad in [0, 10_001] {
+            c.auth_database.pool_size = Some(bad);
+            let e = c.validate().expect_err("out of range");
+            assert!(e.to_string().contains("auth_database.pool_size"), "{e}");
+        }
     }
 
     #[test]

@@ -146,6 +146,15 @@ fn limits(c: &ProxyConfig) -> Result<(), ConfigError> {
             "must be between 1 and 10000",
         ));
     }
+    if c.auth_database
+        .pool_size
+        .is_some_and(|n| n == 0 || n > 10_000)
+    {
+        return Err(ConfigError::invalid(
+            "auth_database.pool_size",
+            "must be between 1 and 10000",
+        ));
+    }
     if c.pool.connect_timeout_secs == 0 {
         return Err(ConfigError::invalid(
             "pool.connect_timeout_secs",
