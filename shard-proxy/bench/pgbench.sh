@@ -13,9 +13,11 @@
 #  2. starts the proxy (release build) with `auth` → bench (passthrough) and shards
 #     shard-1..3 → tasks1..3 — twice: as configured by default (one runtime thread per
 #     core) and with `worker_threads = 1` ("proxy1") — and pgbouncer (transaction mode,
-#     same pool size) with
-#     `bench` and `tasksall`; loads the same $SEED_ROWS tasks through the proxy (COPY,
-#     split by performer_id over the 3 shards) and straight into `tasksall`;
+#     pool $POOL) with `bench` and `tasksall`. PostgreSQL gets the same number of server
+#     connections either way: $POOL to `bench` from both; from the proxy $SHARD_POOL per
+#     shard (default ⌈$POOL/3⌉, so ~$POOL over the 3 shards, which share this one server)
+#     against pgbouncer's $POOL to `tasksall`. Loads the same $SEED_ROWS tasks through the
+#     proxy (COPY, split by performer_id over the 3 shards) and straight into `tasksall`;
 #  3. runs `pgbench -S` in simple and prepared mode for each client count against direct
 #     PostgreSQL, pgbouncer and the proxy, and the sharded read/write workload (random
 #     performer_id) through the proxy (`tasks`, 3 shards) and through pgbouncer
@@ -37,6 +39,10 @@ DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-"1 16 64"}
 SCALE=${SCALE:-10}
 POOL=${POOL:-20}
+# The proxy's pool per shard. Its three shards live on one PostgreSQL server here, so a
+# pool of $POOL each would let three times pgbouncer's connections in: measured on 64
+# clients, PostgreSQL then spent ~35 % more CPU per transaction (BENCHMARKS.md, 2026-12-08).
+SHARD_POOL=${SHARD_POOL:-$(( (POOL + 2) / 3 ))}
 IDLE=${IDLE:-1000}
 REPS=${REPS:-2}
 SEED_ROWS=${SEED_ROWS:-100000}
@@ -111,12 +117,13 @@ name = "taskflow_admin"
 password = "taskflow"
 admin = true
 [pool]
-size = $POOL
+size = $SHARD_POOL
 [backend]
 user = "taskflow"
 password_file = "$WORK/backend-password"
 [auth_database]
 url = "postgres://taskflow@127.0.0.1:$PG_PORT/bench"
+pool_size = $POOL
 [[shards]]
 name = "shard-1"
 url = "postgres://taskflow@127.0.0.1:$PG_PORT/tasks1"
@@ -294,7 +301,7 @@ done
 
 echo
 echo "== sharded workload (1 insert, 1 update, 2 keyed reads per transaction; random performer_id):"
-echo "   proxy → 3 shards vs pgbouncer → tasksall (one database, all rows); median TPS of $REPS runs [runs]"
+echo "   proxy → 3 shards (pool $SHARD_POOL each) vs pgbouncer → tasksall (one database, all rows; pool $POOL); median TPS of $REPS runs [runs]"
 printf "%-9s %7s %16s %12s %13s %17s %s   %s\n" mode clients "pgbouncer(1 db)" "proxy(3 sh)" "proxy1(3 sh)" "/pgbouncer" "CPU µs/tx bouncer|proxy|proxy1" "runs pgbouncer | proxy | proxy1"
 for mode in simple prepared; do
   for c in $CLIENTS; do
