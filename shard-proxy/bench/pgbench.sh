@@ -41,7 +41,7 @@ SCALE=${SCALE:-10}
 POOL=${POOL:-20}
 # The proxy's pool per shard. Its three shards live on one PostgreSQL server here, so a
 # pool of $POOL each would let three times pgbouncer's connections in: measured on 64
-# clients, PostgreSQL then spent ~35 % more CPU per transaction (BENCHMARKS.md, 2026-12-08).
+# clients, PostgreSQL then spent 33–40 % more CPU per transaction (BENCHMARKS.md, 2026-12-08).
 SHARD_POOL=${SHARD_POOL:-$(( (POOL + 2) / 3 ))}
 IDLE=${IDLE:-1000}
 REPS=${REPS:-2}
