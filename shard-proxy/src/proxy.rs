@@ -654,30 +654,39 @@ fn build_snapshot(
     })
 }
 
-/// Builds the topology of `config`, carrying over the pools of `previous` whose backend did
-/// not change (so a reload drops no connection).
-fn build_topology(
-    config: &ProxyConfig,
-    password: Option<&str>,
-    security: &HashMap<String, BackendSecurity>,
-    previous: Option<&Topology>,
-    generation: u64,
-    moving: Option<&MoveView>,
-) -> Result<Topology, SetupError> {
-    let make_pool = |name: &str,
-                     url: &str,
-                     key: String,
-                     settings: &PoolConfig|
-     -> Result<Arc<Pool>, SetupError> {
-        let security = security
+/// Makes the pools of a new topology, reusing `previous`'s pool of the same name when its
+/// backend and settings did not change.
+struct PoolMaker<'a> {
+    config: &'a ProxyConfig,
+    password: Option<&'a str>,
+    security: &'a HashMap<String, BackendSecurity>,
+    previous: Option<&'a Topology>,
+}
+
+impl PoolMaker<'_> {
+    /// The pool `name` for `url` with `settings`; `key` names the URL's configuration key
+    /// in errors.
+    fn make(
+        &self,
+        name: &str,
+        url: &str,
+        key: String,
+        settings: &PoolConfig,
+    ) -> Result<Arc<Pool>, SetupError> {
+        let security = self
+            .security
             .get(url)
             .cloned()
             .ok_or_else(|| SetupError::Config {
                 key: key.clone(),
                 message: "TLS settings were not resolved".into(),
             })?;
-        if let Some(prev) = previous.and_then(|p| p.all_pools().find(|p| p.name == name).cloned()) {
-            if prev.same_backend(url, &security, &config.backend.user, password, settings) {
+        let user = &self.config.backend.user;
+        let previous = self
+            .previous
+            .and_then(|p| p.all_pools().find(|p| p.name == name).cloned());
+        if let Some(prev) = previous {
+            if prev.same_backend(url, &security, user, self.password, settings) {
                 return Ok(prev);
             }
         }
@@ -688,10 +697,28 @@ fn build_topology(
             url.to_owned(),
             target,
             security,
-            config.backend.user.clone(),
-            password.map(str::to_owned),
+            user.clone(),
+            self.password.map(str::to_owned),
             settings,
         ))
+    }
+}
+
+/// Builds the topology of `config`, carrying over the pools of `previous` whose backend did
+/// not change (so a reload drops no connection).
+fn build_topology(
+    config: &ProxyConfig,
+    password: Option<&str>,
+    security: &HashMap<String, BackendSecurity>,
+    previous: Option<&Topology>,
+    generation: u64,
+    moving: Option<&MoveView>,
+) -> Result<Topology, SetupError> {
+    let pools = PoolMaker {
+        config,
+        password,
+        security,
+        previous,
     };
     let placement = match moving {
         None => Placement::from(
@@ -716,14 +743,9 @@ fn build_topology(
             .enumerate()
             .find(|(_, s)| &s.name == name)
             .ok_or_else(|| SetupError::Ring(format!("ring names unknown shard {name}")))?;
-        shards.push(make_pool(
-            &s.name,
-            &s.url,
-            format!("shards[{i}].url"),
-            &config.pool,
-        )?);
+        shards.push(pools.make(&s.name, &s.url, format!("shards[{i}].url"), &config.pool)?);
     }
-    let auth = make_pool(
+    let auth = pools.make(
         "auth",
         &config.auth_database.url,
         "auth_database.url".into(),
