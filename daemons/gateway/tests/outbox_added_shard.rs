@@ -145,9 +145,9 @@ async fn rows_on_a_shard_added_at_run_time_are_published() {
         ),
     )
     .unwrap();
-    let _auth = spawn(&auth_bin, &d.join("auth.toml"));
+    let mut auth_proc = spawn(&auth_bin, &d.join("auth.toml"));
     let auth_url = format!("http://127.0.0.1:{auth_port}");
-    wait_ready(&auth_url, "auth").await;
+    wait_ready(&auth_url, "auth", &mut auth_proc.0).await;
     let gw_port = free_port().unwrap();
     std::fs::write(
         d.join("gw.toml"),
@@ -164,12 +164,12 @@ async fn rows_on_a_shard_added_at_run_time_are_published() {
         ),
     )
     .unwrap();
-    let _gw = spawn(
+    let mut gw_proc = spawn(
         Path::new(env!("CARGO_BIN_EXE_taskflow-gateway")),
         &d.join("gw.toml"),
     );
     let base = format!("http://127.0.0.1:{gw_port}");
-    wait_ready(&base, "gateway").await;
+    wait_ready(&base, "gateway", &mut gw_proc.0).await;
 
     // shard-3 joins while the gateway runs (no shard holds rows yet, so the ring changes
     // at once, with or without online migration).

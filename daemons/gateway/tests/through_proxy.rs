@@ -145,7 +145,7 @@ async fn run(strict: bool) {
         ),
     )
     .unwrap();
-    let _auth = Proc(
+    let mut auth_proc = Proc(
         Command::new(&auth_bin)
             .arg("--config")
             .arg(d.join("auth.toml"))
@@ -154,7 +154,7 @@ async fn run(strict: bool) {
             .unwrap(),
     );
     let auth_url = format!("http://127.0.0.1:{auth_port}");
-    wait_ready(&auth_url, "auth").await;
+    wait_ready(&auth_url, "auth", &mut auth_proc.0).await;
 
     // The gateway, through the proxy's sharded `tasks` database.
     let gw_port = free_port().unwrap();
@@ -171,7 +171,7 @@ async fn run(strict: bool) {
         ),
     )
     .unwrap();
-    let _gw = Proc(
+    let mut gw_proc = Proc(
         Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"))
             .arg("--config")
             .arg(d.join("gw.toml"))
@@ -180,7 +180,7 @@ async fn run(strict: bool) {
             .unwrap(),
     );
     let base = format!("http://127.0.0.1:{gw_port}");
-    wait_ready(&base, "gateway").await;
+    wait_ready(&base, "gateway", &mut gw_proc.0).await;
     // A second instance without `outbox_shards`: its relay polls the shards the proxy
     // lists (`SHOW taskflow.shards`), racing the first one's polls for the same rows.
     let gw2_port = free_port().unwrap();
@@ -195,7 +195,7 @@ async fn run(strict: bool) {
             "",
         );
     std::fs::write(d.join("gw2.toml"), gw2_cfg).unwrap();
-    let _gw2 = Proc(
+    let mut gw2_proc = Proc(
         Command::new(env!("CARGO_BIN_EXE_taskflow-gateway"))
             .arg("--config")
             .arg(d.join("gw2.toml"))
@@ -203,7 +203,12 @@ async fn run(strict: bool) {
             .spawn()
             .unwrap(),
     );
-    wait_ready(&format!("http://127.0.0.1:{gw2_port}"), "second gateway").await;
+    wait_ready(
+        &format!("http://127.0.0.1:{gw2_port}"),
+        "second gateway",
+        &mut gw2_proc.0,
+    )
+    .await;
 
     let c = reqwest::Client::new();
     // Users 1..=6.

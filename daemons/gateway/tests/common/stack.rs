@@ -38,10 +38,14 @@ impl Drop for Proc {
 }
 
 /// Waits for `/healthz` on the API port (the daemons bind it only once their
-/// dependencies answer; `/readyz` is on the ops listener).
-pub async fn wait_ready(base: &str, what: &str) {
+/// dependencies answer; `/readyz` is on the ops listener). Fails at once, with the exit
+/// status, if `child` exits first (e.g. its port was taken), rather than after a minute.
+pub async fn wait_ready(base: &str, what: &str, child: &mut Child) {
     let http = reqwest::Client::new();
     for _ in 0..600 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}) before answering at {base}; see its log above");
+        }
         if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
             if r.status() == 200 {
                 return;
@@ -118,14 +122,14 @@ impl Infra {
             ),
         )
         .unwrap();
-        let child = Command::new(binary_path("taskflow-auth").unwrap())
+        let mut child = Command::new(binary_path("taskflow-auth").unwrap())
             .arg("--config")
             .arg(&cfg)
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
         let base = format!("http://127.0.0.1:{port}");
-        wait_ready(&base, name).await;
+        wait_ready(&base, name, &mut child).await;
         (Proc { child: Some(child) }, base)
     }
 
@@ -165,9 +169,9 @@ impl Infra {
         if let Some(n) = notify {
             cmd.env("NOTIFY_SOCKET", n);
         }
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
         let base = format!("http://127.0.0.1:{port}");
-        wait_ready(&base, name).await;
+        wait_ready(&base, name, &mut child).await;
         (Proc { child: Some(child) }, base)
     }
 
