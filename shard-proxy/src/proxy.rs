@@ -657,7 +657,8 @@ fn build_snapshot(
 /// Makes the pools of a new topology, reusing `previous`'s pool of the same name when its
 /// backend and settings did not change.
 struct PoolMaker<'a> {
-    config: &'a ProxyConfig,
+    /// The role every backend connection logs in as (`backend.user`).
+    user: &'a str,
     password: Option<&'a str>,
     security: &'a HashMap<String, BackendSecurity>,
     previous: Option<&'a Topology>,
@@ -681,7 +682,7 @@ impl PoolMaker<'_> {
                 key: key.clone(),
                 message: "TLS settings were not resolved".into(),
             })?;
-        let user = &self.config.backend.user;
+        let user = self.user;
         let previous = self
             .previous
             .and_then(|p| p.all_pools().find(|p| p.name == name).cloned());
@@ -697,7 +698,7 @@ impl PoolMaker<'_> {
             url.to_owned(),
             target,
             security,
-            user.clone(),
+            user.to_owned(),
             self.password.map(str::to_owned),
             settings,
         ))
@@ -715,7 +716,7 @@ fn build_topology(
     moving: Option<&MoveView>,
 ) -> Result<Topology, SetupError> {
     let pools = PoolMaker {
-        config,
+        user: &config.backend.user,
         password,
         security,
         previous,

@@ -19,6 +19,29 @@ async fn restart_with(
     env.start_proxy().await;
 }
 
+/// With a pool of one connection for `db`: one client (returned first) runs `sql` in an
+/// open transaction, which holds the connection; a second client (returned second) runs
+/// `sql` too and must be refused. Returns the refusal's SQLSTATE and message.
+async fn refused_while_one_holds(
+    env: &Env,
+    db: &str,
+    sql: &str,
+) -> (tokio_postgres::Client, tokio_postgres::Client, String) {
+    let holder = env.client(db).await;
+    holder.simple_query("BEGIN").await.expect("begin");
+    holder
+        .simple_query(sql)
+        .await
+        .expect("holds the pool's only connection");
+    let other = env.client(db).await;
+    let err = other
+        .simple_query(sql)
+        .await
+        .expect_err("no connection free");
+    let refused = code_and_message(&err);
+    (holder, other, refused)
+}
+
 fn code_and_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| format!("{} {}", d.code().code(), d.message()))
@@ -154,19 +177,10 @@ async fn waiting_for_a_pooled_connection_is_bounded() {
         c.pool.checkout_timeout_secs = 1;
     })
     .await;
-    let mut holder = env.client("tasks").await;
-    let tx = holder.transaction().await.expect("begin");
-    tx.simple_query("SELECT count(*) FROM tasks")
-        .await
-        .expect("holds the only connection");
-    let other = env.client("tasks").await;
-    let err = other
-        .simple_query("SELECT count(*) FROM tasks")
-        .await
-        .expect_err("no connection free");
-    let refused = code_and_message(&err);
+    let (holder, other, refused) =
+        refused_while_one_holds(&env, "tasks", "SELECT count(*) FROM tasks").await;
     assert!(refused.contains("shard-1"), "{refused}");
-    tx.rollback().await.expect("rollback");
+    holder.simple_query("ROLLBACK").await.expect("rollback");
     other
         .simple_query("SELECT count(*) FROM tasks")
         .await
@@ -196,17 +210,7 @@ async fn the_auth_database_has_a_pool_size_of_its_own() {
     assert_eq!(size_of("auth"), "1");
     assert_eq!(size_of("shard-1"), "3");
 
-    let mut holder = env.client("auth").await;
-    let tx = holder.transaction().await.expect("begin");
-    tx.simple_query("SELECT 1")
-        .await
-        .expect("holds the auth pool's only connection");
-    let other = env.client("auth").await;
-    let err = other
-        .simple_query("SELECT 1")
-        .await
-        .expect_err("no auth connection free");
-    let refused = code_and_message(&err);
+    let (holder, other, refused) = refused_while_one_holds(&env, "auth", "SELECT 1").await;
     assert!(refused.contains("auth"), "{refused}");
 
     // The shard's three connections are all there while auth's one is taken.
@@ -225,7 +229,7 @@ async fn the_auth_database_has_a_pool_size_of_its_own() {
     for tx in open {
         tx.rollback().await.expect("rollback");
     }
-    tx.rollback().await.expect("rollback");
+    holder.simple_query("ROLLBACK").await.expect("rollback");
     other
         .simple_query("SELECT 1")
         .await

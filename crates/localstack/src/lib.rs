@@ -49,6 +49,6 @@ pub use smtp::{
     SmtpSinkBuilder, MAILDEV_VERSION,
 };
 pub use util::{
-    binary_path, ephemeral_ports, free_port, reserve_port, wait_until, wait_until_some, which,
-    LOCALHOST, TEST_PORTS_FROM,
+    binary_path, ephemeral_ports_start, free_port, reserve_port, wait_until, wait_until_some,
+    which, LOCALHOST, TEST_PORTS_FROM,
 };

@@ -35,7 +35,7 @@ fn handed_out() -> &'static Mutex<HashSet<u16>> {
 /// When the range below the ephemeral one is too small to pick from at random (a host
 /// with a widened `ip_local_port_range`), it falls back to the kernel's choice.
 pub fn free_port() -> Result<u16> {
-    let (low, high) = (TEST_PORTS_FROM, ephemeral_ports().0);
+    let (low, high) = (TEST_PORTS_FROM, ephemeral_ports_start());
     let below_ephemeral = high.saturating_sub(low) >= 1000;
     for _ in 0..1000 {
         let port = if below_ephemeral {
@@ -68,16 +68,14 @@ pub fn free_port() -> Result<u16> {
 /// the well-known services it stands in for (5432, 6379, 9092, …).
 pub const TEST_PORTS_FROM: u16 = 20_000;
 
-/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), from which it picks
-/// source ports for outgoing connections and port-0 binds; Linux's default when unreadable.
-pub fn ephemeral_ports() -> (u16, u16) {
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), from
+/// which it picks source ports for outgoing connections and port-0 binds; Linux's default
+/// when unreadable.
+pub fn ephemeral_ports_start() -> u16 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|text| {
-            let mut ends = text.split_whitespace().map(str::parse::<u16>);
-            Some((ends.next()?.ok()?, ends.next()?.ok()?))
-        })
-        .unwrap_or((32_768, 60_999))
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 fn kernel_chosen_port() -> Result<u16> {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use taskflow_localstack::{
-    binary_path, ephemeral_ports, free_port, wait_until, wait_until_some, Error, TEST_PORTS_FROM,
+    binary_path, ephemeral_ports_start, free_port, wait_until, wait_until_some, Error,
+    TEST_PORTS_FROM,
 };
 
 #[test]
@@ -27,7 +28,7 @@ fn free_ports_are_never_repeated_and_bindable() {
 /// range are never source ports.
 #[test]
 fn free_ports_lie_below_the_ephemeral_range() {
-    let (ephemeral_low, _) = ephemeral_ports();
+    let ephemeral_low = ephemeral_ports_start();
     assert!(
         ephemeral_low >= TEST_PORTS_FROM + 1000,
         "this host's ephemeral range starts at {ephemeral_low}: too low to test"

@@ -79,6 +79,17 @@ impl Default for ProxyConfig {
     }
 }
 
+impl ProxyConfig {
+    /// The pool settings of the passthrough database `auth`: `pool`, with
+    /// `auth_database.pool_size` when set.
+    pub fn auth_pool(&self) -> PoolConfig {
+        PoolConfig {
+            size: self.auth_database.pool_size.unwrap_or(self.pool.size),
+            ..self.pool.clone()
+        }
+    }
+}
+
 /// One client login.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 pub struct UserConfig {
@@ -282,17 +293,6 @@ impl Default for AuthDatabaseConfig {
         AuthDatabaseConfig {
             url: "postgres://taskflow@127.0.0.1:5435/auth".into(),
             pool_size: None,
-        }
-    }
-}
-
-impl ProxyConfig {
-    /// The pool settings of the passthrough database `auth`: `pool`, with
-    /// `auth_database.pool_size` when set.
-    pub fn auth_pool(&self) -> PoolConfig {
-        PoolConfig {
-            size: self.auth_database.pool_size.unwrap_or(self.pool.size),
-            ..self.pool.clone()
         }
     }
 }

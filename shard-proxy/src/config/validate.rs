@@ -139,21 +139,18 @@ fn tls(c: &ProxyConfig) -> Result<(), ConfigError> {
     }
 }
 
-fn limits(c: &ProxyConfig) -> Result<(), ConfigError> {
-    if c.pool.size == 0 || c.pool.size > 10_000 {
-        return Err(ConfigError::invalid(
-            "pool.size",
-            "must be between 1 and 10000",
-        ));
+/// A pool's server connections: at least one, at most 10000.
+fn pool_size(key: &str, n: usize) -> Result<(), ConfigError> {
+    if n == 0 || n > 10_000 {
+        return Err(ConfigError::invalid(key, "must be between 1 and 10000"));
     }
-    if c.auth_database
-        .pool_size
-        .is_some_and(|n| n == 0 || n > 10_000)
-    {
-        return Err(ConfigError::invalid(
-            "auth_database.pool_size",
-            "must be between 1 and 10000",
-        ));
+    Ok(())
+}
+
+fn limits(c: &ProxyConfig) -> Result<(), ConfigError> {
+    pool_size("pool.size", c.pool.size)?;
+    if let Some(n) = c.auth_database.pool_size {
+        pool_size("auth_database.pool_size", n)?;
     }
     if c.pool.connect_timeout_secs == 0 {
         return Err(ConfigError::invalid(
